@@ -1,0 +1,151 @@
+"""Exact PyTorch attention: the CPU backend and the semantic model every kernel must match.
+
+Scores are materialised in float32 (grouped by KV head, never expanding k/v), so memory is
+O(Sq * Sk) per head: right for CPU-sized inputs and for checking kernels, not for long GPU runs.
+The backward recomputes probabilities from the saved log-sum-exp, exactly as the kernels do.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+NAME = "reference"
+
+
+def unavailable_reason() -> str | None:
+    return None
+
+
+def unsupported_reason(q: Tensor, k: Tensor) -> str | None:
+    return None
+
+
+def _allowed(
+    seqlen_q: int, seqlen_k: int, key_mask: Tensor | None, causal: bool, device: torch.device
+) -> Tensor:
+    """Boolean (B or 1, 1, 1, Sq, Sk) matrix of query/key pairs that may attend.
+
+    Causal masks are aligned bottom-right (query i sees keys j <= i + Sk - Sq), as flash-attn.
+    With a key-padding mask and Sq == Sk (self-attention) padded query rows see nothing.
+    """
+    allowed = torch.ones(1, seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if causal:
+        allowed = torch.tril(allowed, diagonal=seqlen_k - seqlen_q)
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, :]
+        if seqlen_q == seqlen_k:
+            allowed = allowed & key_mask[:, :, None]
+    return allowed[:, None, None]
+
+
+def _grouped(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """float32 views (B, Hkv, G, Sq, D) for q and (B, Hkv, 1, Sk, D) for k and v."""
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    heads_kv = k.shape[2]
+    q32 = q.float().view(batch, seqlen_q, heads_kv, heads_q // heads_kv, head_dim).permute(0, 2, 3, 1, 4)
+    k32 = k.float().permute(0, 2, 1, 3)[:, :, None]
+    v32 = v.float().permute(0, 2, 1, 3)[:, :, None]
+    return q32, k32, v32
+
+
+def _probabilities(q32: Tensor, k32: Tensor, allowed: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    scores = (q32 @ k32.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    return torch.exp(scores - finite_lse[..., None]), lse
+
+
+def _forward_padded(q, k, v, key_mask, causal, scale):
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    q32, k32, v32 = _grouped(q, k, v)
+    allowed = _allowed(seqlen_q, k.shape[1], key_mask, causal, q.device)
+    probs, lse = _probabilities(q32, k32, allowed, scale)
+    out = (probs @ v32).permute(0, 3, 1, 2, 4).reshape(batch, seqlen_q, heads_q, head_dim)
+    return out.to(q.dtype).contiguous(), lse.reshape(batch, heads_q, seqlen_q)
+
+
+def _backward_padded(dout, q, k, v, out, lse, dlse, key_mask, causal, scale):
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    heads_kv = k.shape[2]
+    group = heads_q // heads_kv
+    q32, k32, v32 = _grouped(q, k, v)
+    do32 = dout.float().view(batch, seqlen_q, heads_kv, group, head_dim).permute(0, 2, 3, 1, 4)
+    lse = lse.view(batch, heads_kv, group, seqlen_q)
+    delta = (dout.float() * out.float()).sum(-1).view(batch, seqlen_q, heads_kv, group).permute(0, 2, 3, 1)
+    if dlse is not None:
+        delta = delta - dlse.float().view(batch, heads_kv, group, seqlen_q)
+    allowed = _allowed(seqlen_q, k.shape[1], key_mask, causal, q.device)
+    scores = ((q32 @ k32.transpose(-1, -2)) * scale).masked_fill(~allowed, float("-inf"))
+    lse_for_probs = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
+    probs = torch.exp(scores - lse_for_probs[..., None])
+    dprobs = do32 @ v32.transpose(-1, -2)
+    dscores = probs * (dprobs - delta[..., None])
+    dq = (dscores @ k32) * scale
+    dk = (dscores.transpose(-1, -2) @ q32).sum(2) * scale
+    dv = (probs.transpose(-1, -2) @ do32).sum(2)
+    dq = dq.permute(0, 3, 1, 2, 4).reshape(q.shape)
+    return dq.to(q.dtype).contiguous(), dk.transpose(1, 2).contiguous().to(k.dtype), dv.transpose(1, 2).contiguous().to(v.dtype)
+
+
+def _sequence_bounds(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor) -> list[tuple[int, int, int, int]]:
+    starts_q = cu_seqlens_q.tolist()
+    starts_k = cu_seqlens_k.tolist()
+    return [(starts_q[i], starts_q[i + 1], starts_k[i], starts_k[i + 1]) for i in range(len(starts_q) - 1)]
+
+
+def forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_mask: Tensor | None,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[Tensor, Tensor]:
+    if cu_seqlens_q is None:
+        return _forward_padded(q, k, v, key_mask, causal, softmax_scale)
+    out = q.new_zeros(q.shape)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    for q0, q1, k0, k1 in _sequence_bounds(cu_seqlens_q, cu_seqlens_k):
+        if q1 == q0:
+            continue
+        seq_out, seq_lse = _forward_padded(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], None, causal, softmax_scale)
+        out[q0:q1] = seq_out[0]
+        lse[:, q0:q1] = seq_lse[0]
+    return out, lse
+
+
+def backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dlse: Tensor | None,
+    key_mask: Tensor | None,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if cu_seqlens_q is None:
+        return _backward_padded(dout, q, k, v, out, lse, dlse, key_mask, causal, softmax_scale)
+    dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    for q0, q1, k0, k1 in _sequence_bounds(cu_seqlens_q, cu_seqlens_k):
+        if q1 == q0 or k1 == k0:
+            continue
+        seq_dlse = None if dlse is None else dlse[None, :, q0:q1]
+        grads = _backward_padded(
+            dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], out[None, q0:q1],
+            lse[None, :, q0:q1], seq_dlse, None, causal, softmax_scale,
+        )
+        dq[q0:q1], dk[k0:k1], dv[k0:k1] = (g[0] for g in grads)
+    return dq, dk, dv

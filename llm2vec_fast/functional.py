@@ -1,0 +1,110 @@
+"""Public attention functions, with flash-attn's layouts and calling conventions.
+
+Semantics shared by every backend:
+- non-causal by default; ``causal=True`` aligns the mask bottom-right (query ``i`` sees keys
+  ``j <= i + Sk - Sq``), as flash-attn >= 2.1;
+- GQA/MQA: ``Hq`` a multiple of ``Hkv``; query head ``h`` reads key/value head ``h // (Hq // Hkv)``;
+- a query row that can see no key (a fully padded sequence) outputs zeros, its log-sum-exp is
+  ``-inf`` and its gradients are zero;
+- with a key-padding mask and ``Sq == Sk`` (self-attention) the mask also marks query rows:
+  padded query positions output zeros;
+- inputs may be strided views (e.g. ``(B, H, S, D).transpose(1, 2)``); a last dimension that is
+  not contiguous is copied. Outputs and gradients are contiguous.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import ops  # noqa: F401  (registers torch.ops.llm2vec_fast)
+from .backends import resolve_backend
+from .validation import (
+    check_qkv,
+    check_varlen_args,
+    normalize_key_mask,
+    softmax_scale_or_default,
+)
+
+
+def _last_dim_contiguous(tensor: Tensor) -> Tensor:
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def flash_attn_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attention_mask: Tensor | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    *,
+    return_lse: bool = False,
+    deterministic: bool = False,
+    backend: str | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention over padded batches.
+
+    Args:
+        q: ``(batch, seqlen_q, heads_q, head_dim)``, float16, bfloat16 or float32.
+        k, v: ``(batch, seqlen_k, heads_kv, head_dim)``, ``heads_q % heads_kv == 0``.
+        attention_mask: optional ``(batch, seqlen_k)`` bool or integer key-padding mask,
+            nonzero = real token. Left padding, right padding and holes are all allowed.
+        causal: apply a (bottom-right aligned) causal mask.
+        softmax_scale: defaults to ``head_dim ** -0.5``.
+        return_lse: also return the log-sum-exp ``(batch, heads_q, seqlen_q)`` in float32 (differentiable).
+        deterministic: request a deterministic backward from backends that have a faster one.
+        backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"reference"``; defaults to the
+            ``LLM2VEC_FAST_BACKEND`` environment variable, then ``"auto"``.
+
+    Returns:
+        ``out`` shaped like ``q``, or ``(out, lse)`` when ``return_lse``.
+    """
+    check_qkv(q, k, v, varlen=False)
+    key_mask = normalize_key_mask(attention_mask, q, k)
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
+    name = resolve_backend(q, k, backend)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    out, lse = torch.ops.llm2vec_fast.attention_forward(
+        q, k, v, key_mask, None, None, q.shape[1], k.shape[1], bool(causal), scale, bool(deterministic), name
+    )
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_varlen_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    *,
+    return_lse: bool = False,
+    deterministic: bool = False,
+    backend: str | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention over packed variable-length sequences, no padding anywhere.
+
+    Args:
+        q: ``(total_q, heads_q, head_dim)``; k, v: ``(total_k, heads_kv, head_dim)``.
+        cu_seqlens_q, cu_seqlens_k: int32 ``(batch + 1,)`` offsets of each sequence in the
+            packed tensors, starting at 0 and ending at the token count.
+        max_seqlen_q, max_seqlen_k: upper bounds on the sequence lengths (checked).
+        causal, softmax_scale, deterministic, backend: as in :func:`flash_attn_func`.
+        return_lse: also return the log-sum-exp ``(heads_q, total_q)`` in float32.
+
+    Returns:
+        ``out`` shaped like ``q``, or ``(out, lse)`` when ``return_lse``.
+    """
+    check_qkv(q, k, v, varlen=True)
+    check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
+    name = resolve_backend(q, k, backend)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    out, lse = torch.ops.llm2vec_fast.attention_forward(
+        q, k, v, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        bool(causal), scale, bool(deterministic), name,
+    )
+    return (out, lse) if return_lse else out

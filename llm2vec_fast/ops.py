@@ -1,0 +1,108 @@
+"""The attention forward and backward as `torch.library` custom ops.
+
+Registering them (with fake implementations and an autograd formula) makes the attention one
+opaque node that autograd differentiates and `torch.compile(fullgraph=True)` traces without a
+graph break. Inputs arrive validated (see `functional`); the ops only route to a backend.
+The log-sum-exp output is differentiable: its gradient enters the backward through delta.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import get_backend
+from .validation import check_cu_seqlens_values
+
+
+def _check_offsets(q: Tensor, k: Tensor, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int) -> None:
+    if cu_seqlens_q is not None:
+        check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+        check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
+
+
+def _lse_shape(q: Tensor, varlen: bool) -> tuple[int, ...]:
+    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+
+
+@torch.library.custom_op("llm2vec_fast::attention_forward", mutates_args=())
+def attention_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_mask: Optional[Tensor],
+    cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+    deterministic: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Returns (out, lse): out like q (contiguous); lse float32, (B, Hq, Sq) or (Hq, Tq) for varlen."""
+    _check_offsets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return get_backend(backend).forward(
+        q, k, v, key_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale
+    )
+
+
+@attention_forward.register_fake
+def _attention_forward_fake(q, k, v, key_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            causal, softmax_scale, deterministic, backend):
+    lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+    return q.new_empty(q.shape), lse
+
+
+@torch.library.custom_op("llm2vec_fast::attention_backward", mutates_args=())
+def attention_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dlse: Optional[Tensor],
+    key_mask: Optional[Tensor],
+    cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+    deterministic: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv), contiguous, shaped like q, k, v."""
+    return get_backend(backend).backward(
+        dout, q, k, v, out, lse, dlse, key_mask, cu_seqlens_q, cu_seqlens_k,
+        max_seqlen_q, max_seqlen_k, causal, softmax_scale, deterministic,
+    )
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(dout, q, k, v, out, lse, dlse, key_mask, cu_seqlens_q, cu_seqlens_k,
+                             max_seqlen_q, max_seqlen_k, causal, softmax_scale, deterministic, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, key_mask, cu_seqlens_q, cu_seqlens_k, *params = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_mask, cu_seqlens_q, cu_seqlens_k)
+    ctx.params = params
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout: Tensor | None, dlse: Tensor | None):
+    q, k, v, out, lse, key_mask, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = attention_backward(
+        dout, q, k, v, out, lse, dlse, key_mask, cu_seqlens_q, cu_seqlens_k, *ctx.params
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)
