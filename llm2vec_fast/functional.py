@@ -3,6 +3,9 @@
 Semantics shared by every backend:
 - non-causal by default; ``causal=True`` aligns the mask bottom-right (query ``i`` sees keys
   ``j <= i + Sk - Sq``), as flash-attn >= 2.1;
+- ``window_size=(left, right)`` restricts query ``i`` to keys in
+  ``[i + Sk - Sq - left, i + Sk - Sq + right]`` (-1 = unbounded; sliding-window attention);
+- ``softcap > 0`` caps scaled scores as ``softcap * tanh(score / softcap)`` (Gemma 2);
 - GQA/MQA: ``Hq`` a multiple of ``Hkv``; query head ``h`` reads key/value head ``h // (Hq // Hkv)``;
 - a query row that can see no key (a fully padded sequence) outputs zeros, its log-sum-exp is
   ``-inf`` and its gradients are zero;
@@ -20,6 +23,7 @@ from . import ops  # noqa: F401  (registers torch.ops.llm2vec_fast)
 from .backends import resolve_backend
 from .validation import (
     check_qkv,
+    check_window_and_softcap,
     check_varlen_args,
     normalize_key_mask,
     softmax_scale_or_default,
@@ -38,6 +42,8 @@ def flash_attn_func(
     causal: bool = False,
     softmax_scale: float | None = None,
     *,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
     return_lse: bool = False,
     deterministic: bool = False,
     backend: str | None = None,
@@ -51,6 +57,8 @@ def flash_attn_func(
             nonzero = real token. Left padding, right padding and holes are all allowed.
         causal: apply a (bottom-right aligned) causal mask.
         softmax_scale: defaults to ``head_dim ** -0.5``.
+        window_size: ``(left, right)`` sliding window around each query's aligned position, -1 = unbounded.
+        softcap: if > 0, cap scores with ``softcap * tanh(score / softcap)``.
         return_lse: also return the log-sum-exp ``(batch, heads_q, seqlen_q)`` in float32 (differentiable).
         deterministic: request a deterministic backward from backends that have a faster one.
         backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"reference"``; defaults to the
@@ -62,10 +70,12 @@ def flash_attn_func(
     check_qkv(q, k, v, varlen=False)
     key_mask = normalize_key_mask(attention_mask, q, k)
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
-    name = resolve_backend(q, k, backend)
+    window_size, softcap = check_window_and_softcap(window_size, softcap)
+    name = resolve_backend(q, k, backend, window_size, softcap)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, lse = torch.ops.llm2vec_fast.attention_forward(
-        q, k, v, key_mask, None, None, q.shape[1], k.shape[1], bool(causal), scale, bool(deterministic), name
+        q, k, v, key_mask, None, None, q.shape[1], k.shape[1],
+        bool(causal), *window_size, softcap, scale, bool(deterministic), name,
     )
     return (out, lse) if return_lse else out
 
@@ -81,6 +91,8 @@ def flash_attn_varlen_func(
     causal: bool = False,
     softmax_scale: float | None = None,
     *,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
     return_lse: bool = False,
     deterministic: bool = False,
     backend: str | None = None,
@@ -92,7 +104,7 @@ def flash_attn_varlen_func(
         cu_seqlens_q, cu_seqlens_k: int32 ``(batch + 1,)`` offsets of each sequence in the
             packed tensors, starting at 0 and ending at the token count.
         max_seqlen_q, max_seqlen_k: upper bounds on the sequence lengths (checked).
-        causal, softmax_scale, deterministic, backend: as in :func:`flash_attn_func`.
+        causal, softmax_scale, window_size, softcap, deterministic, backend: as in :func:`flash_attn_func`.
         return_lse: also return the log-sum-exp ``(heads_q, total_q)`` in float32.
 
     Returns:
@@ -101,10 +113,11 @@ def flash_attn_varlen_func(
     check_qkv(q, k, v, varlen=True)
     check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
-    name = resolve_backend(q, k, backend)
+    window_size, softcap = check_window_and_softcap(window_size, softcap)
+    name = resolve_backend(q, k, backend, window_size, softcap)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, lse = torch.ops.llm2vec_fast.attention_forward(
         q, k, v, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        bool(causal), scale, bool(deterministic), name,
+        bool(causal), *window_size, softcap, scale, bool(deterministic), name,
     )
     return (out, lse) if return_lse else out

@@ -37,6 +37,9 @@ def attention_forward(
     max_seqlen_q: int,
     max_seqlen_k: int,
     causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
     softmax_scale: float,
     deterministic: bool,
     backend: str,
@@ -44,13 +47,14 @@ def attention_forward(
     """Returns (out, lse): out like q (contiguous); lse float32, (B, Hq, Sq) or (Hq, Tq) for varlen."""
     _check_offsets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return get_backend(backend).forward(
-        q, k, v, key_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale
+        q, k, v, key_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        causal, (window_left, window_right), softcap, softmax_scale,
     )
 
 
 @attention_forward.register_fake
 def _attention_forward_fake(q, k, v, key_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            causal, softmax_scale, deterministic, backend):
+                            causal, window_left, window_right, softcap, softmax_scale, deterministic, backend):
     lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
     return q.new_empty(q.shape), lse
 
@@ -70,20 +74,24 @@ def attention_backward(
     max_seqlen_q: int,
     max_seqlen_k: int,
     causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
     softmax_scale: float,
     deterministic: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv), contiguous, shaped like q, k, v."""
     return get_backend(backend).backward(
-        dout, q, k, v, out, lse, dlse, key_mask, cu_seqlens_q, cu_seqlens_k,
-        max_seqlen_q, max_seqlen_k, causal, softmax_scale, deterministic,
+        dout, q, k, v, out, lse, dlse, key_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        causal, (window_left, window_right), softcap, softmax_scale, deterministic,
     )
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(dout, q, k, v, out, lse, dlse, key_mask, cu_seqlens_q, cu_seqlens_k,
-                             max_seqlen_q, max_seqlen_k, causal, softmax_scale, deterministic, backend):
+def _attention_backward_fake(dout, q, k, v, out, lse, dlse, key_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                             max_seqlen_k, causal, window_left, window_right, softcap, softmax_scale,
+                             deterministic, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -102,7 +110,7 @@ def _backward(ctx, dout: Tensor | None, dlse: Tensor | None):
     dq, dk, dv = attention_backward(
         dout, q, k, v, out, lse, dlse, key_mask, cu_seqlens_q, cu_seqlens_k, *ctx.params
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    return (dq, dk, dv) + (None,) * (len(ctx.params) + 3)
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)

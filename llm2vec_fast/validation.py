@@ -110,6 +110,19 @@ def softmax_scale_or_default(softmax_scale: float | None, head_dim: int) -> floa
     return float(softmax_scale)
 
 
+def check_window_and_softcap(window_size: tuple[int, int], softcap: float) -> tuple[tuple[int, int], float]:
+    """``window_size`` as two ints >= -1 and ``softcap`` as a float >= 0."""
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)
+    ):
+        raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
+    return (int(window_size[0]), int(window_size[1])), float(softcap)
+
+
 _checked_offsets: dict[int, tuple[weakref.ref, int, int, int]] = {}
 
 

@@ -1,7 +1,7 @@
 """Attention backends and the choice between them.
 
 A backend is a module exposing the contract that `reference` defines:
-``NAME``, ``unavailable_reason()``, ``unsupported_reason(q, k)``, ``forward(...)`` and
+``NAME``, ``unavailable_reason()``, ``unsupported_reason(q, k, window_size, softcap)``, ``forward(...)`` and
 ``backward(...)``. The choice is, in order: an explicit ``backend=`` argument, the environment
 variable ``LLM2VEC_FAST_BACKEND``, then "auto" (CUDA extension > Triton on CUDA tensors; the exact
 PyTorch reference on any other device).
@@ -51,7 +51,13 @@ def available_backends() -> list[str]:
     return names
 
 
-def resolve_backend(q: Tensor, k: Tensor, requested: str | None = None) -> str:
+def resolve_backend(
+    q: Tensor,
+    k: Tensor,
+    requested: str | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+) -> str:
     """Name of the backend that will run attention on these inputs.
 
     A forced backend that is missing or cannot take the inputs raises an error saying why;
@@ -59,7 +65,7 @@ def resolve_backend(q: Tensor, k: Tensor, requested: str | None = None) -> str:
     """
     name = (requested or os.environ.get(BACKEND_ENV_VAR) or "auto").lower()
     if name != "auto":
-        reason = get_backend(name).unsupported_reason(q, k)
+        reason = get_backend(name).unsupported_reason(q, k, window_size, softcap)
         if reason is not None:
             raise ValueError(f"attention backend {name!r} cannot run these inputs: {reason}")
         return name
@@ -69,6 +75,6 @@ def resolve_backend(q: Tensor, k: Tensor, requested: str | None = None) -> str:
                 module = get_backend(candidate)
             except RuntimeError:
                 continue
-            if module.unsupported_reason(q, k) is None:
+            if module.unsupported_reason(q, k, window_size, softcap) is None:
                 return candidate
     return "reference"

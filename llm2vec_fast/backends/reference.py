@@ -16,21 +16,34 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def unsupported_reason(q: Tensor, k: Tensor) -> str | None:
+def unsupported_reason(q: Tensor, k: Tensor, window_size: tuple[int, int], softcap: float) -> str | None:
     return None
 
 
 def _allowed(
-    seqlen_q: int, seqlen_k: int, key_mask: Tensor | None, causal: bool, device: torch.device
+    seqlen_q: int,
+    seqlen_k: int,
+    key_mask: Tensor | None,
+    causal: bool,
+    window_size: tuple[int, int],
+    device: torch.device,
 ) -> Tensor:
     """Boolean (B or 1, 1, 1, Sq, Sk) matrix of query/key pairs that may attend.
 
-    Causal masks are aligned bottom-right (query i sees keys j <= i + Sk - Sq), as flash-attn.
+    Query i sits at key position i + Sk - Sq (bottom-right alignment, as flash-attn) and sees
+    keys within ``window_size = (left, right)`` of it (-1 = unbounded); causal means right = 0.
     With a key-padding mask and Sq == Sk (self-attention) padded query rows see nothing.
     """
-    allowed = torch.ones(1, seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    left, right = window_size
     if causal:
-        allowed = torch.tril(allowed, diagonal=seqlen_k - seqlen_q)
+        right = 0
+    rows = torch.arange(seqlen_q, device=device)[:, None] + (seqlen_k - seqlen_q)
+    cols = torch.arange(seqlen_k, device=device)[None, :]
+    allowed = torch.ones(1, seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if right >= 0:
+        allowed = allowed & (cols <= rows + right)
+    if left >= 0:
+        allowed = allowed & (cols >= rows - left)
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, :]
         if seqlen_q == seqlen_k:
@@ -48,24 +61,30 @@ def _grouped(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q32, k32, v32
 
 
-def _probabilities(q32: Tensor, k32: Tensor, allowed: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _scores(q32: Tensor, k32: Tensor, allowed: Tensor, scale: float, softcap: float) -> Tensor:
+    """Scaled (and, with softcap > 0, ``softcap * tanh(s / softcap)``-capped) masked scores."""
     scores = (q32 @ k32.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    return scores.masked_fill(~allowed, float("-inf"))
+
+
+def _probabilities(scores: Tensor) -> tuple[Tensor, Tensor]:
     lse = torch.logsumexp(scores, dim=-1)
     finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     return torch.exp(scores - finite_lse[..., None]), lse
 
 
-def _forward_padded(q, k, v, key_mask, causal, scale):
+def _forward_padded(q, k, v, key_mask, causal, window_size, softcap, scale):
     batch, seqlen_q, heads_q, head_dim = q.shape
     q32, k32, v32 = _grouped(q, k, v)
-    allowed = _allowed(seqlen_q, k.shape[1], key_mask, causal, q.device)
-    probs, lse = _probabilities(q32, k32, allowed, scale)
+    allowed = _allowed(seqlen_q, k.shape[1], key_mask, causal, window_size, q.device)
+    probs, lse = _probabilities(_scores(q32, k32, allowed, scale, softcap))
     out = (probs @ v32).permute(0, 3, 1, 2, 4).reshape(batch, seqlen_q, heads_q, head_dim)
     return out.to(q.dtype).contiguous(), lse.reshape(batch, heads_q, seqlen_q)
 
 
-def _backward_padded(dout, q, k, v, out, lse, dlse, key_mask, causal, scale):
+def _backward_padded(dout, q, k, v, out, lse, dlse, key_mask, causal, window_size, softcap, scale):
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv = k.shape[2]
     group = heads_q // heads_kv
@@ -75,12 +94,14 @@ def _backward_padded(dout, q, k, v, out, lse, dlse, key_mask, causal, scale):
     delta = (dout.float() * out.float()).sum(-1).view(batch, seqlen_q, heads_kv, group).permute(0, 2, 3, 1)
     if dlse is not None:
         delta = delta - dlse.float().view(batch, heads_kv, group, seqlen_q)
-    allowed = _allowed(seqlen_q, k.shape[1], key_mask, causal, q.device)
-    scores = ((q32 @ k32.transpose(-1, -2)) * scale).masked_fill(~allowed, float("-inf"))
+    allowed = _allowed(seqlen_q, k.shape[1], key_mask, causal, window_size, q.device)
+    scores = _scores(q32, k32, allowed, scale, softcap)
     lse_for_probs = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
     probs = torch.exp(scores - lse_for_probs[..., None])
     dprobs = do32 @ v32.transpose(-1, -2)
     dscores = probs * (dprobs - delta[..., None])
+    if softcap > 0:
+        dscores = dscores * (1 - (scores / softcap).square()).masked_fill(~allowed, 0.0)
     dq = (dscores @ k32) * scale
     dk = (dscores.transpose(-1, -2) @ q32).sum(2) * scale
     dv = (probs.transpose(-1, -2) @ do32).sum(2)
@@ -104,16 +125,20 @@ def forward(
     max_seqlen_q: int,
     max_seqlen_k: int,
     causal: bool,
+    window_size: tuple[int, int],
+    softcap: float,
     softmax_scale: float,
 ) -> tuple[Tensor, Tensor]:
     if cu_seqlens_q is None:
-        return _forward_padded(q, k, v, key_mask, causal, softmax_scale)
+        return _forward_padded(q, k, v, key_mask, causal, window_size, softcap, softmax_scale)
     out = q.new_zeros(q.shape)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
     for q0, q1, k0, k1 in _sequence_bounds(cu_seqlens_q, cu_seqlens_k):
         if q1 == q0:
             continue
-        seq_out, seq_lse = _forward_padded(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], None, causal, softmax_scale)
+        seq_out, seq_lse = _forward_padded(
+            q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], None, causal, window_size, softcap, softmax_scale
+        )
         out[q0:q1] = seq_out[0]
         lse[:, q0:q1] = seq_lse[0]
     return out, lse
@@ -133,11 +158,15 @@ def backward(
     max_seqlen_q: int,
     max_seqlen_k: int,
     causal: bool,
+    window_size: tuple[int, int],
+    softcap: float,
     softmax_scale: float,
     deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if cu_seqlens_q is None:
-        return _backward_padded(dout, q, k, v, out, lse, dlse, key_mask, causal, softmax_scale)
+        return _backward_padded(
+            dout, q, k, v, out, lse, dlse, key_mask, causal, window_size, softcap, softmax_scale
+        )
     dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     for q0, q1, k0, k1 in _sequence_bounds(cu_seqlens_q, cu_seqlens_k):
         if q1 == q0 or k1 == k0:
@@ -145,7 +174,7 @@ def backward(
         seq_dlse = None if dlse is None else dlse[None, :, q0:q1]
         grads = _backward_padded(
             dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], out[None, q0:q1],
-            lse[None, :, q0:q1], seq_dlse, None, causal, softmax_scale,
+            lse[None, :, q0:q1], seq_dlse, None, causal, window_size, softcap, softmax_scale,
         )
         dq[q0:q1], dk[k0:k1], dv[k0:k1] = (g[0] for g in grads)
     return dq, dk, dv
