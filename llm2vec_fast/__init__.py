@@ -5,8 +5,19 @@ from .padding import pad_input, unpad_input
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``LLM2Vec`` is imported on first use: it pulls in transformers, which the attention ops do not need."""
+    if name == "LLM2Vec":
+        from .encoder import LLM2Vec
+
+        return LLM2Vec
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "BACKEND_ENV_VAR",
+    "LLM2Vec",
     "available_backends",
     "flash_attn_func",
     "flash_attn_varlen_func",

@@ -123,14 +123,15 @@ def check_window_and_softcap(window_size: tuple[int, int], softcap: float) -> tu
     return (int(window_size[0]), int(window_size[1])), float(softcap)
 
 
-_checked_offsets: dict[int, tuple[weakref.ref, int, int, int]] = {}
+_checked_offsets: dict[int, tuple[weakref.ref, int | None, int, int]] = {}
 
 
 def check_cu_seqlens_values(name: str, cu: Tensor, total_tokens: int, max_seqlen: int) -> None:
     """Offsets start at 0, never decrease, end at the token count, and respect max_seqlen."""
     key = id(cu)
+    version = None if cu.is_inference() else cu._version  # inference tensors keep no version counter
     seen = _checked_offsets.get(key)
-    if seen is not None and seen[0]() is cu and seen[1:] == (cu._version, total_tokens, max_seqlen):
+    if seen is not None and seen[0]() is cu and seen[1:] == (version, total_tokens, max_seqlen):
         return
     offsets = cu.tolist()
     lengths = [end - start for start, end in zip(offsets[:-1], offsets[1:])]
@@ -144,4 +145,4 @@ def check_cu_seqlens_values(name: str, cu: Tensor, total_tokens: int, max_seqlen
         raise ValueError(f"{name} holds a sequence of {max(lengths)} tokens, longer than max_seqlen={max_seqlen}")
     if len(_checked_offsets) >= 64:
         _checked_offsets.clear()
-    _checked_offsets[key] = (weakref.ref(cu), cu._version, total_tokens, max_seqlen)
+    _checked_offsets[key] = (weakref.ref(cu), version, total_tokens, max_seqlen)

@@ -1,0 +1,291 @@
+"""Backward flash attention: delta preprocess, then dK/dV and dQ in separate kernels.
+
+Probabilities are recomputed from the saved log-sum-exp. The dK/dV kernel owns one key tile of
+one KV head and loops over every query head of its GQA group, so the group reduction happens in
+registers: no atomics, bitwise deterministic. The dQ kernel owns one query tile of one query head.
+Rows without any visible key have lse = -inf; they are read as +inf so their probabilities are 0.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_fwd import lse_strides, score_scales, token_strides
+from .common import (
+    INTERPRETING,
+    autotuned,
+    capped_scores,
+    clip_to_window,
+    dot_precision,
+    launch_shape,
+    load_tile,
+    mask_args,
+    mma,
+    query_rows,
+    real_keys,
+    seqlen_bucket,
+    sequence_bounds,
+    span_bounds,
+    span_count,
+    tile_mask,
+    window_allowed,
+)
+
+DKDV_TILES = {
+    "half": [(32, 128, 8, 2), (64, 32, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2)],
+    "half_wide": [(32, 32, 8, 2), (16, 32, 8, 2)],
+    "fp32": [(16, 32, 4, 2)],
+}
+DQ_TILES = {
+    "half": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2)],
+    "half_wide": [(32, 64, 4, 2), (16, 64, 4, 2)],
+    "fp32": [(16, 32, 4, 2)],
+}
+_PREPROCESS_BLOCK_M = 64
+_BWD_KEY = ["SEQLEN_BUCKET", "HEAD_DIM", "GROUP", "IS_VARLEN", "HAS_MASK", "WINDOW_LEFT", "WINDOW_RIGHT", "SOFTCAP"]
+
+
+@triton.jit
+def _rows_lse_delta(Lse, Delta, lse_offset, offs_m, rows_ok):
+    """lse (log2 units, +inf for empty rows) and delta of the query rows offs_m."""
+    lse = tl.load(Lse + lse_offset + offs_m, mask=rows_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(Delta + lse_offset + offs_m, mask=rows_ok, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def attention_bwd_preprocess_kernel(
+    Out, DOut, DLse, Delta, CuSeqlensQ,
+    stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh, stride_lb, stride_lh, seqlen_q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(dO * O) - dlse, laid out like the log-sum-exp."""
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
+    q_start, q_len, _, _ = sequence_bounds(CuSeqlensQ, CuSeqlensQ, batch, seqlen_q, seqlen_q, IS_VARLEN)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if pid_m * BLOCK_M >= q_len:
+        return
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_ok = offs_m < q_len
+    tokens = (q_start + offs_m).to(tl.int64)[:, None]
+    o = load_tile(Out + batch.to(tl.int64) * stride_ob + tokens * stride_os + head * stride_oh + offs_d[None, :],
+                  rows_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    do = load_tile(DOut + batch.to(tl.int64) * stride_db + tokens * stride_ds + head * stride_dh + offs_d[None, :],
+                   rows_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    lse_offset = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
+    if HAS_DLSE:
+        delta -= tl.load(DLse + lse_offset + offs_m, mask=rows_ok, other=0.0)
+    tl.store(Delta + lse_offset + offs_m, delta, mask=rows_ok)
+
+
+@triton.autotune(key=_BWD_KEY, **autotuned(DKDV_TILES))
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    Q, K, V, DOut, DK, DV, Lse, Delta, KeyMask, KeySpans, NumSpans, CuSeqlensQ, CuSeqlensK,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_db, stride_ds, stride_dh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    stride_lb, stride_lh, stride_mb, stride_sb,
+    seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_scale, sm_scale, SEQLEN_BUCKET,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, MASK_QUERIES: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    batch = tl.program_id(2)
+    q_start, q_len, k_start, k_len = sequence_bounds(CuSeqlensQ, CuSeqlensK, batch, seqlen_q, seqlen_k, IS_VARLEN)
+    key_first = pid_n * BLOCK_N
+    if key_first >= k_len:
+        return
+    offs_n = key_first + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    keys_in = offs_n < k_len
+    key_ok = keys_in
+    KeyMask += batch.to(tl.int64) * stride_mb
+    KeySpans += batch.to(tl.int64) * stride_sb
+    if HAS_MASK:
+        key_ok = keys_in & real_keys(KeyMask, offs_n, keys_in, True)
+    # Queries are walked span by span: the key spans when queries are masked too, else [0, q_len).
+    num_spans = span_count(NumSpans, batch, MASK_QUERIES)
+    if tl.max(key_ok.to(tl.int32), axis=0) == 0:
+        num_spans = 0
+    offset = k_len - q_len
+    key_last = tl.minimum(key_first + BLOCK_N, k_len) - 1
+
+    kv_tokens = (k_start + offs_n).to(tl.int64)[:, None]
+    k = load_tile(K + batch.to(tl.int64) * stride_kb + kv_tokens * stride_ks + kv_head * stride_kh + offs_d[None, :],
+                  key_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    v = load_tile(V + batch.to(tl.int64) * stride_vb + kv_tokens * stride_vs + kv_head * stride_vh + offs_d[None, :],
+                  key_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for group_member in range(GROUP):
+        head = kv_head * GROUP + group_member
+        q_base = Q + batch.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + head * stride_qh
+        do_base = DOut + batch.to(tl.int64) * stride_db + q_start.to(tl.int64) * stride_ds + head * stride_dh
+        lse_offset = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
+        for span in range(num_spans):
+            q_lo, q_hi = span_bounds(KeySpans, span, q_len, MASK_QUERIES)
+            if WINDOW_RIGHT:
+                q_lo = tl.maximum(q_lo, key_first - offset - window_right)
+            if WINDOW_LEFT:
+                q_hi = tl.minimum(q_hi, key_last - offset + window_left + 1)
+            for start_m in range(q_lo, q_hi, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                rows_ok = offs_m < q_hi
+                if MASK_QUERIES:
+                    rows_ok = rows_ok & real_keys(KeyMask, offs_m, rows_ok, True)
+                q = load_tile(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], rows_ok, offs_d, True,
+                              HEAD_DIM, BLOCK_D)
+                do = load_tile(do_base + offs_m[:, None] * stride_ds + offs_d[None, :], rows_ok, offs_d, True,
+                               HEAD_DIM, BLOCK_D)
+                lse, delta = _rows_lse_delta(Lse, Delta, lse_offset, offs_m, rows_ok)
+                # Transposed tiles (keys x queries): P^T = exp2(S^T - lse).
+                scores_t, tanh_t = capped_scores(mma(k, tl.trans(q), UPCAST, PRECISION), qk_scale, softcap_scale,
+                                                 SOFTCAP)
+                allowed_t = tl.trans(window_allowed(offs_m, offs_n, offset, window_left, window_right,
+                                                    WINDOW_LEFT, WINDOW_RIGHT))
+                allowed_t = allowed_t & key_ok[:, None] & rows_ok[None, :]
+                p_t = tl.where(allowed_t, tl.exp2(scores_t - lse[None, :]), 0.0)
+                dv += mma(p_t.to(do.dtype), do, UPCAST, PRECISION)
+                dp_t = mma(v, tl.trans(do), UPCAST, PRECISION)
+                ds_t = p_t * (dp_t - delta[None, :])
+                if SOFTCAP:
+                    ds_t = ds_t * (1.0 - tanh_t * tanh_t)
+                dk += mma(ds_t.to(q.dtype), q, UPCAST, PRECISION)
+    dk_ptrs = DK + batch.to(tl.int64) * stride_dkb + kv_tokens * stride_dks + kv_head * stride_dkh + offs_d[None, :]
+    dv_ptrs = DV + batch.to(tl.int64) * stride_dvb + kv_tokens * stride_dvs + kv_head * stride_dvh + offs_d[None, :]
+    store_ok = tile_mask(keys_in, offs_d, HEAD_DIM, BLOCK_D)
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=store_ok)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=store_ok)
+
+
+@triton.autotune(key=_BWD_KEY, **autotuned(DQ_TILES))
+@triton.jit
+def attention_bwd_dq_kernel(
+    Q, K, V, DOut, DQ, Lse, Delta, KeyMask, KeySpans, NumSpans, CuSeqlensQ, CuSeqlensK,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_db, stride_ds, stride_dh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, stride_mb, stride_sb,
+    seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_scale, sm_scale, SEQLEN_BUCKET,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, MASK_QUERIES: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
+    q_start, q_len, k_start, k_len = sequence_bounds(CuSeqlensQ, CuSeqlensK, batch, seqlen_q, seqlen_k, IS_VARLEN)
+    row_first = pid_m * BLOCK_M
+    if row_first >= q_len:
+        return
+    kv_head = head // GROUP
+    offs_m = row_first + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    KeyMask += batch.to(tl.int64) * stride_mb
+    KeySpans += batch.to(tl.int64) * stride_sb
+    rows_in, rows_ok, num_spans = query_rows(KeyMask, NumSpans, batch, offs_m, q_len, HAS_MASK, MASK_QUERIES)
+    offset = k_len - q_len
+    row_last = tl.minimum(row_first + BLOCK_M, q_len) - 1
+
+    q_tokens = (q_start + offs_m).to(tl.int64)[:, None]
+    q = load_tile(Q + batch.to(tl.int64) * stride_qb + q_tokens * stride_qs + head * stride_qh + offs_d[None, :],
+                  rows_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    do = load_tile(DOut + batch.to(tl.int64) * stride_db + q_tokens * stride_ds + head * stride_dh + offs_d[None, :],
+                   rows_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    lse_offset = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
+    lse, delta = _rows_lse_delta(Lse, Delta, lse_offset, offs_m, rows_ok)
+    K += batch.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + kv_head * stride_kh
+    V += batch.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + kv_head * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for span in range(num_spans):
+        lo, hi = span_bounds(KeySpans, span, k_len, HAS_MASK)
+        lo, hi, _, _ = clip_to_window(lo, hi, row_first, row_last, offset, window_left, window_right,
+                                      WINDOW_LEFT, WINDOW_RIGHT)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            key_ok = offs_n < hi
+            if HAS_MASK:
+                key_ok = key_ok & real_keys(KeyMask, offs_n, key_ok, True)
+            k = load_tile(K + offs_n[:, None] * stride_ks + offs_d[None, :], key_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+            v = load_tile(V + offs_n[:, None] * stride_vs + offs_d[None, :], key_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+            scores, tanh_s = capped_scores(mma(q, tl.trans(k), UPCAST, PRECISION), qk_scale, softcap_scale, SOFTCAP)
+            allowed = window_allowed(offs_m, offs_n, offset, window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT)
+            allowed = allowed & rows_ok[:, None] & key_ok[None, :]
+            p = tl.where(allowed, tl.exp2(scores - lse[:, None]), 0.0)
+            dp = mma(do, tl.trans(v), UPCAST, PRECISION)
+            ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - tanh_s * tanh_s)
+            dq += mma(ds.to(k.dtype), k, UPCAST, PRECISION)
+    tl.store(DQ + batch.to(tl.int64) * stride_dqb + q_tokens * stride_dqs + head * stride_dqh + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=tile_mask(rows_in, offs_d, HEAD_DIM, BLOCK_D))
+
+
+def attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    window_size: tuple[int, int],
+    softcap: float,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch preprocess, dK/dV and dQ; returns contiguous (dq, dk, dv). Always deterministic."""
+    shape = launch_shape(q, k, key_mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal, window_size)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0 or k.numel() == 0 or shape.seqlen_q == 0 or shape.seqlen_k == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    heads_q, heads_kv, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    is_varlen = shape.is_varlen
+    delta = torch.empty_like(lse)
+    placeholder = q
+    block_d = triton.next_power_of_2(head_dim)
+    attention_bwd_preprocess_kernel[(triton.cdiv(shape.seqlen_q, _PREPROCESS_BLOCK_M), heads_q, shape.batch)](
+        out, dout, placeholder if dlse is None else dlse, delta, placeholder if cu_seqlens_q is None else cu_seqlens_q,
+        *token_strides(out, is_varlen), *token_strides(dout, is_varlen), *lse_strides(lse, is_varlen), shape.seqlen_q,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=is_varlen, HAS_DLSE=dlse is not None,
+        BLOCK_M=_PREPROCESS_BLOCK_M,
+    )
+    qk_scale, softcap_scale = score_scales(softmax_scale, softcap)
+    masks = mask_args(shape, cu_seqlens_q, cu_seqlens_k, placeholder)
+    common_strides = (*token_strides(q, is_varlen), *token_strides(k, is_varlen), *token_strides(v, is_varlen),
+                      *token_strides(dout, is_varlen))
+    common_scalars = (shape.seqlen_q, shape.seqlen_k, shape.window_left, shape.window_right,
+                      qk_scale, softcap_scale, softmax_scale)
+    flags = dict(
+        GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=is_varlen,
+        HAS_MASK=shape.key_mask is not None, MASK_QUERIES=shape.mask_queries,
+        WINDOW_LEFT=shape.window_left >= 0, WINDOW_RIGHT=shape.window_right >= 0, SOFTCAP=softcap > 0,
+        UPCAST=INTERPRETING, PRECISION=dot_precision(q.dtype),
+    )
+    attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(shape.seqlen_k, meta["BLOCK_N"]), heads_kv, shape.batch)](
+        q, k, v, dout, dk, dv, lse, delta, *masks,
+        *common_strides, *token_strides(dk, is_varlen), *token_strides(dv, is_varlen),
+        *lse_strides(lse, is_varlen), shape.stride_mask, shape.stride_spans, *common_scalars,
+        seqlen_bucket(shape.seqlen_k), **flags,
+    )
+    attention_bwd_dq_kernel[lambda meta: (triton.cdiv(shape.seqlen_q, meta["BLOCK_M"]), heads_q, shape.batch)](
+        q, k, v, dout, dq, lse, delta, *masks,
+        *common_strides, *token_strides(dq, is_varlen), *lse_strides(lse, is_varlen), shape.stride_mask,
+        shape.stride_spans, *common_scalars, seqlen_bucket(shape.seqlen_q), **flags,
+    )
+    return dq, dk, dv

@@ -1,0 +1,208 @@
+"""Forward flash attention: online softmax over key tiles, log-sum-exp saved for the backward.
+
+One program handles BLOCK_M query rows of one (sequence, query head). It walks the spans of keys
+(see ``common``); inside a span, key tiles fall in three groups: tiles at the window edges that
+need window masks, full tiles that need none (for bidirectional attention, all but the span's
+last partial tile), and the bounds-masked tail. Loads and dots sit in branch-free loops, so
+Triton software-pipelines them.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    INTERPRETING,
+    LOG2E,
+    autotuned,
+    capped_scores,
+    clip_to_window,
+    dot_precision,
+    launch_shape,
+    load_tile,
+    mask_args,
+    mma,
+    query_rows,
+    real_keys,
+    seqlen_bucket,
+    sequence_bounds,
+    span_bounds,
+    tile_mask,
+    window_allowed,
+)
+
+
+@triton.jit
+def _attend_tiles(
+    acc, l_i, m_i, q, K, V, KeyMask, start, end, offs_m, offs_d, offset,
+    stride_ks, stride_vs, window_left, window_right, qk_scale, softcap_scale,
+    MASKED: tl.constexpr, HAS_MASK: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Fold keys [start, end) into (acc, l_i, m_i); MASKED applies window and bound masks."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        k = load_tile(K + offs_n[:, None] * stride_ks + offs_d[None, :], n_ok, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        scores, _ = capped_scores(mma(q, tl.trans(k), UPCAST, PRECISION), qk_scale, softcap_scale, SOFTCAP)
+        if MASKED:
+            allowed = window_allowed(offs_m, offs_n, offset, window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT)
+            allowed = allowed & n_ok[None, :]
+            if HAS_MASK:
+                allowed = allowed & real_keys(KeyMask, offs_n, n_ok, True)[None, :]
+            scores = tl.where(allowed, scores, float("-inf"))
+        elif HAS_MASK:
+            scores = tl.where(real_keys(KeyMask, offs_n, n_ok, False)[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        if MASKED or HAS_MASK:  # a row may have seen no key yet: keep exp2 away from -inf - -inf
+            m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_base = m_new
+        p = tl.exp2(scores - m_base[:, None])
+        alpha = tl.exp2(m_i - m_base)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = load_tile(V + offs_n[:, None] * stride_vs + offs_d[None, :], n_ok, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+FWD_TILES = {
+    "half": [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 2)],
+    "half_wide": [(128, 64, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2)],
+    "fp32": [(32, 64, 8, 2), (16, 64, 4, 2), (16, 32, 8, 2)],
+}
+
+
+@triton.autotune(
+    key=["SEQLEN_BUCKET", "HEAD_DIM", "GROUP", "IS_VARLEN", "HAS_MASK", "WINDOW_LEFT", "WINDOW_RIGHT", "SOFTCAP"],
+    **autotuned(FWD_TILES),
+)
+@triton.jit
+def attention_fwd_kernel(
+    Q, K, V, Out, Lse, KeyMask, KeySpans, NumSpans, CuSeqlensQ, CuSeqlensK,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_mb, stride_sb,
+    seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_scale, SEQLEN_BUCKET,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, MASK_QUERIES: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
+    q_start, q_len, k_start, k_len = sequence_bounds(CuSeqlensQ, CuSeqlensK, batch, seqlen_q, seqlen_k, IS_VARLEN)
+    row_first = pid_m * BLOCK_M
+    if row_first >= q_len:
+        return
+    kv_head = head // GROUP
+    offs_m = row_first + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    KeyMask += batch.to(tl.int64) * stride_mb
+    KeySpans += batch.to(tl.int64) * stride_sb
+    rows_in, rows_real, num_spans = query_rows(KeyMask, NumSpans, batch, offs_m, q_len, HAS_MASK, MASK_QUERIES)
+
+    q = load_tile(Q + batch.to(tl.int64) * stride_qb + (q_start + offs_m).to(tl.int64)[:, None] * stride_qs
+                  + head * stride_qh + offs_d[None, :], rows_in, offs_d, True, HEAD_DIM, BLOCK_D)
+    K += batch.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + kv_head * stride_kh
+    V += batch.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + kv_head * stride_vh
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+
+    # Keys every row of the block may see lie in [full_lo, full_hi); some row may see [lo, hi).
+    offset = k_len - q_len
+    row_last = tl.minimum(row_first + BLOCK_M, q_len) - 1
+    for span in range(num_spans):
+        lo, hi = span_bounds(KeySpans, span, k_len, HAS_MASK)
+        lo, hi, full_lo, full_hi = clip_to_window(lo, hi, row_first, row_last, offset, window_left, window_right,
+                                                  WINDOW_LEFT, WINDOW_RIGHT)
+        hi = tl.maximum(hi, lo)
+        full_start = tl.minimum(lo + tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_N) * BLOCK_N, hi)
+        full_end = full_start + (tl.maximum(full_hi - full_start, 0) // BLOCK_N) * BLOCK_N
+        if WINDOW_LEFT:  # without a left window the span starts with full tiles
+            acc, l_i, m_i = _attend_tiles(
+                acc, l_i, m_i, q, K, V, KeyMask, lo, full_start, offs_m, offs_d, offset, stride_ks, stride_vs,
+                window_left, window_right, qk_scale, softcap_scale, True, HAS_MASK, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
+                HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION,
+            )
+        acc, l_i, m_i = _attend_tiles(
+            acc, l_i, m_i, q, K, V, KeyMask, full_start, full_end, offs_m, offs_d, offset, stride_ks, stride_vs,
+            window_left, window_right, qk_scale, softcap_scale, False, HAS_MASK, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
+            HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION,
+        )
+        acc, l_i, m_i = _attend_tiles(
+            acc, l_i, m_i, q, K, V, KeyMask, full_end, hi, offs_m, offs_d, offset, stride_ks, stride_vs,
+            window_left, window_right, qk_scale, softcap_scale, True, HAS_MASK, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
+            HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION,
+        )
+
+    row_ok = rows_real & (l_i > 0)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
+    lse = tl.where(row_ok, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(Out + batch.to(tl.int64) * stride_ob + (q_start + offs_m).to(tl.int64)[:, None] * stride_os
+             + head * stride_oh + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=tile_mask(rows_in, offs_d, HEAD_DIM, BLOCK_D))
+    tl.store(Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start + offs_m, lse,
+             mask=rows_in)
+
+
+def score_scales(softmax_scale: float, softcap: float) -> tuple[float, float]:
+    """(qk_scale, softcap_scale): scores in log2 units are qk * qk_scale, or tanh(qk * qk_scale) * softcap_scale."""
+    if softcap > 0:
+        return softmax_scale / softcap, softcap * LOG2E
+    return softmax_scale * LOG2E, 0.0
+
+
+def token_strides(tensor: torch.Tensor, is_varlen: bool) -> tuple[int, int, int]:
+    """(batch, token, head) strides; packed tensors have no batch axis."""
+    if is_varlen:
+        return 0, tensor.stride(0), tensor.stride(1)
+    return tensor.stride(0), tensor.stride(1), tensor.stride(2)
+
+
+def lse_strides(lse: torch.Tensor, is_varlen: bool) -> tuple[int, int]:
+    """(batch, head) strides of the log-sum-exp: (B, H, S) padded, (H, T) packed."""
+    return (0, lse.stride(0)) if is_varlen else (lse.stride(0), lse.stride(1))
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    window_size: tuple[int, int],
+    softcap: float,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel; returns (out like q, float32 lse (B, Hq, Sq) or (Hq, Tq))."""
+    shape = launch_shape(q, k, key_mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal, window_size)
+    heads_q, head_dim = q.shape[-2], q.shape[-1]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse_shape = (heads_q, q.shape[0]) if shape.is_varlen else (q.shape[0], heads_q, q.shape[1])
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or shape.seqlen_q == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    qk_scale, softcap_scale = score_scales(softmax_scale, softcap)
+    grid = lambda meta: (triton.cdiv(shape.seqlen_q, meta["BLOCK_M"]), heads_q, shape.batch)  # noqa: E731
+    attention_fwd_kernel[grid](
+        q, k, v, out, lse, *mask_args(shape, cu_seqlens_q, cu_seqlens_k, placeholder=q),
+        *token_strides(q, shape.is_varlen), *token_strides(k, shape.is_varlen), *token_strides(v, shape.is_varlen),
+        *token_strides(out, shape.is_varlen), *lse_strides(lse, shape.is_varlen), shape.stride_mask, shape.stride_spans,
+        shape.seqlen_q, shape.seqlen_k, shape.window_left, shape.window_right, qk_scale, softcap_scale,
+        seqlen_bucket(shape.seqlen_q),
+        GROUP=heads_q // k.shape[-2], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        IS_VARLEN=shape.is_varlen, HAS_MASK=shape.key_mask is not None, MASK_QUERIES=shape.mask_queries,
+        WINDOW_LEFT=shape.window_left >= 0, WINDOW_RIGHT=shape.window_right >= 0, SOFTCAP=softcap > 0,
+        UPCAST=INTERPRETING, PRECISION=dot_precision(q.dtype),
+    )
+    return out, lse
