@@ -1,7 +1,87 @@
 """Build llm2vec-fast: the Python package, its Triton kernels, and (where CUDA is present) the CUDA extension."""
+import os
+import sys
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 PACKAGES = find_packages(include=["llm2vec_fast", "llm2vec_fast.*"]) + ["llm2vec_fast.kernels"]
+
+# ---- the optional CUDA extension llm2vec_fast._cuda (csrc/) ----------------------------------------
+# LLM2VEC_FAST_BUILD_CUDA=1 forces it (an error if impossible), =0 skips it, unset builds it when
+# torch is a CUDA build and nvcc is found. torch must be importable while building, hence
+# `pip install --no-build-isolation .` (pyproject.toml lists only setuptools on purpose).
+BUILD_CUDA_ENV = "LLM2VEC_FAST_BUILD_CUDA"
+# Targets with no TORCH_CUDA_ARCH_LIST and no visible GPU: A100 (sm_80) and H100/H200 (sm_90a).
+DEFAULT_ARCHS = ("8.0", "9.0a")
+ROOT = Path(__file__).resolve().parent
+
+
+def _cuda_blocker():
+    """Why the CUDA extension cannot be built in this environment, or None."""
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME
+    except ImportError as error:
+        return f"torch is not importable while building ({error}); build with `pip install --no-build-isolation .`"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is not a CUDA build"
+    if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+        return "no CUDA toolkit found (nvcc; set CUDA_HOME)"
+    return None
+
+
+def _cuda_archs():
+    """TORCH_CUDA_ARCH_LIST, else the visible GPUs' capabilities, else DEFAULT_ARCHS; only sm_80 and
+    newer (cp.async, bf16 tensor cores), Hopper as 9.0a."""
+    import torch
+
+    given = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(",", ";").replace(" ", ";")
+    if given:
+        archs = [a for a in given.split(";") if a]
+    elif torch.cuda.is_available():
+        capabilities = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        archs = [f"{major}.{minor}" for major, minor in sorted(capabilities)]
+    else:
+        archs = list(DEFAULT_ARCHS)
+    archs = [a for a in archs if a[0].isdigit() and int(a.split(".")[0]) >= 8]
+    return [a.replace("9.0", "9.0a", 1) if a.split("+")[0] == "9.0" else a for a in archs]
+
+
+def _say(message):
+    """One line on stderr, once per install: pip also runs setup.py for metadata, stay quiet then."""
+    if not {"egg_info", "dist_info"} & set(sys.argv[1:]):
+        print(f"llm2vec-fast: {message}", file=sys.stderr)
+
+
+def _cuda_extension():
+    """setup() arguments that build the extension, or {} (saying why in one line)."""
+    mode = os.environ.get(BUILD_CUDA_ENV, "").strip()
+    if mode == "0":
+        _say(f"{BUILD_CUDA_ENV}=0, installing the Triton-only package")
+        return {}
+    reason = _cuda_blocker()
+    archs = _cuda_archs() if reason is None else []
+    if reason is None and not archs:
+        reason = "no target GPU architecture is sm_80 or newer (TORCH_CUDA_ARCH_LIST)"
+    if reason is not None:
+        if mode == "1":
+            raise RuntimeError(f"{BUILD_CUDA_ENV}=1 but the CUDA extension cannot be built: {reason}")
+        _say(f"installing the Triton-only package (no CUDA extension): {reason}")
+        return {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+    sources = sorted(path.relative_to(ROOT).as_posix() for path in (ROOT / "csrc").glob("*.cu"))
+    extension = CUDAExtension(
+        name="llm2vec_fast._cuda",
+        sources=sources + ["csrc/flash_api.cpp"],
+        include_dirs=[str(ROOT / "csrc")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},  # torch adds -std=c++20
+    )
+    _say(f"building the CUDA extension for {';'.join(archs)}")
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+
 
 setup(
     name="llm2vec-fast",
@@ -10,6 +90,7 @@ setup(
     python_requires=">=3.10",
     packages=PACKAGES,
     package_dir={"llm2vec_fast.kernels": "kernels"},
+    package_data={"llm2vec_fast.training": ["presets/*.json"]},
     install_requires=[
         "torch>=2.11",
         "triton>=3.6; platform_system == 'Linux'",
@@ -19,10 +100,11 @@ setup(
         "safetensors",
         "tqdm",
         "numpy",
+        "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "hypothesis", "tokenizers", "sentence-transformers", "matplotlib"],
-        "plot": ["matplotlib"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "tokenizers", "sentence-transformers"],
     },
     entry_points={"console_scripts": ["llm2vec-fast=llm2vec_fast.cli:main"]},
+    **_cuda_extension(),
 )

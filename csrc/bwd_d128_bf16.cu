@@ -1,0 +1,6 @@
+// Backward kernels (preprocess, dK/dV, dQ), head dim 128, bf16.
+#include "flash_attn/launch.cuh"
+
+namespace l2vf {
+template cudaError_t run_bwd<Bf16, 128>(const BwdParams&, cudaStream_t);
+}  // namespace l2vf

@@ -1,0 +1,6 @@
+// Backward kernels (preprocess, dK/dV, dQ), head dim 128, fp16.
+#include "flash_attn/launch.cuh"
+
+namespace l2vf {
+template cudaError_t run_bwd<Fp16, 128>(const BwdParams&, cudaStream_t);
+}  // namespace l2vf

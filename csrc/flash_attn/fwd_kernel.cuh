@@ -1,0 +1,288 @@
+// The attention forward: one block per (query tile, query head, sequence).
+//
+// Each warp owns kWarpRows = 16 * kMTiles query rows. Per key tile (kBlockN keys):
+//   S = Q K^T (A = Q rows from shared memory, B = K rows: the [n][k] layout, plain ldmatrix),
+//   scaled into log2 units (or soft-capped), masked only where the tile needs it, folded into
+//   the running row max / row sum (online softmax, exp2), then O += P V with P kept in
+//   registers (accumulator layout = A layout) and V read through ldmatrix.trans ([k][n] layout).
+// K/V tiles stream through a kStages-deep cp.async ring; tiles whose keys are all padding are
+// never loaded. O is normalised at the end, staged through the warp's own rows of the Q tile and
+// written with 16-byte stores; lse is written in natural-log units.
+#pragma once
+
+#include <cstdint>
+
+#include "block_info.cuh"
+#include "params.h"
+#include "ptx.cuh"
+#include "tile.cuh"
+
+namespace l2vf {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <class Elem_, int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_, int kStages_>
+struct FwdConfig {
+  using Elem = Elem_;
+  static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_;
+  static constexpr int kWarps = kWarps_, kStages = kStages_;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kWarpRows = kBlockM / kWarps;
+  static constexpr int kMTiles = kWarpRows / 16;
+  using QTile = SmemTile<kBlockM, kHeadDim>;
+  using KVTile = SmemTile<kBlockN, kHeadDim>;
+  static constexpr int kSmemBytes = QTile::kBytes + 2 * kStages * KVTile::kBytes;
+
+  static_assert(kBlockM % (16 * kWarps) == 0, "each warp owns whole 16-row mma tiles");
+  static_assert(kBlockN % 32 == 0 && 128 % kBlockN == 0, "key tiles cover whole words of the mask bits");
+  static_assert(kBlockM % 32 == 0 && 128 % kBlockM == 0, "query tiles cover whole words of the mask bits");
+  static_assert(kHeadDim % 64 == 0, "head dim must fill swizzled 128-byte rows");
+  static_assert(kStages >= 2, "the ring needs at least double buffering");
+};
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p) {
+  using Elem = typename Cfg::Elem;
+  using QTile = typename Cfg::QTile;
+  using KVTile = typename Cfg::KVTile;
+  constexpr int D = Cfg::kHeadDim, BM = Cfg::kBlockM, BN = Cfg::kBlockN;
+  constexpr int kMT = Cfg::kMTiles, kNT = BN / 8, kDT = D / 8, kThreads = Cfg::kThreads, kStages = Cfg::kStages;
+
+  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const SeqSlice seq = seq_slice(p, b);
+  const int m0 = m_block * BM;
+  if (m0 >= seq.len_q) return;
+  const int rows = min(BM, seq.len_q - m0);
+  const int hk = h / p.group;
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+
+  const uint16_t* q = static_cast<const uint16_t*>(p.q) +
+                      token_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, seq.q_token0 + m0, h);
+  const uint16_t* k = static_cast<const uint16_t*>(p.k) +
+                      token_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, seq.k_token0, hk);
+  const uint16_t* v = static_cast<const uint16_t*>(p.v) +
+                      token_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, seq.k_token0, hk);
+  uint16_t* out = static_cast<uint16_t*>(p.out) +
+                  token_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, seq.q_token0 + m0, h);
+  float* lse = p.lse + lse_offset(p, b, h, seq.q_token0 + m0);
+  const uint32_t* key_bits = p.key_bits != nullptr ? p.key_bits + static_cast<int64_t>(b) * p.key_bits_stride : nullptr;
+  const uint32_t* query_bits = p.query_rows_masked ? key_bits : nullptr;
+
+  // Key tiles [t_lo, t_hi) hold every key some row of this block may see.
+  int n_lo, n_hi;
+  visible_keys(p, seq, m0, rows, n_lo, n_hi);
+  const int t_lo = n_lo / BN;
+  const int t_hi = n_hi > n_lo ? ceil_div(n_hi, BN) : t_lo;
+  const bool rows_all_padding = !tile_has_tokens<BM>(query_bits, m0);
+  const int t_first = rows_all_padding ? t_hi : next_tile_with_tokens<BN>(key_bits, t_lo, t_hi);
+
+  if (t_first >= t_hi) {  // no row of this block sees a key: zeros, lse = -inf
+    zero_rows_global<D, kThreads>(out, p.o_row_stride, rows);
+    for (int r = static_cast<int>(threadIdx.x); r < rows; r += kThreads) st_global_f32(lse + r, -INFINITY);
+    return;
+  }
+
+  const uint32_t sQ = dynamic_smem();
+  const uint32_t sK = sQ + QTile::kBytes;  // kStages tiles
+  const uint32_t sV = sK + kStages * KVTile::kBytes;
+
+  auto load_kv = [&](int tile, int stage) {
+    const int n0 = tile * BN;
+    copy_tile_async<KVTile, kThreads>(sK + stage * KVTile::kBytes, k + n0 * p.k_row_stride, p.k_row_stride,
+                                      seq.len_k - n0);
+    copy_tile_async<KVTile, kThreads>(sV + stage * KVTile::kBytes, v + n0 * p.v_row_stride, p.v_row_stride,
+                                      seq.len_k - n0);
+  };
+
+  // Group 0 = Q + the first K/V tile; groups 1 .. kStages-2 = the next tiles (possibly empty).
+  copy_tile_async<QTile, kThreads>(sQ, q, p.q_row_stride, rows);
+  int load_tile = t_first;
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (load_tile < t_hi) {
+      load_kv(load_tile, s);
+      load_tile = next_tile_with_tokens<BN>(key_bits, load_tile + 1, t_hi);
+    }
+    cp_async_commit();
+  }
+
+  // Scores arrive in log2 units: x = s * scale * log2(e), or with a soft cap
+  // x = softcap * log2(e) * tanh(s * scale / softcap).
+  const bool capped = p.softcap > 0.f;
+  const float score_mul = capped ? p.scale / p.softcap : p.scale * kLog2e;
+  const float cap_log2 = p.softcap * kLog2e;
+
+  const int warp_row0 = warp * Cfg::kWarpRows;  // first row of this warp within the tile
+  const LdsmAddr<QTile> q_frag = a_operand<QTile>(sQ);
+  const LdsmAddr<KVTile> k_frag = b_operand<KVTile>(sK);
+  const LdsmAddr<KVTile> v_frag = b_operand_trans<KVTile>(sV);
+  float acc_o[kMT][kDT][4];
+  float row_max[kMT][2], row_sum[kMT][2];  // per (m tile, half): rows g and g + 8
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] = 0.f;
+    }
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      row_max[mt][hf] = -INFINITY;
+      row_sum[mt][hf] = 0.f;
+    }
+  }
+
+  int tile = t_first;
+  for (int it = 0; tile < t_hi; ++it) {
+    // Tile `it` of the sequence has landed (at most kStages-2 younger groups pending), and every
+    // warp is done with the stage the prefetch below overwrites (computed in iteration it-1).
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (load_tile < t_hi) {
+      load_kv(load_tile, (it + kStages - 1) % kStages);
+      load_tile = next_tile_with_tokens<BN>(key_bits, load_tile + 1, t_hi);
+    }
+    cp_async_commit();
+
+    const LdsmAddr<KVTile> k_stage = k_frag.plus((it % kStages) * KVTile::kBytes);
+    const LdsmAddr<KVTile> v_stage = v_frag.plus((it % kStages) * KVTile::kBytes);
+    const int n0 = tile * BN;
+
+    // S = Q K^T for this warp's rows.
+    float acc_s[kMT][kNT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) load_a(a[mt], q_frag, warp_row0 + mt * 16, 2 * kk);
+#pragma unroll
+      for (int np = 0; np < kNT / 2; ++np) {
+        uint32_t bk[4];
+        load_b_pair(bk, k_stage, np * 16, 2 * kk);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma_16816<Elem>(acc_s[mt][2 * np], a[mt], bk[0], bk[1]);
+          mma_16816<Elem>(acc_s[mt][2 * np + 1], a[mt], bk[2], bk[3]);
+        }
+      }
+    }
+
+    // Scores in log2 units.
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float s = acc_s[mt][nt][e] * score_mul;
+          acc_s[mt][nt][e] = capped ? cap_log2 * accurate_tanh(s) : s;
+        }
+      }
+    }
+
+    // Mask keys that are padding, past the sequence, or outside the window; interior tiles skip this.
+    TileBits<BN> bits;
+    bits.load(key_bits, n0, seq.len_k);
+    if (!bits.all() || !window_covers_tile(p, seq, m0, BM, n0, BN)) {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = m0 + warp_row0 + mt * 16 + lane / 4 + 8 * (e / 2);
+            const int bit = (nt % 4) * 8 + 2 * (lane % 4) + (e % 2);  // key n0 + 32 * (nt / 4) + bit
+            const int j = n0 + 32 * (nt / 4) + bit;
+            if (!bits.test(nt / 4, bit) || !in_window(p, seq, i, j)) acc_s[mt][nt][e] = -INFINITY;
+          }
+        }
+      }
+    }
+
+    // Online softmax: new row max, rescale what was accumulated, P = 2^(x - max).
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float mx = row_max[mt][hf];
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(acc_s[mt][nt][2 * hf], acc_s[mt][nt][2 * hf + 1]));
+        mx = fmaxf(mx, warp_shfl_xor(mx, 1));  // the 4 lanes of a quad share a row
+        mx = fmaxf(mx, warp_shfl_xor(mx, 2));
+        // A row that has seen only masked keys keeps max -inf; subtract 0 instead (no -inf - -inf).
+        const float m_use = mx == -INFINITY ? 0.f : mx;
+        const float correction = fast_exp2(row_max[mt][hf] - m_use);  // 0 while the old max is -inf
+        row_max[mt][hf] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+          for (int e = 2 * hf; e < 2 * hf + 2; ++e) {
+            acc_s[mt][nt][e] = fast_exp2(acc_s[mt][nt][e] - m_use);
+            sum += acc_s[mt][nt][e];
+          }
+        }
+        row_sum[mt][hf] = row_sum[mt][hf] * correction + sum;  // this lane's partial sum; reduced at the end
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt) {
+          acc_o[mt][dt][2 * hf] *= correction;
+          acc_o[mt][dt][2 * hf + 1] *= correction;
+        }
+      }
+    }
+
+    // O += P V.
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) accumulators_to_a<Elem>(a[mt], acc_s[mt][2 * kk], acc_s[mt][2 * kk + 1]);
+#pragma unroll
+      for (int dp = 0; dp < kDT / 2; ++dp) {
+        uint32_t bv[4];
+        load_b_pair_trans(bv, v_stage, kk * 16, 2 * dp);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma_16816<Elem>(acc_o[mt][2 * dp], a[mt], bv[0], bv[1]);
+          mma_16816<Elem>(acc_o[mt][2 * dp + 1], a[mt], bv[2], bv[3]);
+        }
+      }
+    }
+    tile = next_tile_with_tokens<BN>(key_bits, tile + 1, t_hi);
+  }
+  cp_async_wait<0>();  // only empty groups can remain
+
+  // Normalise; padded query rows (and rows that saw no key) get zeros and lse = -inf.
+  __syncwarp();  // this warp's reads of its Q rows are done before they are overwritten with O
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float sum = row_sum[mt][hf];
+      sum += warp_shfl_xor(sum, 1);
+      sum += warp_shfl_xor(sum, 2);
+      const int r = warp_row0 + mt * 16 + lane / 4 + 8 * hf;  // row within the tile
+      const bool valid = is_token(query_bits, m0 + r, seq.len_q);
+      const float inv = (valid && sum != 0.f) ? 1.f / sum : 0.f;
+      const float row_lse = (valid && sum != 0.f) ? (row_max[mt][hf] + log2f(sum)) * kLn2 : -INFINITY;
+      if (lane % 4 == 0 && r < rows) st_global_f32(lse + r, row_lse);
+#pragma unroll
+      for (int dt = 0; dt < kDT; ++dt) {
+        store_pair<QTile, Elem>(sQ, r, dt, acc_o[mt][dt][2 * hf] * inv, acc_o[mt][dt][2 * hf + 1] * inv);
+      }
+    }
+  }
+  __syncwarp();
+  copy_rows_to_global<QTile, Cfg::kWarpRows>(sQ, warp_row0, out, p.o_row_stride, rows);
+}
+
+}  // namespace l2vf

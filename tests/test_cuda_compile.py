@@ -1,0 +1,165 @@
+"""The CUDA sources of csrc/ compile, and their kernels neither spill nor use local memory.
+
+Every ``.cu`` in csrc/ is compiled with plain nvcc for sm_80 and sm_90a (``-Xptxas -v``, the
+flags setup.py builds with), in parallel; the ptxas report must name the kernels each file is
+meant to hold and show 0 spill bytes and a 0-byte stack frame for every one (a stack frame
+means a register array went to local memory). The torch binding is syntax-checked against the
+installed torch headers. Needs no GPU: runs in CI, where nvcc is on PATH.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+ARCHS = ("sm_80", "sm_90a")
+GENCODE = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a"]
+NVCC_FLAGS = ["-std=c++20", "-O3", "-lineinfo", f"-I{CSRC}", "-Xptxas", "-v"]
+# The kernels each file must hold, by the name they carry in their mangled symbol.
+EXPECTED_KERNELS = {
+    "fwd_": {"fwd_kernel"},
+    "bwd_": {"bwd_preprocess_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel"},
+    "mask_bits": {"pack_key_bits_kernel"},
+}
+
+
+@dataclass
+class KernelReport:
+    symbol: str
+    arch: str
+    registers: int
+    stack_bytes: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+
+    @property
+    def kernel(self) -> str:
+        match = re.search(r"(fwd_kernel|bwd_preprocess_kernel|bwd_dkdv_kernel|bwd_dq_kernel|pack_key_bits_kernel)",
+                          self.symbol)
+        return match.group(1) if match else self.symbol
+
+
+def parse_ptxas(log: str) -> list[KernelReport]:
+    """Kernel entries of a `-Xptxas -v` log: registers, stack frame and spills, per arch."""
+    reports, current = [], None
+    for line in log.splitlines():
+        entry = re.search(r"Compiling entry function '(\S+)' for '(\w+)'", line)
+        if entry:
+            current = KernelReport(entry.group(1), entry.group(2), -1, -1, -1, -1)
+            reports.append(current)
+            continue
+        if current is None:
+            continue
+        frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if frame:
+            current.stack_bytes, current.spill_store_bytes, current.spill_load_bytes = map(int, frame.groups())
+        used = re.search(r"Used (\d+) registers", line)
+        if used:
+            current.registers = int(used.group(1))
+    return reports
+
+
+def nvcc_or_skip() -> str:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        if os.environ.get("CI"):
+            pytest.fail("nvcc is not on PATH: CI must compile-check csrc/ (install the CUDA toolkit's nvcc)")
+        pytest.skip("nvcc is not on PATH (CI fails instead of skipping)")
+    return nvcc
+
+
+def compile_cu(nvcc: str, source: Path, out_dir: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    command = [nvcc, *NVCC_FLAGS, *GENCODE, "-c", str(source), "-o", str(out_dir / (source.stem + ".o"))]
+    return source, subprocess.run(command, capture_output=True, text=True)
+
+
+def cuda_include_dirs() -> list[str]:
+    """The CUDA runtime header directories nvcc itself uses (from its --dryrun INCLUDES line)."""
+    dryrun = subprocess.run([shutil.which("nvcc"), "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                            capture_output=True, text=True)
+    line = next((line for line in dryrun.stderr.splitlines() if "INCLUDES=" in line), "")
+    return re.findall(r'-I"?([^"\s]+)', line)
+
+
+def syntax_check_binding(out_dir: Path) -> subprocess.CompletedProcess | None:
+    """g++ -fsyntax-only of flash_api.cpp against the installed torch headers, the CUDA runtime
+    headers of the nvcc toolkit and Python's; None when torch is not installed."""
+    try:
+        from torch.utils.cpp_extension import include_paths
+    except ImportError:
+        return None
+    includes = [*include_paths(), sysconfig.get_paths()["include"], *cuda_include_dirs()]
+    command = [shutil.which("g++") or "g++", "-std=c++20", "-fsyntax-only", f"-I{CSRC}",
+               # CPU wheels of torch lack this generated header; it only sets export macros.
+               "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+               *[arg for path in includes for arg in ("-isystem", path)], str(CSRC / "flash_api.cpp")]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """(nvcc results per .cu file, binding syntax check), all run in parallel."""
+    nvcc = nvcc_or_skip()
+    out_dir = tmp_path_factory.mktemp("nvcc")
+    sources = sorted(CSRC.glob("*.cu"))
+    assert sources, f"no .cu files in {CSRC}"
+    with ThreadPoolExecutor(max_workers=len(sources) + 1) as pool:
+        binding = pool.submit(syntax_check_binding, out_dir)
+        results = dict(pool.map(lambda source: compile_cu(nvcc, source, out_dir), sources))
+        return results, binding.result()
+
+
+def test_every_source_compiles(builds):
+    results, _ = builds
+    failed = {source.name: result.stderr[-3000:] for source, result in results.items() if result.returncode != 0}
+    assert not failed, f"nvcc failed: {failed}"
+
+
+def test_kernels_do_not_spill(builds):
+    results, _ = builds
+    rows, problems = [], []
+    for source, result in sorted(results.items()):
+        reports = parse_ptxas(result.stderr)
+        expected = next(kernels for prefix, kernels in EXPECTED_KERNELS.items() if source.name.startswith(prefix))
+        for arch in ARCHS:
+            found = {report.kernel for report in reports if report.arch == arch}
+            if not expected <= found:
+                problems.append(f"{source.name} {arch}: expected kernels {sorted(expected)}, ptxas reported {sorted(found)}")
+        for report in reports:
+            rows.append(f"{source.name:20} {report.arch:7} {report.kernel:22} {report.registers:4} regs "
+                        f"stack {report.stack_bytes} spill {report.spill_store_bytes}/{report.spill_load_bytes}")
+            if -1 in (report.registers, report.stack_bytes):
+                problems.append(f"{source.name} {report.arch} {report.kernel}: incomplete ptxas report")
+            if report.spill_store_bytes or report.spill_load_bytes or report.stack_bytes:
+                problems.append(f"{source.name} {report.arch} {report.kernel}: {report.stack_bytes} bytes stack frame, "
+                                f"{report.spill_store_bytes}/{report.spill_load_bytes} bytes spilled")
+    print("\n".join(rows), file=sys.stderr)
+    assert not problems, "\n".join(problems)
+
+
+def test_binding_compiles_against_torch_headers(builds):
+    _, binding = builds
+    if binding is None:
+        pytest.skip("torch is not installed: no headers to check the binding against")
+    assert binding.returncode == 0, f"g++ -fsyntax-only csrc/flash_api.cpp failed:\n{binding.stderr[-3000:]}"
+
+
+def test_parse_ptxas_reads_spills():
+    log = (
+        "ptxas info    : Compiling entry function '_ZN4l2vf10fwd_kernelIiEEvv' for 'sm_80'\n"
+        "ptxas info    : Function properties for _ZN4l2vf10fwd_kernelIiEEvv\n"
+        "    16 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers, 584 bytes cmem[0]\n"
+    )
+    (report,) = parse_ptxas(log)
+    assert (report.kernel, report.arch, report.registers) == ("fwd_kernel", "sm_80", 255)
+    assert (report.stack_bytes, report.spill_store_bytes, report.spill_load_bytes) == (16, 8, 12)
