@@ -1,0 +1,95 @@
+"""sentence-transformers integration: a ``SentenceTransformer`` whose single module is our ``LLM2Vec``.
+
+    from sentence_transformers import SentenceTransformer
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.sentence_transformers import LLM2VecModule
+
+    st = SentenceTransformer(modules=[LLM2VecModule(LLM2Vec.from_pretrained(path))])
+    st.encode(["A sentence."], prompt="Retrieve documents:")   # prompt = LLM2Vec instruction
+    st.save(out_dir); SentenceTransformer(out_dir)              # reloads through LLM2Vec.from_pretrained
+
+The vectors are the encoder's own (same tokenization, instruction handling, packing and pooling):
+a prompt given to ``encode`` is the LLM2Vec instruction (attended to, left out of mean pooling
+when ``skip_instruction``), and ``[instruction, text]`` pairs are accepted as inputs too.
+Works with sentence-transformers 5 (``tokenize``) and 6 (``preprocess``).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .encoder import LLM2Vec, to_pairs
+from .hf import pack_batch
+
+try:  # sentence-transformers >= 6
+    from sentence_transformers.base.modules import InputModule
+except ImportError:  # sentence-transformers 5
+    from sentence_transformers.models import InputModule
+
+
+class LLM2VecModule(InputModule):
+    """Input module that tokenizes and embeds with an :class:`~llm2vec_fast.LLM2Vec` encoder."""
+
+    save_in_root = True
+
+    def __init__(self, encoder: LLM2Vec):
+        super().__init__()
+        if not isinstance(encoder, LLM2Vec):
+            raise TypeError(f"LLM2VecModule wraps an llm2vec_fast.LLM2Vec, got {type(encoder).__name__}")
+        self.encoder = encoder
+        self.tokenizer = encoder.tokenizer
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.encoder.max_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        self.encoder.max_length = value
+
+    def get_sentence_embedding_dimension(self) -> int:
+        return self.encoder.model.config.hidden_size
+
+    def get_embedding_dimension(self) -> int:
+        return self.get_sentence_embedding_dimension()
+
+    def preprocess(self, inputs: Sequence[Any], prompt: str | None = None, **kwargs: Any) -> dict[str, Tensor]:
+        """Token ids of each text (right-padded; padding is dropped again in ``forward``) and its instruction length."""
+        ids, skips = self.encoder.tokenize_pairs(to_pairs(list(inputs), prompt))
+        width = max((len(x) for x in ids), default=0)
+        input_ids = torch.zeros(len(ids), width, dtype=torch.long)
+        attention_mask = torch.zeros(len(ids), width, dtype=torch.long)
+        for row, tokens in enumerate(ids):
+            input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            attention_mask[row, : len(tokens)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "skip_leading": torch.tensor(skips)}
+
+    def tokenize(self, texts: Sequence[Any], **kwargs: Any) -> dict[str, Tensor]:
+        """sentence-transformers 5 entry point (prompts arrive already prepended to the texts there)."""
+        return self.preprocess(texts)
+
+    def forward(self, features: dict[str, Tensor], **kwargs: Any) -> dict[str, Tensor]:
+        packed = pack_batch(features["input_ids"], features["attention_mask"])
+        features["sentence_embedding"] = self.encoder.embed_packed(packed, features.get("skip_leading"))
+        return features
+
+    def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:
+        self.encoder.save(output_path)
+
+    @classmethod
+    def load(
+        cls, model_name_or_path: str, subfolder: str = "", model_kwargs: dict | None = None, **kwargs: Any
+    ) -> LLM2VecModule:
+        path = os.path.join(model_name_or_path, subfolder) if subfolder else model_name_or_path
+        return cls(LLM2Vec.from_pretrained(path, **(model_kwargs or {})))
+
+
+def to_sentence_transformer(encoder: LLM2Vec, **kwargs: Any) -> Any:
+    """A ``SentenceTransformer`` built on `encoder` (`kwargs` go to its constructor, e.g. ``prompts``)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(modules=[LLM2VecModule(encoder)], **kwargs)

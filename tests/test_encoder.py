@@ -1,0 +1,187 @@
+"""LLM2Vec encoder: invariances, formats, save/load, PEFT, streaming, one process per device, sentence-transformers."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llm2vec_fast.encoder import LLM2Vec, plan_batches
+from llm2vec_fast.hf import is_bidirectional
+from llm2vec_fast.tiny import build_tiny_model
+
+ORACLE = Path(__file__).parent / "data" / "llm2vec_oracle"
+TEXTS = [
+    "A man is playing a guitar on the street.",
+    "Paris",
+    "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat.",
+    "Padding tokens carry no information.",
+    "",
+    "Flash attention computes exact attention.",
+]
+PAIRS = [["Retrieve documents that answer the question:", "What is the capital of France?"], ["", "Paris"]]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen3 base model: a family the official llm2vec does not support."""
+    directory = tmp_path_factory.mktemp("qwen3")
+    model, tokenizer = build_tiny_model("qwen3", seed=3)
+    model.model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _encode(encoder: LLM2Vec, inputs, **kwargs) -> torch.Tensor:
+    return encoder.encode(inputs, show_progress_bar=False, **kwargs)
+
+
+@pytest.mark.parametrize("pooling_mode", ["mean", "weighted_mean", "eos_token"])
+def test_independent_of_batch_size_order_and_company(pooling_mode: str) -> None:
+    encoder = LLM2Vec.from_pretrained(str(ORACLE / "llama"), pooling_mode=pooling_mode)
+    reference = torch.stack([_encode(encoder, text) for text in TEXTS])  # each text alone
+    permutation = [3, 0, 5, 1, 4, 2]
+    runs = [
+        _encode(encoder, TEXTS, batch_size=2),
+        _encode(encoder, TEXTS, batch_size=64),
+        _encode(encoder, TEXTS, max_batch_tokens=20, batch_size=64),
+        _encode(encoder, [TEXTS[i] for i in permutation])[torch.tensor(permutation).argsort()],
+        _encode(encoder, TEXTS + ["An unrelated much longer companion text " * 6])[: len(TEXTS)],
+    ]
+    for run in runs:
+        torch.testing.assert_close(run, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_official_features_any_padding_side_match_encode() -> None:
+    encoder = LLM2Vec.from_pretrained(str(ORACLE / "mistral"))
+    prepared = encoder.prepare_texts([(instruction, text) for instruction, text in PAIRS] + [("", TEXTS[2])])
+    expected = _encode(encoder, PAIRS + [TEXTS[2]])
+    for side in ("left", "right"):
+        encoder.tokenizer.padding_side = side
+        features = encoder.tokenize(prepared)
+        assert features["embed_mask"].sum() < features["attention_mask"].sum()  # the instruction is masked out
+        with torch.no_grad():
+            torch.testing.assert_close(encoder(features), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_output_formats_and_inputs(model_dir: Path) -> None:
+    encoder = LLM2Vec.from_pretrained(str(model_dir))
+    assert is_bidirectional(encoder.model)
+    tensor = _encode(encoder, TEXTS)
+    assert isinstance(tensor, torch.Tensor) and tensor.shape == (6, 64) and tensor.dtype == torch.float32
+    assert torch.isfinite(tensor).all()
+    array = _encode(encoder, TEXTS, convert_to_numpy=True)
+    assert isinstance(array, np.ndarray) and array.dtype == np.float32
+    np.testing.assert_allclose(array, tensor.numpy(), rtol=1e-5, atol=1e-6)
+    assert isinstance(_encode(encoder, TEXTS, convert_to_numpy=True, convert_to_tensor=True), torch.Tensor)
+    single = _encode(encoder, TEXTS[0])
+    assert single.shape == (64,)
+    torch.testing.assert_close(single, tensor[0], rtol=1e-5, atol=1e-6)
+    assert _encode(encoder, []).shape == (0, 64)
+    with_instruction = _encode(encoder, TEXTS[:2], instruction="Represent the sentence:")
+    torch.testing.assert_close(with_instruction, _encode(encoder, [["Represent the sentence:", t] for t in TEXTS[:2]]))
+    assert (with_instruction - tensor[:2]).abs().max() > 1e-3
+    medi = _encode(encoder, ["Represent the sentence:", TEXTS[0], 7])
+    torch.testing.assert_close(medi, with_instruction[:1], rtol=1e-5, atol=1e-6)
+    mteb = encoder.encode(TEXTS[:2], task_name="STS12", prompt_type=None, show_progress_bar=False)
+    torch.testing.assert_close(mteb, tensor[:2], rtol=1e-5, atol=1e-6)
+    assert encoder.token_lengths(TEXTS[:2]) == [len(encoder.tokenizer(t)["input_ids"]) for t in TEXTS[:2]]
+
+
+def test_bad_arguments(model_dir: Path) -> None:
+    encoder = LLM2Vec.from_pretrained(str(model_dir))
+    with pytest.raises(TypeError, match="unexpected keyword arguments: normalize"):
+        encoder.encode(TEXTS, normalize=True)
+    with pytest.raises(TypeError, match="sentence 1 must be a string or an \\[instruction, text\\] pair"):
+        encoder.encode(["fine", 3])
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        encoder.encode(TEXTS, batch_size=0)
+    with pytest.raises(ValueError, match="unknown pooling mode"):
+        LLM2Vec.from_pretrained(str(model_dir), pooling_mode="max")
+    with pytest.raises(ValueError, match="attn_implementation"):
+        LLM2Vec.from_pretrained(str(model_dir), attn_implementation="sdpa")
+    with pytest.raises(OSError):
+        LLM2Vec.from_pretrained(str(model_dir / "missing"))
+
+
+def test_plan_batches_respects_both_limits() -> None:
+    lengths = [5, 50, 7, 3, 40, 8]
+    batches = plan_batches(lengths, batch_size=3, max_batch_tokens=60)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    assert all(len(b) <= 3 for b in batches)
+    assert all(sum(lengths[i] for i in b) <= 60 or len(b) == 1 for b in batches)
+    assert batches[0] == [1]  # 50 + 40 would exceed the budget
+    assert plan_batches([100], batch_size=4, max_batch_tokens=10) == [[0]]
+
+
+def test_save_reload_and_causal_option(model_dir: Path, tmp_path: Path) -> None:
+    encoder = LLM2Vec.from_pretrained(str(model_dir), pooling_mode="weighted_mean", max_length=64)
+    expected = _encode(encoder, PAIRS)
+    encoder.save(str(tmp_path / "saved"))
+    saved = json.loads((tmp_path / "saved" / "llm2vec_config.json").read_text())
+    assert saved == {"pooling_mode": "weighted_mean", "max_length": 64, "doc_max_length": 400, "skip_instruction": True}
+    reloaded = LLM2Vec.from_pretrained(str(tmp_path / "saved"))
+    assert reloaded.pooling_mode == "weighted_mean" and reloaded.max_length == 64
+    torch.testing.assert_close(_encode(reloaded, PAIRS), expected, rtol=1e-6, atol=1e-7)
+    overridden = LLM2Vec.from_pretrained(str(tmp_path / "saved"), pooling_mode="mean")
+    assert overridden.pooling_mode == "mean"
+    causal = LLM2Vec.from_pretrained(str(model_dir), pooling_mode="weighted_mean", enable_bidirectional=False)
+    assert not is_bidirectional(causal.model)
+    assert (_encode(causal, PAIRS) - expected).abs().max() > 1e-3
+
+
+def test_peft_adapter_loaded_merged_or_separate(model_dir: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModel
+
+    base = AutoModel.from_pretrained(model_dir)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    get_peft_model(base, lora).save_pretrained(tmp_path / "adapter")
+    plain = _encode(LLM2Vec.from_pretrained(str(model_dir)), TEXTS)
+    separate = LLM2Vec.from_pretrained(str(model_dir), peft_model_name_or_path=str(tmp_path / "adapter"))
+    merged = LLM2Vec.from_pretrained(str(model_dir), peft_model_name_or_path=str(tmp_path / "adapter"), merge_peft=True)
+    assert isinstance(separate.model, PeftModel) and not isinstance(merged.model, PeftModel)
+    assert is_bidirectional(separate.model) and is_bidirectional(merged.model)
+    with_adapter = _encode(separate, TEXTS)
+    torch.testing.assert_close(_encode(merged, TEXTS), with_adapter, rtol=1e-4, atol=1e-5)
+    assert (with_adapter - plain).abs().max() > 1e-3  # the adapter does something
+    shutil.copytree(model_dir, tmp_path / "both")  # official special case: adapter saved next to the base config
+    shutil.copytree(tmp_path / "adapter", tmp_path / "both", dirs_exist_ok=True)
+    both = LLM2Vec.from_pretrained(str(tmp_path / "both"))
+    torch.testing.assert_close(_encode(both, TEXTS), with_adapter, rtol=1e-4, atol=1e-5)
+    separate.save(str(tmp_path / "merged_save"), merge_before_save=True)
+    reloaded = LLM2Vec.from_pretrained(str(tmp_path / "merged_save"))
+    torch.testing.assert_close(_encode(reloaded, TEXTS), with_adapter, rtol=1e-4, atol=1e-5)
+
+
+def test_stream_and_one_process_per_device(model_dir: Path) -> None:
+    encoder = LLM2Vec.from_pretrained(str(model_dir))
+    inputs = TEXTS * 3 + PAIRS
+    expected = _encode(encoder, inputs)
+    blocks = list(encoder.encode_stream(iter(inputs), chunk_size=4))
+    assert [len(b) for b in blocks] == [4, 4, 4, 4, 4]
+    torch.testing.assert_close(torch.cat(blocks), expected, rtol=1e-5, atol=1e-6)
+    multi = _encode(encoder, inputs, device=["cpu", "cpu"])  # one spawned process per device
+    torch.testing.assert_close(multi, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sentence_transformers_gives_the_same_vectors(model_dir: Path, tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from llm2vec_fast.sentence_transformers import to_sentence_transformer
+
+    encoder = LLM2Vec.from_pretrained(str(model_dir), pooling_mode="mean")
+    model = to_sentence_transformer(encoder)
+    assert getattr(model, "get_embedding_dimension", model.get_sentence_embedding_dimension)() == 64
+    close = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.encode(TEXTS, convert_to_tensor=True), _encode(encoder, TEXTS), **close)
+    instruction = "Retrieve documents:"
+    expected = _encode(encoder, TEXTS[:3], instruction=instruction)
+    torch.testing.assert_close(model.encode(TEXTS[:3], prompt=instruction, convert_to_tensor=True), expected, **close)
+    model.save(str(tmp_path / "st"))
+    reloaded = SentenceTransformer(str(tmp_path / "st"), trust_remote_code=True)
+    again = reloaded.encode(TEXTS[:3], prompt=instruction, convert_to_tensor=True)
+    torch.testing.assert_close(again, expected, **close)
