@@ -1,0 +1,24 @@
+"""LLM2Vec conversion training on llm2vec_fast kernels: MNTP, SimCSE and supervised contrastive, with LoRA.
+
+    from llm2vec_fast.training import load_config, train
+    config = load_config("mntp", "mntp-mistral", {"train_files": ["wiki.txt"], "output_dir": "out/mntp"})
+    train(config)          # also: llm2vec-fast train mntp --config mntp-mistral --train-files wiki.txt ...
+
+Batches are packed (no padded token is computed), the MNTP loss only evaluates the LM head at
+masked positions, runs resume exactly from checkpoints, and several processes (``torchrun``)
+train data-parallel with contrastive negatives gathered across processes.
+"""
+from .config import MNTPConfig, SimCSEConfig, SupervisedConfig, TrainConfig, load_config, preset_names
+from .runner import train
+from .trainer import TrainingResult
+
+__all__ = [
+    "MNTPConfig",
+    "SimCSEConfig",
+    "SupervisedConfig",
+    "TrainConfig",
+    "TrainingResult",
+    "load_config",
+    "preset_names",
+    "train",
+]

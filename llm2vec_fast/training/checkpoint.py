@@ -1,0 +1,152 @@
+"""Checkpoints that resume a run exactly: weights, optimizer, schedule, random state and data position.
+
+Layout of ``<output_dir>/checkpoint-<step>/``:
+- ``adapter_config.json``, ``adapter_model.safetensors``: the LoRA adapter (usable as is);
+- ``lm_head.safetensors``: MNTP's LM head, only when it is trained;
+- ``optimizer.pt``, ``scheduler.pt``: identical on every process under DDP, saved once;
+- ``rank<r>.pt``: process `r`'s torch CPU/CUDA random state and its data-stream position;
+- ``trainer_state.json``: step, process count and the run's config; written last, so a directory
+  without it is an interrupted save and is ignored.
+A checkpoint is written to ``checkpoint-<step>.tmp`` and renamed when complete.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from peft.utils import set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from .distributed import Topology, barrier
+
+PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+LM_HEAD_FILE = "lm_head.safetensors"
+
+
+@dataclass
+class TrainingState:
+    """What besides weights a checkpoint restores."""
+
+    step: int
+    world_size: int
+    config: dict[str, Any]
+    tokens_seen: int = 0
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_lm_head(directory: Path, lm_head: torch.nn.Module) -> None:
+    save_file({"weight": lm_head.weight.detach().contiguous().cpu()}, str(directory / LM_HEAD_FILE))
+
+
+def save_checkpoint(
+    output_dir: Path,
+    state: TrainingState,
+    topology: Topology,
+    *,
+    model: PeftModel,
+    lm_head: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    data_state: dict[str, Any],
+    keep: int | None = None,
+) -> Path:
+    """Write checkpoint ``state.step`` (collective: every process calls it) and prune old ones to `keep`."""
+    final = output_dir / f"{PREFIX}{state.step}"
+    staging = output_dir / f"{PREFIX}{state.step}.tmp"
+    if topology.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier()
+    torch.save({"rng": _rng_state(), "data": data_state}, staging / f"rank{topology.rank}.pt")
+    if topology.is_main:
+        model.save_pretrained(staging, save_embedding_layers=False)
+        if lm_head is not None:
+            save_lm_head(staging, lm_head)
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+    barrier()
+    if topology.is_main:
+        (staging / STATE_FILE).write_text(json.dumps(state.__dict__, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        if keep is not None:
+            for old in list_checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    found = []
+    for path in Path(output_dir).glob(f"{PREFIX}*"):
+        suffix = path.name[len(PREFIX):]
+        if suffix.isdigit() and (path / STATE_FILE).is_file():
+            found.append((int(suffix), path))
+    return [path for _, path in sorted(found)]
+
+
+def find_checkpoint(output_dir: Path, requested: str) -> Path:
+    """`requested` as a checkpoint directory, or the newest one in `output_dir` for ``"latest"``."""
+    if requested == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(f"resume_from_checkpoint='latest' but {output_dir} holds no complete checkpoint")
+        return found[-1]
+    path = Path(requested)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def read_state(directory: Path) -> TrainingState:
+    return TrainingState(**json.loads((directory / STATE_FILE).read_text()))
+
+
+def load_checkpoint(
+    directory: Path,
+    topology: Topology,
+    *,
+    model: PeftModel,
+    lm_head: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> tuple[TrainingState, dict[str, Any]]:
+    """Restore weights, optimizer, schedule and this process's random state; return the state and data position."""
+    state = read_state(directory)
+    if state.world_size != topology.world_size:
+        raise ValueError(
+            f"{directory} was written by {state.world_size} process(es) but this run has {topology.world_size}; "
+            "an exact resume needs the same number of processes"
+        )
+    device = next(model.parameters()).device
+    result = set_peft_model_state_dict(model, load_file(str(directory / ADAPTER_FILE), device=str(device)))
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{directory / ADAPTER_FILE} holds weights this model lacks: {result.unexpected_keys[:5]}")
+    if lm_head is not None:
+        with torch.no_grad():
+            lm_head.weight.copy_(load_file(str(directory / LM_HEAD_FILE))["weight"])
+    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device, weights_only=True))
+    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+    rank_state = torch.load(directory / f"rank{topology.rank}.pt", weights_only=True)
+    _restore_rng(rank_state["rng"])
+    return state, rank_state["data"]

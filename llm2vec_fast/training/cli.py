@@ -1,0 +1,118 @@
+"""``llm2vec-fast train {mntp,simcse,supervised}``: every config setting is also a flag.
+
+    llm2vec-fast train mntp --config mntp-mistral --train-files wiki.txt --output-dir out/mntp
+    llm2vec-fast train simcse --model-name-or-path mistralai/Mistral-7B-Instruct-v0.2 \\
+        --peft-model-name-or-path out/mntp --train-files wiki1m.txt --output-dir out/simcse
+    torchrun --nproc-per-node 8 -m llm2vec_fast.training.cli supervised --config supervised-e5 ...
+
+Flags are generated from the config dataclasses, so they always match what a config file takes.
+``--print-config`` shows the resolved settings without training.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from typing import Any, Literal, Union
+
+from .config import CONFIG_CLASSES, FIELD_HELP, load_config, preset_names
+
+_ALIASES = {"model_name_or_path": ["--model"], "train_files": ["--data"], "output_dir": ["--output"],
+            "resume_from_checkpoint": ["--resume"]}
+_HELP = {
+    "mntp": "masked next-token prediction (LLM2Vec step 2)",
+    "simcse": "unsupervised SimCSE on an MNTP-adapted model (LLM2Vec step 3)",
+    "supervised": "supervised contrastive training on (query, positive, negatives) JSONL data",
+}
+
+
+def _nullable(convert: Any) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "null") else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, hint: Any) -> None:
+    flags = ["--" + field.name.replace("_", "-"), *_ALIASES.get(field.name, [])]
+    options: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS, "help": FIELD_HELP.get(field.name, "").replace("%", "%%")}
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    nullable = typing.get_origin(hint) in (Union, types.UnionType) and len(args) < len(typing.get_args(hint))
+    base = args[0] if nullable and len(args) == 1 else hint
+    if typing.get_origin(base) is dict:
+        options.update(type=json.loads, metavar="JSON")
+    elif typing.get_origin(base) is list:
+        options.update(nargs="+", metavar="VALUE")
+    elif base is bool:
+        options.update(action=argparse.BooleanOptionalAction)
+    elif typing.get_origin(base) is Literal:
+        choices = list(typing.get_args(base))
+        options.update(type=_nullable(str) if nullable else str, metavar="{" + ",".join(map(str, choices)) + "}")
+    elif base in (int, float, str):
+        options.update(type=_nullable(base) if nullable else base)
+    else:
+        options.update(type=str)
+    parser.add_argument(*flags, **options)
+
+
+def _add_objective(subparsers: Any, objective: str) -> None:
+    cls = CONFIG_CLASSES[objective]
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    epilog = ("defaults: " + ", ".join(f"{name}={value}" for name, value in defaults.items())).replace("%", "%%")
+    parser = subparsers.add_parser(objective, help=_HELP[objective], description=_HELP[objective], epilog=epilog)
+    parser.add_argument("--config", metavar="FILE_OR_PRESET",
+                        help=f"JSON/YAML config file, or a shipped preset: {', '.join(preset_names())}")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        _add_field(parser, field, hints[field.name])
+    parser.set_defaults(func=_run, objective=objective)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .distributed import shutdown
+    from .runner import train
+
+    names = {f.name for f in dataclasses.fields(CONFIG_CLASSES[args.objective])}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    try:
+        config = load_config(args.objective, args.config, overrides)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    try:
+        train(config)
+    except (ValueError, FileNotFoundError) as error:  # bad data, settings or checkpoints: the message says which
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    return 0
+
+
+def add_train_command(subparsers: Any) -> None:
+    """Add ``train`` with the ``mntp``, ``simcse`` and ``supervised`` sub-commands to an argparse `subparsers` object."""
+    train_parser = subparsers.add_parser("train", help="LLM2Vec conversion training (MNTP, SimCSE, supervised)",
+                                         description="LLM2Vec conversion training on llm2vec_fast kernels")
+    objectives = train_parser.add_subparsers(dest="objective", metavar="{mntp,simcse,supervised}", required=True)
+    for objective in CONFIG_CLASSES:
+        _add_objective(objectives, objective)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m llm2vec_fast.training.cli {mntp,simcse,supervised} ...`` (what ``llm2vec-fast train`` runs)."""
+    parser = argparse.ArgumentParser(prog="llm2vec-fast")
+    add_train_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

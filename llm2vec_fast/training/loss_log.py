@@ -1,0 +1,78 @@
+"""The loss curve of a run: one row per optimizer step in ``loss_log.csv`` and ``loss_log.jsonl``, and ``loss.png``.
+
+Rows are flushed as they are written, so the files are current even if a run dies; a resumed
+run first drops rows after its checkpoint, so the log never shows a step twice.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from pathlib import Path
+
+FIELDS = ("step", "loss", "learning_rate", "loss_terms", "tokens", "seconds")
+
+
+def read_log(path: Path) -> list[dict[str, float]]:
+    """Rows of a ``loss_log.jsonl`` file."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class LossLog:
+    """Appends per-step rows to ``<directory>/loss_log.{csv,jsonl}``."""
+
+    def __init__(self, directory: Path, resume_after_step: int | None = None):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.csv_path = self.directory / "loss_log.csv"
+        self.jsonl_path = self.directory / "loss_log.jsonl"
+        kept = [r for r in read_log(self.jsonl_path) if resume_after_step is not None and r["step"] <= resume_after_step]
+        self.rows: list[dict[str, float]] = []
+        with open(self.csv_path, "w", newline="") as handle:
+            csv.writer(handle).writerow(FIELDS)
+        self.jsonl_path.write_text("")
+        for row in kept:
+            self.append(row)
+
+    def append(self, row: dict[str, float]) -> None:
+        row = {key: row[key] for key in FIELDS}
+        self.rows.append(row)
+        with open(self.csv_path, "a", newline="") as handle:
+            csv.writer(handle).writerow([row[key] for key in FIELDS])
+        with open(self.jsonl_path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def plot(self, title: str) -> Path | None:
+        """Draw ``loss.png`` (raw loss and a moving average); None, with a warning, without matplotlib."""
+        return plot_losses(self.rows, self.directory / "loss.png", title)
+
+
+def plot_losses(rows: list[dict[str, float]], path: Path, title: str) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed: no loss plot (pip install matplotlib)", stacklevel=2)
+        return None
+    steps = [r["step"] for r in rows]
+    losses = [r["loss"] for r in rows]
+    window = max(1, len(losses) // 50)
+    smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1]) for i in range(len(losses))]
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
+    axis.plot(steps, losses, alpha=0.35, label="loss")
+    if window > 1:
+        axis.plot(steps, smooth, label=f"moving average ({window} steps)")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path

@@ -1,0 +1,104 @@
+"""One call from a config to a trained adapter: ``train(config)``.
+
+Builds the objective's data source, model and loss, runs the `Trainer`, then writes the output
+directory the encoder loads: the LoRA adapter, the tokenizer, ``llm2vec_config.json`` (contrastive
+objectives), ``lm_head.safetensors`` (MNTP with ``lm_head="train"``), ``train_config.json``, the
+loss log and plot, and the ``checkpoint-*`` directories.
+"""
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, PreTrainedTokenizerBase
+
+from ..encoder import CONFIG_NAME, ENCODER_DEFAULTS
+from .batches import ContrastiveBatch
+from .checkpoint import save_lm_head
+from .config import ContrastiveConfig, MNTPConfig, SimCSEConfig, SupervisedConfig, TrainConfig
+from .distributed import Topology, barrier, init_topology
+from .losses import contrastive_loss_sum
+from .masking import add_mask_token, masking_rule
+from .modeling import build_embedder, build_mntp_model, load_tokenizer
+from .records import TextLines, contrastive_files
+from .sources import MNTPSource, SimCSESource, SupervisedSource
+from .trainer import Trainer, TrainingResult
+
+
+def contrastive_batch_loss(model: nn.Module, batch: ContrastiveBatch, scale: float) -> Tensor:
+    """Loss sum of a contrastive batch: embed all its sequences in one pass, then queries vs documents."""
+    embeddings = model(batch)
+    queries = batch.num_queries
+    return contrastive_loss_sum(embeddings[:queries], embeddings[queries : 2 * queries], embeddings[2 * queries :], scale)
+
+
+def _mntp_trainer(config: MNTPConfig, tokenizer: PreTrainedTokenizerBase, topology: Topology) -> Trainer:
+    model_type = AutoConfig.from_pretrained(config.model_name_or_path).model_type
+    vocabulary_grew = add_mask_token(tokenizer, config.mask_token_type)
+    rule = masking_rule(tokenizer, *config.masking_for(model_type))
+    source = MNTPSource(
+        TextLines(config.train_files), tokenizer, rule, layout=config.data_layout, max_seq_length=config.max_seq_length,
+        batch_size=config.per_device_train_batch_size, max_tokens_per_batch=config.max_tokens_per_batch,
+        seed=config.seed, rank=topology.rank, world_size=topology.world_size,
+    )
+    model = build_mntp_model(config, tokenizer, topology.device, vocabulary_grew)
+    lm_head = model.lm_head if config.lm_head == "train" else None
+    _seed_per_process(config, topology)
+    return Trainer(config, topology, model=model, adapter=model.decoder, source=source,
+                   loss_sum=lambda module, batch: module(batch), lm_head=lm_head)
+
+
+def _contrastive_trainer(config: ContrastiveConfig, tokenizer: PreTrainedTokenizerBase, topology: Topology) -> Trainer:
+    options = dict(max_seq_length=config.max_seq_length, batch_size=config.per_device_train_batch_size,
+                   append_eos=config.pooling_mode == "eos_token", template=config.text_template,
+                   seed=config.seed, rank=topology.rank, world_size=topology.world_size)
+    if isinstance(config, SimCSEConfig):
+        source = SimCSESource(TextLines(config.train_files), tokenizer, **options)
+        dropout = config.simcse_dropout
+    else:
+        datasets = contrastive_files(config.train_files, config.instructions, config.validate_data)
+        source = SupervisedSource(datasets, tokenizer, **options)
+        dropout = 0.0
+    model = build_embedder(config, tokenizer, topology.device, dropout=dropout)
+    _seed_per_process(config, topology)
+    return Trainer(config, topology, model=model, adapter=model.decoder, source=source,
+                   loss_sum=partial(contrastive_batch_loss, scale=config.loss_scale))
+
+
+def _seed_per_process(config: TrainConfig, topology: Topology) -> None:
+    """After the (identically seeded) model build, give each process its own dropout noise."""
+    torch.manual_seed(config.seed + topology.rank)
+
+
+def _write_outputs(config: TrainConfig, trainer: Trainer, tokenizer: PreTrainedTokenizerBase) -> None:
+    output = Path(config.output_dir)
+    trainer.adapter.save_pretrained(output, save_embedding_layers=False)
+    tokenizer.save_pretrained(output)
+    if trainer.lm_head is not None:
+        save_lm_head(output, trainer.lm_head)
+    if isinstance(config, ContrastiveConfig):
+        encoder = {**ENCODER_DEFAULTS, "pooling_mode": config.pooling_mode, "max_length": config.max_seq_length,
+                   "skip_instruction": config.skip_instruction}
+        (output / CONFIG_NAME).write_text(json.dumps(encoder, indent=4))
+    (output / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+
+def train(config: TrainConfig) -> TrainingResult:
+    """Train `config.objective` and write the adapter to ``config.output_dir`` (every process calls this under DDP)."""
+    topology = init_topology(config.device)
+    torch.manual_seed(config.seed)
+    tokenizer = load_tokenizer(config.model_name_or_path)
+    if isinstance(config, MNTPConfig):
+        trainer = _mntp_trainer(config, tokenizer, topology)
+    elif isinstance(config, (SimCSEConfig, SupervisedConfig)):
+        trainer = _contrastive_trainer(config, tokenizer, topology)
+    else:
+        raise TypeError(f"unknown training config {type(config).__name__}")
+    result = trainer.train()
+    if topology.is_main:
+        _write_outputs(config, trainer, tokenizer)
+    barrier()
+    return result

@@ -1,0 +1,160 @@
+"""The optimisation loop shared by every objective: accumulation, DDP, clipping, schedule, logs, checkpoints.
+
+Each objective supplies a model, a batch source and a function returning a micro-batch's loss
+*sum*; the loop divides by the number of loss terms of the whole step across micro-batches and
+processes (known before any forward pass), so the update equals that of one process holding the
+whole global batch, and the logged loss is that global mean.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from peft import PeftModel
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from .batches import TokenBatch
+from .checkpoint import TrainingState, find_checkpoint, list_checkpoints, load_checkpoint, read_state, save_checkpoint
+from .config import TrainConfig
+from .distributed import Topology, all_reduce_sum
+from .loss_log import LossLog
+
+# Settings that may change when resuming (and max_steps under a constant schedule); others change the trajectory.
+RESUMABLE_CHANGES = {"resume_from_checkpoint", "stop_after_steps", "save_steps", "save_total_limit", "disable_tqdm",
+                     "validate_data", "device", "attention_backend"}
+_SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+LossFunction = Callable[[nn.Module, TokenBatch], Tensor]
+
+
+@dataclass
+class TrainingResult:
+    """Per-step global mean losses of this run (from its first step, or from the resumed one) and where it saved."""
+
+    losses: list[float]
+    output_dir: Path
+    last_checkpoint: Path | None
+
+
+class BatchSource(Protocol):
+    """What the loop needs from a data stream (see `sources`)."""
+
+    def next_batch(self) -> TokenBatch: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Trainer:
+    """Trains `model` on batches from `source` up to step ``max_steps`` (or ``stop_after_steps``, to split a job).
+
+    Args:
+        model: computes what `loss_sum` needs; its trainable parameters are the optimised ones.
+        adapter: the peft model inside `model` (saved at checkpoints).
+        lm_head: a trained LM head to checkpoint alongside the adapter (MNTP with ``lm_head="train"``).
+    """
+
+    def __init__(self, config: TrainConfig, topology: Topology, *, model: nn.Module, adapter: PeftModel,
+                 source: BatchSource, loss_sum: LossFunction, lm_head: nn.Module | None = None):
+        self.config, self.topology, self.source, self.loss_sum = config, topology, source, loss_sum
+        self.model, self.adapter, self.lm_head = model.train(), adapter, lm_head
+        self.output_dir = Path(config.output_dir)
+        self.last_step = min(config.max_steps, config.stop_after_steps or config.max_steps)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon, weight_decay=config.weight_decay,
+        )
+        self.scheduler = get_scheduler(_SCHEDULERS[config.lr_scheduler], self.optimizer,
+                                       num_warmup_steps=config.warmup_steps, num_training_steps=config.max_steps)
+        self.wrapped = DistributedDataParallel(model) if topology.is_distributed else model
+        self.state = TrainingState(step=0, world_size=topology.world_size, config=config.to_dict())
+        resume_step = self._resume() if config.resume_from_checkpoint else None
+        if resume_step is None and list_checkpoints(self.output_dir):
+            raise ValueError(f"{self.output_dir} already holds checkpoints: resume with resume_from_checkpoint='latest' "
+                             "(--resume-from-checkpoint latest) or choose another output_dir")
+        self.log = LossLog(self.output_dir, resume_after_step=resume_step) if topology.is_main else None
+
+    def _resume(self) -> int:
+        directory = find_checkpoint(self.output_dir, self.config.resume_from_checkpoint)
+        saved = read_state(directory).config
+        current = self.state.config
+        resumable = RESUMABLE_CHANGES | ({"max_steps"} if current["lr_scheduler"] == "constant" else set())
+        changed = sorted(k for k in set(saved) | set(current) if k not in resumable and saved.get(k) != current.get(k))
+        if changed:
+            details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+            raise ValueError(f"cannot resume from {directory}: settings differ from the checkpoint's ({details})")
+        self.state, data_state = load_checkpoint(directory, self.topology, model=self.adapter, lm_head=self.lm_head,
+                                                 optimizer=self.optimizer, scheduler=self.scheduler)
+        self.state.config = current
+        self.source.load_state_dict(data_state)
+        if self.state.step >= self.last_step:
+            raise ValueError(f"{directory} is at step {self.state.step}: nothing left to train before step {self.last_step}")
+        return self.state.step
+
+    def _step(self) -> tuple[float, int, int]:
+        """One optimizer step: ``(global mean loss, global loss terms, global tokens)``."""
+        batches = [self.source.next_batch() for _ in range(self.config.gradient_accumulation_steps)]
+        device = self.topology.device
+        counts = all_reduce_sum(torch.tensor([sum(b.num_loss_terms for b in batches), sum(b.num_tokens for b in batches)],
+                                             dtype=torch.float64, device=device))
+        terms, tokens = int(counts[0]), int(counts[1])
+        scale = self.topology.world_size / max(terms, 1)
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        for index, batch in enumerate(batches):
+            last = index == len(batches) - 1
+            sync = contextlib.nullcontext() if last or not self.topology.is_distributed else self.wrapped.no_sync()
+            with sync:
+                loss_sum = self.loss_sum(self.wrapped, batch)
+                (loss_sum * scale).backward()
+            total += loss_sum.detach().float()
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(all_reduce_sum(total)) / max(terms, 1), terms, tokens
+
+    def save(self) -> Path:
+        return save_checkpoint(self.output_dir, self.state, self.topology, model=self.adapter, lm_head=self.lm_head,
+                               optimizer=self.optimizer, scheduler=self.scheduler,
+                               data_state=self.source.state_dict(), keep=self.config.save_total_limit)
+
+    def train(self) -> TrainingResult:
+        config = self.config
+        losses: list[float] = []
+        last_checkpoint = None
+        progress = tqdm(total=config.max_steps, initial=self.state.step, desc=f"{config.objective} training",
+                        disable=config.disable_tqdm or not self.topology.is_main, dynamic_ncols=True)
+        started = time.perf_counter()
+        while self.state.step < self.last_step:
+            step_started = time.perf_counter()
+            learning_rate = self.scheduler.get_last_lr()[0]
+            loss, terms, tokens = self._step()
+            self.state.step += 1
+            self.state.tokens_seen += tokens
+            losses.append(loss)
+            seconds = time.perf_counter() - step_started
+            if self.log is not None:
+                self.log.append({"step": self.state.step, "loss": loss, "learning_rate": learning_rate,
+                                 "loss_terms": terms, "tokens": tokens, "seconds": round(seconds, 4)})
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+            if self.state.step % config.save_steps == 0 or self.state.step == self.last_step:
+                last_checkpoint = self.save()
+                if self.log is not None:
+                    self.log.plot(f"{config.objective}: {Path(config.model_name_or_path).name}")
+        progress.close()
+        if self.topology.is_main and losses:
+            elapsed = time.perf_counter() - started
+            print(f"{config.objective}: {len(losses)} steps in {elapsed:.1f} s, last loss {losses[-1]:.4f}")
+        return TrainingResult(losses, self.output_dir, last_checkpoint)
