@@ -68,6 +68,21 @@ def test_padded_and_packed_match_eager(family: str, causal: bool) -> None:
         _assert_close(unpadded[row][real[row]], hidden[0])
 
 
+def test_patched_model_compiles_with_fullgraph() -> None:
+    """Other training stacks compile whole models: padded and packed forwards trace without a break."""
+    model, reference = _models("mistral")
+    ids, mask = _batch(model.config.vocab_size, [6, 2, 4], left=False)
+    real = mask.bool()
+    compiled = torch.compile(model.model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        expected = reference.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        padded = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+        packed = pack_batch(ids, mask)
+        unpadded = packed.pad(compiled(**packed.model_inputs()).last_hidden_state)
+    _assert_close(padded[real], expected[real])
+    _assert_close(unpadded[real], expected[real])
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_position_sees_later_tokens_and_no_padding(family: str) -> None:
     """Proves bidirectionality (the official llm2vec Qwen2 model is causal under eager/SDPA; ours is not)."""
