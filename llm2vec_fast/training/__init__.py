@@ -6,7 +6,8 @@
 
 Batches are packed (no padded token is computed), the MNTP loss only evaluates the LM head at
 masked positions, runs resume exactly from checkpoints, and several processes (``torchrun``)
-train data-parallel with contrastive negatives gathered across processes.
+train data-parallel, replicated (DDP) or sharded (``distributed_strategy="fsdp"``, FSDP2), with
+contrastive negatives gathered across processes.
 """
 from .config import MNTPConfig, SimCSEConfig, SupervisedConfig, TrainConfig, load_config, preset_names
 from .runner import train

@@ -3,7 +3,8 @@
 Layout of ``<output_dir>/checkpoint-<step>/``:
 - ``adapter_config.json``, ``adapter_model.safetensors``: the LoRA adapter (usable as is);
 - ``lm_head.safetensors``: MNTP's LM head, only when it is trained;
-- ``optimizer.pt``, ``scheduler.pt``: identical on every process under DDP, saved once;
+- ``optimizer.pt``: the full (unsharded) optimizer state keyed by parameter name, the same under
+  DDP and FSDP (see `parallel`); ``scheduler.pt``: the learning-rate schedule;
 - ``rank<r>.pt``: process `r`'s torch CPU/CUDA random state and its data-stream position;
 - ``trainer_state.json``: step, process count and the run's config; written last, so a directory
   without it is an interrupted save and is ignored.
@@ -23,6 +24,7 @@ from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from .distributed import Topology, barrier
+from .parallel import TrainedWeights, load_optimizer_state
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -53,8 +55,11 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_lm_head(directory: Path, lm_head: torch.nn.Module) -> None:
-    save_file({"weight": lm_head.weight.detach().contiguous().cpu()}, str(directory / LM_HEAD_FILE))
+def save_weights(directory: Path, adapter: PeftModel, weights: TrainedWeights) -> None:
+    """The adapter as peft saves it (``adapter_model.safetensors`` + config) and the trained LM head, from full tensors."""
+    adapter.save_pretrained(directory, save_embedding_layers=False, state_dict=weights.adapter)
+    if weights.lm_head is not None:
+        save_file({"weight": weights.lm_head.contiguous()}, str(directory / LM_HEAD_FILE))
 
 
 def save_checkpoint(
@@ -62,14 +67,17 @@ def save_checkpoint(
     state: TrainingState,
     topology: Topology,
     *,
-    model: PeftModel,
-    lm_head: torch.nn.Module | None,
-    optimizer: torch.optim.Optimizer,
+    adapter: PeftModel,
+    weights: TrainedWeights,
+    optimizer_state: dict[str, Any],
     scheduler: Any,
     data_state: dict[str, Any],
     keep: int | None = None,
 ) -> Path:
-    """Write checkpoint ``state.step`` (collective: every process calls it) and prune old ones to `keep`."""
+    """Write checkpoint ``state.step`` (collective: every process calls it) and prune old ones to `keep`.
+
+    `weights` and `optimizer_state` are the full states gathered to rank 0 (`parallel`), which writes them.
+    """
     final = output_dir / f"{PREFIX}{state.step}"
     staging = output_dir / f"{PREFIX}{state.step}.tmp"
     if topology.is_main:
@@ -78,10 +86,8 @@ def save_checkpoint(
     barrier()
     torch.save({"rng": _rng_state(), "data": data_state}, staging / f"rank{topology.rank}.pt")
     if topology.is_main:
-        model.save_pretrained(staging, save_embedding_layers=False)
-        if lm_head is not None:
-            save_lm_head(staging, lm_head)
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        save_weights(staging, adapter, weights)
+        torch.save(optimizer_state, staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
     barrier()
     if topology.is_main:
@@ -122,31 +128,31 @@ def read_state(directory: Path) -> TrainingState:
     return TrainingState(**json.loads((directory / STATE_FILE).read_text()))
 
 
-def load_checkpoint(
-    directory: Path,
-    topology: Topology,
-    *,
-    model: PeftModel,
-    lm_head: torch.nn.Module | None,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-) -> tuple[TrainingState, dict[str, Any]]:
-    """Restore weights, optimizer, schedule and this process's random state; return the state and data position."""
-    state = read_state(directory)
-    if state.world_size != topology.world_size:
-        raise ValueError(
-            f"{directory} was written by {state.world_size} process(es) but this run has {topology.world_size}; "
-            "an exact resume needs the same number of processes"
-        )
-    device = next(model.parameters()).device
-    result = set_peft_model_state_dict(model, load_file(str(directory / ADAPTER_FILE), device=str(device)))
+def load_weights(directory: Path, adapter: PeftModel, lm_head: torch.nn.Module | None) -> None:
+    """Put the checkpoint's adapter (and LM head) into the unsharded model, before it is wrapped for training."""
+    device = next(adapter.parameters()).device
+    result = set_peft_model_state_dict(adapter, load_file(str(directory / ADAPTER_FILE), device=str(device)))
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"{directory / ADAPTER_FILE} holds weights this model lacks: {result.unexpected_keys[:5]}")
     if lm_head is not None:
         with torch.no_grad():
             lm_head.weight.copy_(load_file(str(directory / LM_HEAD_FILE))["weight"])
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device, weights_only=True))
+
+
+def load_checkpoint(
+    directory: Path,
+    topology: Topology,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> tuple[TrainingState, dict[str, Any]]:
+    """Restore the optimizer (over `model`, sharded or not), the schedule and this process's random state.
+
+    Returns the training state and this process's data position. Weights come first, with `load_weights`.
+    """
+    load_optimizer_state(model, optimizer, torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
     rank_state = torch.load(directory / f"rank{topology.rank}.pt", weights_only=True)
     _restore_rng(rank_state["rng"])
-    return state, rank_state["data"]
+    return read_state(directory), rank_state["data"]

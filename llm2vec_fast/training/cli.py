@@ -4,6 +4,7 @@
     llm2vec-fast train simcse --model-name-or-path mistralai/Mistral-7B-Instruct-v0.2 \\
         --peft-model-name-or-path out/mntp --train-files wiki1m.txt --output-dir out/simcse
     torchrun --nproc-per-node 8 -m llm2vec_fast.training.cli supervised --config supervised-e5 ...
+    torchrun --nproc-per-node 8 -m llm2vec_fast.training.cli mntp --distributed-strategy fsdp ...
 
 Flags are generated from the config dataclasses, so they always match what a config file takes.
 ``--print-config`` shows the resolved settings without training.

@@ -54,6 +54,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     attn_implementation: Literal["llm2vec_fast", "sdpa", "eager"] = "llm2vec_fast"
     attention_backend: Literal["auto", "cuda", "triton", "reference"] = "auto"
+    distributed_strategy: Literal["ddp", "fsdp"] = "ddp"
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -148,6 +149,9 @@ FIELD_HELP = {
     "attn_implementation": "llm2vec_fast = packed batches on our kernels; "
                            "sdpa/eager = HF attention on padded batches (reference)",
     "attention_backend": "force one llm2vec_fast kernel backend",
+    "distributed_strategy": "with several processes: ddp = a full model per process, fsdp = weights, gradients and "
+                            "optimizer state sharded across processes (FSDP2; 16-bit weights compute in their dtype, "
+                            "gradients reduce in float32)",
     "save_total_limit": "keep only this many checkpoints",
     "resume_from_checkpoint": "'latest' (newest checkpoint in output_dir) or a checkpoint directory",
     "validate_data": "parse every JSONL record before training starts (errors name file and line)",

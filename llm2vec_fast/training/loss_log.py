@@ -10,7 +10,7 @@ import json
 import warnings
 from pathlib import Path
 
-FIELDS = ("step", "loss", "learning_rate", "loss_terms", "tokens", "seconds")
+FIELDS = ("step", "loss", "grad_norm", "learning_rate", "loss_terms", "tokens", "seconds")
 
 
 def read_log(path: Path) -> list[dict[str, float]]:

@@ -17,12 +17,13 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from ..encoder import CONFIG_NAME, ENCODER_DEFAULTS
 from .batches import ContrastiveBatch
-from .checkpoint import save_lm_head
+from .checkpoint import save_weights
 from .config import ContrastiveConfig, MNTPConfig, SimCSEConfig, SupervisedConfig, TrainConfig
 from .distributed import Topology, barrier, init_topology
 from .losses import contrastive_loss_sum
 from .masking import add_mask_token, masking_rule
 from .modeling import build_embedder, build_mntp_model, load_tokenizer
+from .parallel import TrainedWeights, check_launcher
 from .records import TextLines, contrastive_files
 from .sources import MNTPSource, SimCSESource, SupervisedSource
 from .trainer import Trainer, TrainingResult
@@ -73,12 +74,10 @@ def _seed_per_process(config: TrainConfig, topology: Topology) -> None:
     torch.manual_seed(config.seed + topology.rank)
 
 
-def _write_outputs(config: TrainConfig, trainer: Trainer, tokenizer: PreTrainedTokenizerBase) -> None:
+def _write_outputs(config: TrainConfig, trainer: Trainer, weights: TrainedWeights, tokenizer: PreTrainedTokenizerBase) -> None:
     output = Path(config.output_dir)
-    trainer.adapter.save_pretrained(output, save_embedding_layers=False)
+    save_weights(output, trainer.adapter, weights)
     tokenizer.save_pretrained(output)
-    if trainer.lm_head is not None:
-        save_lm_head(output, trainer.lm_head)
     if isinstance(config, ContrastiveConfig):
         encoder = {**ENCODER_DEFAULTS, "pooling_mode": config.pooling_mode, "max_length": config.max_seq_length,
                    "skip_instruction": config.skip_instruction}
@@ -87,7 +86,8 @@ def _write_outputs(config: TrainConfig, trainer: Trainer, tokenizer: PreTrainedT
 
 
 def train(config: TrainConfig) -> TrainingResult:
-    """Train `config.objective` and write the adapter to ``config.output_dir`` (every process calls this under DDP)."""
+    """Train `config.objective` and write the adapter to ``config.output_dir`` (every process calls this under DDP/FSDP)."""
+    check_launcher(config.distributed_strategy)
     topology = init_topology(config.device)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.model_name_or_path)
@@ -98,7 +98,8 @@ def train(config: TrainConfig) -> TrainingResult:
     else:
         raise TypeError(f"unknown training config {type(config).__name__}")
     result = trainer.train()
+    weights = trainer.gather_weights()
     if topology.is_main:
-        _write_outputs(config, trainer, tokenizer)
+        _write_outputs(config, trainer, weights, tokenizer)
     barrier()
     return result

@@ -1,4 +1,4 @@
-"""The optimisation loop shared by every objective: accumulation, DDP, clipping, schedule, logs, checkpoints.
+"""The optimisation loop shared by every objective: accumulation, DDP/FSDP, clipping, schedule, logs, checkpoints.
 
 Each objective supplies a model, a batch source and a function returning a micro-batch's loss
 *sum*; the loop divides by the number of loss terms of the whole step across micro-batches and
@@ -7,7 +7,6 @@ whole global batch, and the logged loss is that global mean.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,19 +16,22 @@ from typing import Any, Protocol
 import torch
 from peft import PeftModel
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .batches import TokenBatch
-from .checkpoint import TrainingState, find_checkpoint, list_checkpoints, load_checkpoint, read_state, save_checkpoint
+from .checkpoint import (TrainingState, find_checkpoint, list_checkpoints, load_checkpoint, load_weights, read_state,
+                         save_checkpoint)
 from .config import TrainConfig
 from .distributed import Topology, all_reduce_sum
 from .loss_log import LossLog
+from .modeling import resolve_dtype
+from .parallel import TrainedWeights, gather_optimizer_state, gather_trained_weights, gradient_sync, wrap_model
 
 # Settings that may change when resuming (and max_steps under a constant schedule); others change the trajectory.
 RESUMABLE_CHANGES = {"resume_from_checkpoint", "stop_after_steps", "save_steps", "save_total_limit", "disable_tqdm",
-                     "validate_data", "device", "attention_backend"}
+                     "validate_data", "device", "attention_backend", "distributed_strategy"}
 _SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 LossFunction = Callable[[nn.Module, TokenBatch], Tensor]
@@ -67,7 +69,16 @@ class Trainer:
         self.model, self.adapter, self.lm_head = model.train(), adapter, lm_head
         self.output_dir = Path(config.output_dir)
         self.last_step = min(config.max_steps, config.stop_after_steps or config.max_steps)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.state = TrainingState(step=0, world_size=topology.world_size, config=config.to_dict())
+        checkpoint = self._checkpoint_to_resume() if config.resume_from_checkpoint else None
+        if checkpoint is None and list_checkpoints(self.output_dir):
+            raise ValueError(f"{self.output_dir} already holds checkpoints: resume with resume_from_checkpoint='latest' "
+                             "(--resume-from-checkpoint latest) or choose another output_dir")
+        if checkpoint is not None:
+            load_weights(checkpoint, adapter, lm_head)  # into the whole model, before it is sharded
+        weights_dtype = resolve_dtype(config.torch_dtype, topology.device)
+        self.wrapped = wrap_model(model, config.distributed_strategy, topology, weights_dtype)
+        self.params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP replaces them
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.optimizer = torch.optim.AdamW(
@@ -76,33 +87,37 @@ class Trainer:
         )
         self.scheduler = get_scheduler(_SCHEDULERS[config.lr_scheduler], self.optimizer,
                                        num_warmup_steps=config.warmup_steps, num_training_steps=config.max_steps)
-        self.wrapped = DistributedDataParallel(model) if topology.is_distributed else model
-        self.state = TrainingState(step=0, world_size=topology.world_size, config=config.to_dict())
-        resume_step = self._resume() if config.resume_from_checkpoint else None
-        if resume_step is None and list_checkpoints(self.output_dir):
-            raise ValueError(f"{self.output_dir} already holds checkpoints: resume with resume_from_checkpoint='latest' "
-                             "(--resume-from-checkpoint latest) or choose another output_dir")
-        self.log = LossLog(self.output_dir, resume_after_step=resume_step) if topology.is_main else None
+        if checkpoint is not None:
+            self._resume(checkpoint)
+        resumed_at = self.state.step if checkpoint is not None else None
+        self.log = LossLog(self.output_dir, resume_after_step=resumed_at) if topology.is_main else None
 
-    def _resume(self) -> int:
+    def _checkpoint_to_resume(self) -> Path:
+        """The checkpoint to resume from, once its settings and process count are known to allow it."""
         directory = find_checkpoint(self.output_dir, self.config.resume_from_checkpoint)
-        saved = read_state(directory).config
+        saved = read_state(directory)
         current = self.state.config
         resumable = RESUMABLE_CHANGES | ({"max_steps"} if current["lr_scheduler"] == "constant" else set())
-        changed = sorted(k for k in set(saved) | set(current) if k not in resumable and saved.get(k) != current.get(k))
+        changed = sorted(k for k in set(saved.config) | set(current)
+                         if k not in resumable and saved.config.get(k) != current.get(k))
         if changed:
-            details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+            details = "; ".join(f"{k}: {saved.config.get(k)!r} -> {current.get(k)!r}" for k in changed)
             raise ValueError(f"cannot resume from {directory}: settings differ from the checkpoint's ({details})")
-        self.state, data_state = load_checkpoint(directory, self.topology, model=self.adapter, lm_head=self.lm_head,
-                                                 optimizer=self.optimizer, scheduler=self.scheduler)
-        self.state.config = current
-        self.source.load_state_dict(data_state)
-        if self.state.step >= self.last_step:
-            raise ValueError(f"{directory} is at step {self.state.step}: nothing left to train before step {self.last_step}")
-        return self.state.step
+        if saved.world_size != self.topology.world_size:
+            raise ValueError(f"{directory} was written by {saved.world_size} process(es) but this run has "
+                             f"{self.topology.world_size}; an exact resume needs the same number of processes")
+        if saved.step >= self.last_step:
+            raise ValueError(f"{directory} is at step {saved.step}: nothing left to train before step {self.last_step}")
+        return directory
 
-    def _step(self) -> tuple[float, int, int]:
-        """One optimizer step: ``(global mean loss, global loss terms, global tokens)``."""
+    def _resume(self, directory: Path) -> None:
+        self.state, data_state = load_checkpoint(directory, self.topology, model=self.model, optimizer=self.optimizer,
+                                                 scheduler=self.scheduler)
+        self.state.config = self.config.to_dict()
+        self.source.load_state_dict(data_state)
+
+    def _step(self) -> tuple[float, float, int, int]:
+        """One optimizer step: ``(global mean loss, gradient norm before clipping, global loss terms, global tokens)``."""
         batches = [self.source.next_batch() for _ in range(self.config.gradient_accumulation_steps)]
         device = self.topology.device
         counts = all_reduce_sum(torch.tensor([sum(b.num_loss_terms for b in batches), sum(b.num_tokens for b in batches)],
@@ -111,23 +126,27 @@ class Trainer:
         scale = self.topology.world_size / max(terms, 1)
         total = torch.zeros((), dtype=torch.float32, device=device)
         for index, batch in enumerate(batches):
-            last = index == len(batches) - 1
-            sync = contextlib.nullcontext() if last or not self.topology.is_distributed else self.wrapped.no_sync()
-            with sync:
+            with gradient_sync(self.wrapped, enabled=index == len(batches) - 1):
                 loss_sum = self.loss_sum(self.wrapped, batch)
                 (loss_sum * scale).backward()
             total += loss_sum.detach().float()
-        if self.config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or float("inf"))
+        if isinstance(grad_norm, DTensor):  # FSDP: the norm over every process's shards
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(all_reduce_sum(total)) / max(terms, 1), terms, tokens
+        return float(all_reduce_sum(total)) / max(terms, 1), float(grad_norm), terms, tokens
+
+    def gather_weights(self) -> TrainedWeights:
+        """The trained weights as full tensors on rank 0 (collective: every process calls it)."""
+        return gather_trained_weights(self.model, self.adapter, self.lm_head)
 
     def save(self) -> Path:
-        return save_checkpoint(self.output_dir, self.state, self.topology, model=self.adapter, lm_head=self.lm_head,
-                               optimizer=self.optimizer, scheduler=self.scheduler,
-                               data_state=self.source.state_dict(), keep=self.config.save_total_limit)
+        return save_checkpoint(self.output_dir, self.state, self.topology, adapter=self.adapter,
+                               weights=self.gather_weights(), optimizer_state=gather_optimizer_state(self.model, self.optimizer),
+                               scheduler=self.scheduler, data_state=self.source.state_dict(),
+                               keep=self.config.save_total_limit)
 
     def train(self) -> TrainingResult:
         config = self.config
@@ -139,14 +158,15 @@ class Trainer:
         while self.state.step < self.last_step:
             step_started = time.perf_counter()
             learning_rate = self.scheduler.get_last_lr()[0]
-            loss, terms, tokens = self._step()
+            loss, grad_norm, terms, tokens = self._step()
             self.state.step += 1
             self.state.tokens_seen += tokens
             losses.append(loss)
             seconds = time.perf_counter() - step_started
             if self.log is not None:
-                self.log.append({"step": self.state.step, "loss": loss, "learning_rate": learning_rate,
-                                 "loss_terms": terms, "tokens": tokens, "seconds": round(seconds, 4)})
+                self.log.append({"step": self.state.step, "loss": loss, "grad_norm": grad_norm,
+                                 "learning_rate": learning_rate, "loss_terms": terms, "tokens": tokens,
+                                 "seconds": round(seconds, 4)})
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
             if self.state.step % config.save_steps == 0 or self.state.step == self.last_step:
