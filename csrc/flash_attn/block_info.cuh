@@ -131,4 +131,15 @@ __device__ __forceinline__ int next_tile_with_tokens(const uint32_t* row, int fr
   return t;
 }
 
+// The tiles [first, end) a block walks along the other axis: kOther-wide tiles covering the
+// positions [lo, hi) it may see, starting at the first tile with a real token in `other_bits`.
+// None (first = end) when the block's own kOwn-wide tile at own0 holds no real token.
+template <int kOwn, int kOther>
+__device__ __forceinline__ void tile_walk(int lo, int hi, const uint32_t* own_bits, int own0, const uint32_t* other_bits,
+                                          int& first, int& end) {
+  const int t_lo = lo / kOther;
+  end = hi > lo ? ceil_div(hi, kOther) : t_lo;
+  first = tile_has_tokens<kOwn>(own_bits, own0) ? next_tile_with_tokens<kOther>(other_bits, t_lo, end) : end;
+}
+
 }  // namespace l2vf

@@ -144,12 +144,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_dkdv_kernel(const BwdPar
   const uint32_t* key_bits = p.key_bits != nullptr ? p.key_bits + static_cast<int64_t>(b) * p.key_bits_stride : nullptr;
   const uint32_t* query_bits = p.query_rows_masked ? key_bits : nullptr;
 
-  // The query tiles [t_lo, t_hi) that can see this key tile, walked for each head of the group.
-  int m_lo, m_hi;
+  // The query tiles [t_first, t_hi) that can see this key tile, walked for each head of the group.
+  int m_lo, m_hi, t_first, t_hi;
   visible_queries(p, seq, n0, cols, m_lo, m_hi);
-  const int t_lo = m_lo / BM;
-  const int t_hi = m_hi > m_lo ? ceil_div(m_hi, BM) : t_lo;
-  const int t_first = tile_has_tokens<BN>(key_bits, n0) ? next_tile_with_tokens<BM>(query_bits, t_lo, t_hi) : t_hi;
+  tile_walk<BN, BM>(m_lo, m_hi, key_bits, n0, query_bits, t_first, t_hi);
   if (t_first >= t_hi) {  // no query sees these keys: zero gradients
     zero_rows_global<D, kThreads>(dk, p.dk_row_stride, cols);
     zero_rows_global<D, kThreads>(dv, p.dk_row_stride, cols);
@@ -441,11 +439,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_dq_kernel(const BwdParam
   const uint32_t* key_bits = p.key_bits != nullptr ? p.key_bits + static_cast<int64_t>(b) * p.key_bits_stride : nullptr;
   const uint32_t* query_bits = p.query_rows_masked ? key_bits : nullptr;
 
-  int n_lo, n_hi;
+  int n_lo, n_hi, t_first, t_hi;
   visible_keys(p, seq, m0, rows, n_lo, n_hi);
-  const int t_lo = n_lo / BN;
-  const int t_hi = n_hi > n_lo ? ceil_div(n_hi, BN) : t_lo;
-  const int t_first = tile_has_tokens<BM>(query_bits, m0) ? next_tile_with_tokens<BN>(key_bits, t_lo, t_hi) : t_hi;
+  tile_walk<BM, BN>(n_lo, n_hi, query_bits, m0, key_bits, t_first, t_hi);
   if (t_first >= t_hi) {
     zero_rows_global<D, kThreads>(dq, p.dq_row_stride, rows);
     return;
@@ -455,25 +451,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_dq_kernel(const BwdParam
   const uint32_t sdO = sQ + QTile::kBytes;
   const uint32_t sK = sdO + QTile::kBytes;  // kStages tiles
   const uint32_t sV = sK + kStages * KVTile::kBytes;
-  auto load_kv = [&](int tile, int stage) {
-    const int n0 = tile * BN;
-    copy_tile_async<KVTile, kThreads>(sK + stage * KVTile::kBytes, k + n0 * p.k_row_stride, p.k_row_stride,
-                                      seq.len_k - n0);
-    copy_tile_async<KVTile, kThreads>(sV + stage * KVTile::kBytes, v + n0 * p.v_row_stride, p.v_row_stride,
-                                      seq.len_k - n0);
-  };
-
+  // Group 0 = Q, dO + the first K/V tile; groups 1 .. kStages-2 = the next tiles (possibly empty).
   copy_tile_async<QTile, kThreads>(sQ, q, p.q_row_stride, rows);
   copy_tile_async<QTile, kThreads>(sdO, d_o, p.do_row_stride, rows);
-  int load_tile = t_first;
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (load_tile < t_hi) {
-      load_kv(load_tile, s);
-      load_tile = next_tile_with_tokens<BN>(key_bits, load_tile + 1, t_hi);
-    }
-    cp_async_commit();
-  }
+  KeyTileRing<Cfg> ring{p, seq, k, v, key_bits, sK, sV, t_hi, t_first};
+  ring.prime();
 
   // lse (log2 units) and delta of this thread's rows; rows past the sequence see nothing.
   const int warp_row0 = warp * Cfg::kWarpRows;
@@ -505,15 +487,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_dq_kernel(const BwdParam
 
   int tile = t_first;
   for (int it = 0; tile < t_hi; ++it) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    if (load_tile < t_hi) {
-      load_kv(load_tile, (it + kStages - 1) % kStages);
-      load_tile = next_tile_with_tokens<BN>(key_bits, load_tile + 1, t_hi);
-    }
-    cp_async_commit();
-
-    const uint32_t kv_stage_bytes = (it % kStages) * KVTile::kBytes;
+    const uint32_t kv_stage_bytes = ring.acquire(it);
     const int n0 = tile * BN;
 
     float acc_s[kMT][kNT][4], acc_dp[kMT][kNT][4];
@@ -587,7 +561,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_dq_kernel(const BwdParam
         }
       }
     }
-    tile = next_tile_with_tokens<BN>(key_bits, tile + 1, t_hi);
+    tile = ring.after(tile);
   }
   cp_async_wait<0>();
 

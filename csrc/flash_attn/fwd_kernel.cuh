@@ -41,6 +41,57 @@ struct FwdConfig {
   static_assert(kStages >= 2, "the ring needs at least double buffering");
 };
 
+// The K and V tiles a query block walks (tiles without a real key skipped), streamed through a
+// kStages-deep cp.async ring; shared by the forward and the dQ kernel. Commit groups stay exact:
+// prime() commits kStages-1 groups (copies issued just before it join group 0; groups with no
+// tile left are empty) and every acquire() commits one more.
+template <class Cfg>
+struct KeyTileRing {
+  using KVTile = typename Cfg::KVTile;
+  static constexpr int kBlockN = Cfg::kBlockN, kStages = Cfg::kStages, kThreads = Cfg::kThreads;
+
+  const AttnParams& p;  // strides stay in the kernel's parameter space, not in registers
+  const SeqSlice& seq;
+  const uint16_t* k;
+  const uint16_t* v;
+  const uint32_t* key_bits;
+  uint32_t sK, sV;  // kStages tiles each
+  int end;          // one past the last tile
+  int next_load;    // the next tile to prefetch
+
+  // The tile after `tile` that holds a real key (end if none).
+  __device__ __forceinline__ int after(int tile) const {
+    return next_tile_with_tokens<kBlockN>(key_bits, tile + 1, end);
+  }
+
+  __device__ __forceinline__ void prime() {
+#pragma unroll
+    for (int stage = 0; stage < kStages - 1; ++stage) prefetch(stage);
+  }
+
+  // Waits until the tile of iteration `it` has landed (at most kStages-2 younger groups pending)
+  // and every warp is done with the stage the prefetch overwrites (computed in iteration it-1);
+  // returns the byte offset of that tile's stage.
+  __device__ __forceinline__ uint32_t acquire(int it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    prefetch((it + kStages - 1) % kStages);
+    return (it % kStages) * KVTile::kBytes;
+  }
+
+  __device__ __forceinline__ void prefetch(int stage) {
+    if (next_load < end) {
+      const int n0 = next_load * kBlockN;
+      copy_tile_async<KVTile, kThreads>(sK + stage * KVTile::kBytes, k + n0 * p.k_row_stride, p.k_row_stride,
+                                        seq.len_k - n0);
+      copy_tile_async<KVTile, kThreads>(sV + stage * KVTile::kBytes, v + n0 * p.v_row_stride, p.v_row_stride,
+                                        seq.len_k - n0);
+      next_load = after(next_load);
+    }
+    cp_async_commit();
+  }
+};
+
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p) {
   using Elem = typename Cfg::Elem;
@@ -69,13 +120,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p
   const uint32_t* key_bits = p.key_bits != nullptr ? p.key_bits + static_cast<int64_t>(b) * p.key_bits_stride : nullptr;
   const uint32_t* query_bits = p.query_rows_masked ? key_bits : nullptr;
 
-  // Key tiles [t_lo, t_hi) hold every key some row of this block may see.
-  int n_lo, n_hi;
+  // Key tiles [t_first, t_hi) hold every key some real row of this block may see.
+  int n_lo, n_hi, t_first, t_hi;
   visible_keys(p, seq, m0, rows, n_lo, n_hi);
-  const int t_lo = n_lo / BN;
-  const int t_hi = n_hi > n_lo ? ceil_div(n_hi, BN) : t_lo;
-  const bool rows_all_padding = !tile_has_tokens<BM>(query_bits, m0);
-  const int t_first = rows_all_padding ? t_hi : next_tile_with_tokens<BN>(key_bits, t_lo, t_hi);
+  tile_walk<BM, BN>(n_lo, n_hi, query_bits, m0, key_bits, t_first, t_hi);
 
   if (t_first >= t_hi) {  // no row of this block sees a key: zeros, lse = -inf
     zero_rows_global<D, kThreads>(out, p.o_row_stride, rows);
@@ -87,25 +135,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p
   const uint32_t sK = sQ + QTile::kBytes;  // kStages tiles
   const uint32_t sV = sK + kStages * KVTile::kBytes;
 
-  auto load_kv = [&](int tile, int stage) {
-    const int n0 = tile * BN;
-    copy_tile_async<KVTile, kThreads>(sK + stage * KVTile::kBytes, k + n0 * p.k_row_stride, p.k_row_stride,
-                                      seq.len_k - n0);
-    copy_tile_async<KVTile, kThreads>(sV + stage * KVTile::kBytes, v + n0 * p.v_row_stride, p.v_row_stride,
-                                      seq.len_k - n0);
-  };
-
   // Group 0 = Q + the first K/V tile; groups 1 .. kStages-2 = the next tiles (possibly empty).
   copy_tile_async<QTile, kThreads>(sQ, q, p.q_row_stride, rows);
-  int load_tile = t_first;
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (load_tile < t_hi) {
-      load_kv(load_tile, s);
-      load_tile = next_tile_with_tokens<BN>(key_bits, load_tile + 1, t_hi);
-    }
-    cp_async_commit();
-  }
+  KeyTileRing<Cfg> ring{p, seq, k, v, key_bits, sK, sV, t_hi, t_first};
+  ring.prime();
 
   // Scores arrive in log2 units: x = s * scale * log2(e), or with a soft cap
   // x = softcap * log2(e) * tanh(s * scale / softcap).
@@ -135,18 +168,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p
 
   int tile = t_first;
   for (int it = 0; tile < t_hi; ++it) {
-    // Tile `it` of the sequence has landed (at most kStages-2 younger groups pending), and every
-    // warp is done with the stage the prefetch below overwrites (computed in iteration it-1).
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    if (load_tile < t_hi) {
-      load_kv(load_tile, (it + kStages - 1) % kStages);
-      load_tile = next_tile_with_tokens<BN>(key_bits, load_tile + 1, t_hi);
-    }
-    cp_async_commit();
-
-    const LdsmAddr<KVTile> k_stage = k_frag.plus((it % kStages) * KVTile::kBytes);
-    const LdsmAddr<KVTile> v_stage = v_frag.plus((it % kStages) * KVTile::kBytes);
+    const uint32_t stage_bytes = ring.acquire(it);
+    const LdsmAddr<KVTile> k_stage = k_frag.plus(stage_bytes);
+    const LdsmAddr<KVTile> v_stage = v_frag.plus(stage_bytes);
     const int n0 = tile * BN;
 
     // S = Q K^T for this warp's rows.
@@ -257,7 +281,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p
         }
       }
     }
-    tile = next_tile_with_tokens<BN>(key_bits, tile + 1, t_hi);
+    tile = ring.after(tile);
   }
   cp_async_wait<0>();  // only empty groups can remain
 
