@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tensor_cache import TensorCache
+
 LOG2E = 1.4426950408889634
 SPLIT_GAP = 64  # padding gaps at least this long are skipped; shorter ones are masked
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -82,6 +84,9 @@ class LaunchShape:
         return 0 if self.key_spans is None else self.key_spans.stride(0)
 
 
+_spans_of_masks = TensorCache()  # every layer of a forward (and its backward) passes the same mask
+
+
 def key_spans(key_mask: torch.Tensor, split_gap: int = SPLIT_GAP) -> tuple[torch.Tensor, torch.Tensor]:
     """Spans of keys per row: (B, R, 2) int32 [start, end) pairs and (B,) span counts.
 
@@ -126,7 +131,7 @@ def launch_shape(
     mask_bytes = spans = num_spans = None
     if key_mask is not None:
         mask_bytes = key_mask.view(torch.uint8)
-        spans, num_spans = key_spans(key_mask)
+        spans, num_spans = _spans_of_masks.get(key_mask, None, lambda: key_spans(key_mask))
     mask_queries = key_mask is not None and seqlen_q == seqlen_k
     return LaunchShape(batch, seqlen_q, seqlen_k, False, mask_bytes, spans, num_spans, mask_queries, left, right)
 

@@ -2,16 +2,17 @@
 
 Shape, dtype and device checks read only metadata, so they also run while torch.compile traces.
 `check_cu_seqlens_values` reads the offsets themselves (a host sync on GPU), so it runs inside
-the op's eager implementation and remembers offsets it has already checked: a model calling the
-op once per layer with the same `cu_seqlens` pays for one check per forward, not one per layer.
+the op's eager implementation and remembers offsets it has already checked (a `TensorCache`): a
+model calling the op once per layer with the same `cu_seqlens` pays for one check per forward.
 """
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 from torch import Tensor
+
+from .tensor_cache import TensorCache
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -123,17 +124,16 @@ def check_window_and_softcap(window_size: tuple[int, int], softcap: float) -> tu
     return (int(window_size[0]), int(window_size[1])), float(softcap)
 
 
-_checked_offsets: dict[int, tuple[weakref.ref, int | None, int, int]] = {}
+_checked_offsets = TensorCache()
 
 
 def check_cu_seqlens_values(name: str, cu: Tensor, total_tokens: int, max_seqlen: int) -> None:
     """Offsets start at 0, never decrease, end at the token count, and respect max_seqlen."""
-    key = id(cu)
-    version = None if cu.is_inference() else cu._version  # inference tensors keep no version counter
-    seen = _checked_offsets.get(key)
-    if seen is not None and seen[0]() is cu and seen[1:] == (version, total_tokens, max_seqlen):
-        return
-    offsets = cu.tolist()
+    _checked_offsets.get(cu, (total_tokens, max_seqlen),
+                         lambda: _check_offsets(name, cu.tolist(), total_tokens, max_seqlen))
+
+
+def _check_offsets(name: str, offsets: list[int], total_tokens: int, max_seqlen: int) -> bool:
     lengths = [end - start for start, end in zip(offsets[:-1], offsets[1:])]
     if offsets[0] != 0:
         raise ValueError(f"{name} must start at 0, got {offsets[0]}")
@@ -143,6 +143,4 @@ def check_cu_seqlens_values(name: str, cu: Tensor, total_tokens: int, max_seqlen
         raise ValueError(f"{name} ends at {offsets[-1]} but the packed tensor holds {total_tokens} tokens")
     if lengths and max(lengths) > max_seqlen:
         raise ValueError(f"{name} holds a sequence of {max(lengths)} tokens, longer than max_seqlen={max_seqlen}")
-    if len(_checked_offsets) >= 64:
-        _checked_offsets.clear()
-    _checked_offsets[key] = (weakref.ref(cu), version, total_tokens, max_seqlen)
+    return True

@@ -108,3 +108,15 @@ def test_padded_equals_varlen_equals_single_sequences(kernel_device):
     for row, length in enumerate(lengths):
         alone = flash_attn_func(*(t[row:row + 1, seqlen - length:] for t in (q, k, v)), backend="triton")
         torch.testing.assert_close(padded[row, seqlen - length:], alone[0], rtol=1e-5, atol=1e-6)
+
+
+def test_mask_edited_in_place_is_seen(kernel_device):
+    """Key spans are cached per mask tensor across calls (one per layer); an in-place edit must not reuse them."""
+    q, k, v = (torch.randn(2, 90, 2, 16, device=kernel_device) for _ in range(3))
+    mask = torch.ones(2, 90, dtype=torch.bool, device=kernel_device)
+    mask[0, 10:80] = False  # a gap long enough to split the row into two spans
+    flash_attn_func(q, k, v, mask, backend="triton")
+    mask[0, 10:80] = True  # stale spans would skip these keys
+    out = flash_attn_func(q, k, v, mask, backend="triton")
+    ref, _ = attention_oracle(q.cpu(), k.cpu(), v.cpu(), key_mask=mask.cpu())
+    assert_close(out.cpu(), ref, torch.float32, "out")
