@@ -96,9 +96,10 @@ def pack_sequences(sequences: Sequence[Sequence[int]], device: torch.device | st
     flat = [token for ids in sequences for token in ids]
     input_ids = torch.tensor(flat, dtype=torch.long).to(device)
     lengths_t = torch.tensor(lengths, dtype=torch.long)
-    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths_t, 0), (1, 0)).to(device=device, dtype=torch.int32)
+    offsets = torch.nn.functional.pad(torch.cumsum(lengths_t, 0), (1, 0))  # on the host: no device round trip
+    cu_seqlens = offsets.to(device=device, dtype=torch.int32)
     rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths_t)
-    columns = torch.arange(len(flat)) - torch.repeat_interleave(cu_seqlens.cpu()[:-1].long(), lengths_t)
+    columns = torch.arange(len(flat)) - torch.repeat_interleave(offsets[:-1], lengths_t)
     return PackedBatch(
         input_ids=input_ids.unsqueeze(0),
         position_ids=_positions(cu_seqlens, len(flat)),
