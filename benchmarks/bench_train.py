@@ -67,8 +67,8 @@ def lora_settings(gradient_checkpointing: bool = True):
 
 def mntp_batch(lengths: list[int], vocab: int, seed: int):
     """Random sequences masked as Mistral's MNTP (p = 0.8, all mask token)."""
-    from llm2vec_fast.training.batches import MNTPBatch
-    from llm2vec_fast.training.masking import MaskingRule, prediction_targets
+    from llm2vec_fast.training.data.batches import MNTPBatch
+    from llm2vec_fast.training.data.masking import MaskingRule, prediction_targets
 
     rule = MaskingRule(0.8, "all_mask", MASK_TOKEN_ID, vocab, np.asarray([1, 2], dtype=np.int64))
     rng = np.random.default_rng(seed)
@@ -87,7 +87,7 @@ def mntp_batch(lengths: list[int], vocab: int, seed: int):
 
 def simcse_batch(lengths: list[int], vocab: int, seed: int, shift_positives: bool = False):
     """Sentences twice (SimCSE); with `shift_positives` each query's positive is the next sentence (a non-trivial loss to compare)."""
-    from llm2vec_fast.training.batches import ContrastiveBatch
+    from llm2vec_fast.training.data.batches import ContrastiveBatch
 
     rng = np.random.default_rng(seed)
     sentences = [[1, *rng.integers(3, vocab, size=n - 1).tolist()] for n in lengths]
@@ -96,7 +96,7 @@ def simcse_batch(lengths: list[int], vocab: int, seed: int, shift_positives: boo
 
 
 def _padded(sequences: list[list[int]], device: str):
-    from llm2vec_fast.training.batches import pad_right
+    from llm2vec_fast.training.data.batches import pad_right
 
     return pad_right(sequences, 0, device)
 
@@ -153,7 +153,7 @@ def simcse_steppers(layers: int, device: str, shape: dict | None = None, dropout
     from llm2vec_fast.hf.patching import attention_layers
     from llm2vec_fast.pooling import pool_padded
     from llm2vec_fast.training.modeling import SentenceEmbedder, add_attention_output_dropout, add_lora, use_hf_attention
-    from llm2vec_fast.training.runner import contrastive_batch_loss
+    from llm2vec_fast.training.objectives import contrastive_batch_loss
 
     decoder = add_lora(build_causal_lm(layers, device, shape).model, lora_settings())
     ours = SentenceEmbedder(decoder, packed=True, pad_id=0, pooling_mode="mean", skip_instruction=True)

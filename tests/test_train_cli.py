@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from llm2vec_fast.encoder import LLM2Vec
 from training_files import write_training_files
 from llm2vec_fast.training import load_config
-from llm2vec_fast.training.batches import ContrastiveBatch
 from llm2vec_fast.training.cli import main
+from llm2vec_fast.training.data.batches import ContrastiveBatch
+from llm2vec_fast.training.data.sources import tokenize_for_embedding
 from llm2vec_fast.training.modeling import build_embedder, load_tokenizer
-from llm2vec_fast.training.sources import tokenize_for_embedding
 TEXTS = ["A man is playing a guitar.", "Paris is the capital of France.", "Padding tokens should cost nothing."]
 
 

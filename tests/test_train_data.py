@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from llm2vec_fast.tiny import build_tokenizer
-from llm2vec_fast.training import line_index
-from llm2vec_fast.training.line_index import LineIndex
-from llm2vec_fast.training.masking import add_mask_token, masking_rule
-from llm2vec_fast.training.records import ContrastiveFile, TextLines, contrastive_files
-from llm2vec_fast.training.sampling import GroupedBatchOrder, StridedOrder
-from llm2vec_fast.training.sources import MNTPSource, SimCSESource, SupervisedSource, tokenize_for_embedding
+from llm2vec_fast.training.data import line_index
+from llm2vec_fast.training.data.line_index import LineIndex
+from llm2vec_fast.training.data.masking import add_mask_token, masking_rule
+from llm2vec_fast.training.data.records import ContrastiveFile, TextLines, contrastive_files
+from llm2vec_fast.training.data.sampling import GroupedBatchOrder, StridedOrder
+from llm2vec_fast.training.data.sources import MNTPSource, SimCSESource, SupervisedSource, tokenize_for_embedding
 
 
 def test_line_index_matches_a_plain_reading_across_chunk_boundaries(tmp_path, monkeypatch):

@@ -26,12 +26,12 @@ WORKER = """
 import json, os, sys
 import torch
 torch.set_num_threads(1)
-import llm2vec_fast.training.parallel as parallel
+import llm2vec_fast.training.distributed_strategy as distributed_strategy
 from llm2vec_fast.training import load_config, train
-from llm2vec_fast.training.distributed import shutdown
+from llm2vec_fast.training.process_group import shutdown
 
 sharded, forwards = [], [0]
-original = parallel.fully_shard
+original = distributed_strategy.fully_shard
 if os.environ["WORLD_SIZE"] == "1":  # alone (one GPU): join a group of one, so that FSDP still shards (over 1)
     torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
@@ -44,7 +44,7 @@ def recording_fully_shard(module, **options):
         module.self_attn.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
     return result
 
-parallel.fully_shard = recording_fully_shard
+distributed_strategy.fully_shard = recording_fully_shard
 for index, (objective, settings) in enumerate(json.loads(sys.argv[1])):
     sharded.clear()
     forwards[0] = 0

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from llm2vec_fast.tiny import build_tokenizer
-from llm2vec_fast.training.batches import MNTPBatch
+from llm2vec_fast.training.data.batches import MNTPBatch
+from llm2vec_fast.training.data.masking import MaskingRule, add_mask_token, masking_rule, prediction_targets
 from llm2vec_fast.training.losses import contrastive_loss_sum, masked_token_loss_sum
-from llm2vec_fast.training.masking import MaskingRule, add_mask_token, masking_rule, prediction_targets
 
 
 def _relative_error(out, ref):

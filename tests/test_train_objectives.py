@@ -11,11 +11,11 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from training_files import write_training_files
 from llm2vec_fast.training import load_config, train
-from llm2vec_fast.training.masking import add_mask_token, masking_rule
+from llm2vec_fast.training.data.masking import add_mask_token, masking_rule
+from llm2vec_fast.training.data.records import TextLines, contrastive_files
+from llm2vec_fast.training.data.sources import MNTPSource, SupervisedSource
 from llm2vec_fast.training.modeling import build_embedder, build_mntp_model, load_tokenizer
-from llm2vec_fast.training.records import TextLines, contrastive_files
-from llm2vec_fast.training.runner import contrastive_batch_loss
-from llm2vec_fast.training.sources import MNTPSource, SupervisedSource
+from llm2vec_fast.training.objectives import contrastive_batch_loss
 
 EXACT = dict(lora_dropout=0.0, torch_dtype="float32", disable_tqdm=True)
 

@@ -10,8 +10,8 @@ train data-parallel, replicated (DDP) or sharded (``distributed_strategy="fsdp"`
 contrastive negatives gathered across processes.
 """
 from .config import MNTPConfig, SimCSEConfig, SupervisedConfig, TrainConfig, load_config, preset_names
-from .runner import train
-from .trainer import TrainingResult
+from .objectives import train
+from .loop import TrainingResult
 
 __all__ = [
     "MNTPConfig",

@@ -23,8 +23,8 @@ from peft import PeftModel
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from .distributed import Topology, barrier
-from .parallel import TrainedWeights, load_optimizer_state
+from .distributed_strategy import TrainedWeights, load_optimizer_state
+from .process_group import Topology, barrier
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"

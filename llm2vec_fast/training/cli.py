@@ -75,8 +75,8 @@ def _add_objective(subparsers: Any, objective: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .distributed import shutdown
-    from .runner import train
+    from .objectives import train
+    from .process_group import shutdown
 
     names = {f.name for f in dataclasses.fields(CONFIG_CLASSES[args.objective])}
     overrides = {k: v for k, v in vars(args).items() if k in names}

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .distributed import gather_with_grad
+from .process_group import gather_with_grad
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):

@@ -24,8 +24,8 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrai
 from ..hf import check_supported_model, load_bidirectional, pack_sequences, transformers_model
 from ..hf.patching import attention_layers
 from ..pooling import pool_packed, pool_padded
-from .batches import ContrastiveBatch, MNTPBatch, pad_right
 from .config import ContrastiveConfig, MNTPConfig, TrainConfig
+from .data.batches import ContrastiveBatch, MNTPBatch, pad_right
 from .losses import masked_token_loss_sum
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

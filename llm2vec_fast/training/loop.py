@@ -20,14 +20,14 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .batches import TokenBatch
 from .checkpoint import (TrainingState, find_checkpoint, list_checkpoints, load_checkpoint, load_weights, read_state,
                          save_checkpoint)
 from .config import TrainConfig
-from .distributed import Topology, all_reduce_sum
+from .data.batches import TokenBatch
+from .distributed_strategy import TrainedWeights, gather_optimizer_state, gather_trained_weights, gradient_sync, wrap_model
 from .loss_log import LossLog
 from .modeling import resolve_dtype
-from .parallel import TrainedWeights, gather_optimizer_state, gather_trained_weights, gradient_sync, wrap_model
+from .process_group import Topology, all_reduce_sum
 
 # Settings that may change when resuming (and max_steps under a constant schedule); others change the trajectory.
 RESUMABLE_CHANGES = {"resume_from_checkpoint", "stop_after_steps", "save_steps", "save_total_limit", "disable_tqdm",

@@ -16,17 +16,17 @@ from torch import Tensor, nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from ..encoder import CONFIG_NAME, ENCODER_DEFAULTS
-from .batches import ContrastiveBatch
 from .checkpoint import save_weights
 from .config import ContrastiveConfig, MNTPConfig, SimCSEConfig, SupervisedConfig, TrainConfig
-from .distributed import Topology, barrier, init_topology
+from .data.batches import ContrastiveBatch
+from .data.masking import add_mask_token, masking_rule
+from .data.records import TextLines, contrastive_files
+from .data.sources import MNTPSource, SimCSESource, SupervisedSource
+from .distributed_strategy import TrainedWeights, check_launcher
+from .loop import Trainer, TrainingResult
 from .losses import contrastive_loss_sum
-from .masking import add_mask_token, masking_rule
 from .modeling import build_embedder, build_mntp_model, load_tokenizer
-from .parallel import TrainedWeights, check_launcher
-from .records import TextLines, contrastive_files
-from .sources import MNTPSource, SimCSESource, SupervisedSource
-from .trainer import Trainer, TrainingResult
+from .process_group import Topology, barrier, init_topology
 
 
 def contrastive_batch_loss(model: nn.Module, batch: ContrastiveBatch, scale: float) -> Tensor:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from ..encoder import INSTRUCTION_SEPARATOR
+from ...encoder import INSTRUCTION_SEPARATOR
 from .batches import ContrastiveBatch, MNTPBatch
 from .masking import MaskingRule, prediction_targets
 from .records import ContrastiveFile, TextLines

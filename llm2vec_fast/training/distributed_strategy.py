@@ -33,7 +33,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from ..hf.patching import attention_layers
-from .distributed import Topology
+from .process_group import Topology
 
 Strategy = Literal["ddp", "fsdp"]
 
