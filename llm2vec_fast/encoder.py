@@ -16,8 +16,6 @@ pooling, same saved format. Differences, all deliberate:
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import queue
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -35,13 +33,11 @@ from .hf import (
     route_attention,
     transformers_model,
 )
+from .loading import CONFIG_NAME, ENCODER_DEFAULTS, load_encoder_parts, save_encoder  # noqa: F401 (re-exported)
 from .pooling import check_pooling_mode, pool_packed
 
 INSTRUCTION_SEPARATOR = "!@#$%^&*()"
 """Official llm2vec marker between instruction and text in a prepared string."""
-CONFIG_NAME = "llm2vec_config.json"
-ENCODER_KEYS = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
-ENCODER_DEFAULTS = {"pooling_mode": "mean", "max_length": 512, "doc_max_length": 400, "skip_instruction": True}
 MTEB_KWARGS = frozenset(
     {"task_name", "prompt_type", "task_metadata", "hf_split", "hf_subset", "prompt_name", "request_qid"}
 )
@@ -107,14 +103,6 @@ def _format_output(embeddings: Tensor, convert_to_numpy: bool, convert_to_tensor
 
 
 
-def _base_of_adapter_directory(path: str) -> str | None:
-    """The base model an adapter-only directory (an MNTP output: adapter, no config.json) was trained on."""
-    adapter_config = os.path.join(path, "adapter_config.json")
-    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "config.json")) or not os.path.exists(adapter_config):
-        return None
-    with open(adapter_config) as handle:
-        return json.load(handle)["base_model_name_or_path"]
-
 class LLM2Vec(nn.Module):
     """Text encoder over a bidirectional decoder; the official llm2vec 0.2.3 API."""
 
@@ -159,74 +147,31 @@ class LLM2Vec(nn.Module):
     ) -> LLM2Vec:
         """Load a model (and optionally a PEFT adapter) as the official ``LLM2Vec.from_pretrained`` does.
 
+        The base is a checkpoint, an MNTP output (adapter only) or a released ``-mntp`` repository
+        (config, tokenizer and adapter, no weights: the base named by its adapter config is loaded and
+        the adapter merged; its custom code never runs), see :mod:`llm2vec_fast.loading`.
         Encoder settings left as None come from ``llm2vec_config.json`` (in the adapter directory if
         one is given, else the base), then from the defaults mean / 512 / 400 / True.
         `attention_backend` forces an attention backend; `hf_kwargs` go to ``AutoModel.from_pretrained``
         (e.g. ``dtype=torch.bfloat16``, ``device_map``). With ``enable_bidirectional=False`` the model
         stays causal (still on our kernels).
         """
-        from peft import PeftModel
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-        paths = {"base_model_name_or_path": base_model_name_or_path, "peft_model_name_or_path": peft_model_name_or_path}
-        for name, path in paths.items():
-            if path is not None and not isinstance(path, (str, os.PathLike)):
-                raise TypeError(f"{name} must be a path or model name, got {type(path).__name__}")
-        if hf_kwargs.get("attn_implementation", ATTENTION_NAME) != ATTENTION_NAME:
-            raise ValueError(
-                f"LLM2Vec always runs attention through {ATTENTION_NAME!r}; got attn_implementation="
-                f"{hf_kwargs['attn_implementation']!r} (use attention_backend= to choose the kernel)"
-            )
-        hf_kwargs["attn_implementation"] = ATTENTION_NAME
-        if "torch_dtype" in hf_kwargs:  # the official spelling; transformers 5 calls it dtype
-            hf_kwargs.setdefault("dtype", hf_kwargs.pop("torch_dtype"))
-        hf_kwargs.setdefault("dtype", torch.float32)  # the official default (transformers 4.44 loads float32)
-        base = str(base_model_name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "left"
-
-        config_source = _base_of_adapter_directory(base) or base
-        check_supported_model(AutoConfig.from_pretrained(config_source))
-        register()
-        model = AutoModel.from_pretrained(base, **hf_kwargs)
-        model.config._name_or_path = _template_name(config_source)
-        if hasattr(model, "peft_config"):  # adapter weights saved next to the base config
-            model = PeftModel.from_pretrained(model, base).merge_and_unload()
-        if peft_model_name_or_path is not None:
-            model = PeftModel.from_pretrained(model, str(peft_model_name_or_path))
-            if merge_peft:
-                model = model.merge_and_unload()
-        route_attention(model, causal=not enable_bidirectional, backend=attention_backend)
-
-        settings = dict(ENCODER_DEFAULTS)
-        saved = os.path.join(str(peft_model_name_or_path or base), CONFIG_NAME)
-        if os.path.exists(saved):
-            with open(saved) as handle:
-                settings.update({k: v for k, v in json.load(handle).items() if k in ENCODER_KEYS})
         explicit = dict(
             pooling_mode=pooling_mode,
             max_length=max_length,
             doc_max_length=doc_max_length,
             skip_instruction=skip_instruction,
         )
-        settings.update({k: v for k, v in explicit.items() if v is not None})
+        model, tokenizer, settings = load_encoder_parts(
+            base_model_name_or_path, peft_model_name_or_path, merge_peft, enable_bidirectional, explicit,
+            attention_backend, hf_kwargs,
+        )
         return cls(model=model, tokenizer=tokenizer, **settings)
 
     def save(self, output_path: str, merge_before_save: bool = False, save_config: bool = True) -> None:
-        """Save model, tokenizer and ``llm2vec_config.json`` (the official layout; reload with ``from_pretrained``)."""
-        from peft import PeftModel
-
-        if merge_before_save and isinstance(self.model, PeftModel):
-            self.model = self.model.merge_and_unload()
-            if hasattr(self.model, "_hf_peft_config_loaded"):
-                self.model._hf_peft_config_loaded = False
-        self.model.save_pretrained(output_path)
-        self.tokenizer.save_pretrained(output_path)
-        if save_config:
-            os.makedirs(output_path, exist_ok=True)
-            with open(os.path.join(output_path, CONFIG_NAME), "w") as handle:
-                json.dump({key: getattr(self, key) for key in ENCODER_KEYS}, handle, indent=4)
+        """Save model (or adapter), tokenizer and ``llm2vec_config.json`` in the official layout;
+        ``from_pretrained(output_path)`` reloads the same embeddings."""
+        save_encoder(self, output_path, merge_before_save, save_config)
 
     # ------------------------------------------------------------------ text preparation (official semantics)
 
@@ -454,15 +399,6 @@ class LLM2Vec(nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-
-
-def _template_name(base: str) -> str:
-    """The name the official encoder matches chat templates against: config.json's ``_name_or_path`` for a local dir."""
-    config_file = os.path.join(base, "config.json")
-    if os.path.isdir(base) and os.path.exists(config_file):
-        with open(config_file) as handle:
-            return str(json.load(handle).get("_name_or_path", ""))
-    return base
 
 
 # ---------------------------------------------------------------------- one process per device
