@@ -11,13 +11,19 @@ pooling, same saved format. Differences, all deliberate:
 - one process per device for multi-GPU encoding (:class:`EncodePool`), and a streaming API
   (:meth:`LLM2Vec.encode_stream`) for inputs of any size;
 - a text without pooled tokens (e.g. an empty text after an instruction) is pooled over all its
-  tokens instead of over padding.
+  tokens instead of over padding;
+- a text that whole-word trimming would empty (no whitespace) keeps its first ``doc_max_length``
+  tokens, and a text containing the instruction separator keeps it and its instruction boundary
+  (:mod:`llm2vec_fast.text`);
+- encoding runs without dropout whatever the module's mode, and never changes that mode, so calls
+  from several threads at once give the same vectors as one after another.
 """
 from __future__ import annotations
 
 import itertools
-import queue
+import threading
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -29,30 +35,25 @@ from .hf import (
     check_supported_model,
     pack_batch,
     pack_sequences,
-    register,
     route_attention,
     transformers_model,
 )
 from .loading import CONFIG_NAME, ENCODER_DEFAULTS, load_encoder_parts, save_encoder  # noqa: F401 (re-exported)
 from .pooling import check_pooling_mode, pool_packed
+from .runtime import check_device
+from .text import (
+    INSTRUCTION_SEPARATOR,
+    prepare_for_tokenization,
+    split_at_instruction,
+    split_prepared,
+    tokenize_with_instruction,
+    trim_to_tokens,
+)
 
-INSTRUCTION_SEPARATOR = "!@#$%^&*()"
-"""Official llm2vec marker between instruction and text in a prepared string."""
 MTEB_KWARGS = frozenset(
     {"task_name", "prompt_type", "task_metadata", "hf_split", "hf_subset", "prompt_name", "request_qid"}
 )
 """Keyword arguments MTEB passes to ``encode``; accepted and ignored."""
-
-# Chat templates the official encoder applies for these exact model names.
-_TEMPLATES = {
-    "meta-llama/Meta-Llama-3-8B-Instruct": "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>",
-    "mistralai/Mistral-7B-Instruct-v0.2": "[INST] {} [/INST]",
-    "meta-llama/Llama-2-7b-chat-hf": "[INST] {} [/INST]",
-    "google/gemma-2-9b-it": "<bos><start_of_turn>user\n{}<end_of_turn>",
-    "Qwen/Qwen2-1.5B-Instruct": "<|im_start|>user\n{}<|im_end|>",
-    "Qwen/Qwen2-7B-Instruct": "<|im_start|>user\n{}<|im_end|>",
-}
-_EOS_SUFFIX = {"llama": " </s>", "mistral": " </s>", "gemma": "<eos>", "qwen2": "<|endoftext|>"}
 
 
 def plan_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
@@ -60,9 +61,8 @@ def plan_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int 
 
     A sequence longer than the token budget gets a batch of its own.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if max_batch_tokens is not None and (not isinstance(max_batch_tokens, int) or max_batch_tokens < 1):
+    check_positive_int("batch_size", batch_size)
+    if max_batch_tokens is not None and not _is_positive_int(max_batch_tokens):
         raise ValueError(f"max_batch_tokens must be a positive int or None, got {max_batch_tokens!r}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
@@ -81,8 +81,25 @@ def plan_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int 
     return batches
 
 
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """`value`, if it is a positive int; else a ValueError naming `name`."""
+    if not _is_positive_int(value):
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_instruction(instruction: object) -> None:
+    if instruction is not None and not isinstance(instruction, str):
+        raise TypeError(f"instruction must be a string or None, got {type(instruction).__name__}")
+
+
 def to_pairs(sentences: Sequence[Any], instruction: str | None = None) -> list[tuple[str, str]]:
     """``(instruction, text)`` for each input: plain strings get `instruction` (or none), pairs keep theirs."""
+    check_instruction(instruction)
     pairs = []
     for position, item in enumerate(sentences):
         if isinstance(item, str):
@@ -100,6 +117,50 @@ def _format_output(embeddings: Tensor, convert_to_numpy: bool, convert_to_tensor
     if convert_to_numpy and not convert_to_tensor:
         return embeddings.numpy()
     return embeddings
+
+
+# Encoding runs without dropout and without touching ``module.training``: toggling ``eval()``/``train()``
+# is shared state, so another thread (or the caller) would see it change mid-forward. Instead every
+# dropout module of the model gets two forward hooks, no-ops except in a thread that is encoding,
+# where they hand the module's input through unchanged.
+_encoding = threading.local()
+_HOOKED = "_llm2vec_fast_encode_hooks"  # set on a dropout module once it has the hooks (survives pickling)
+_hook_lock = threading.Lock()
+
+
+def _keep_dropout_input(module: nn.Module, args: tuple) -> tuple | None:
+    if not getattr(_encoding, "active", 0):
+        return None
+    _encoding.inputs[id(module)] = args[0]
+    return (args[0].clone(), *args[1:]) if getattr(module, "inplace", False) else None
+
+
+def _return_dropout_input(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+    if not getattr(_encoding, "active", 0):
+        return None
+    return _encoding.inputs.pop(id(module), output)
+
+
+def _hook_dropout(model: nn.Module) -> None:
+    with _hook_lock:
+        for module in model.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd) and not getattr(module, _HOOKED, False):
+                module.register_forward_pre_hook(_keep_dropout_input)
+                module.register_forward_hook(_return_dropout_input)
+                setattr(module, _HOOKED, True)
+
+
+@contextmanager
+def _without_dropout(model: nn.Module) -> Iterator[None]:
+    """Within this block, this thread runs `model` with every dropout module passing its input through."""
+    _hook_dropout(model)  # modules added since the last call (e.g. a new adapter) get their hooks too
+    if not getattr(_encoding, "active", 0):
+        _encoding.inputs = {}
+    _encoding.active = getattr(_encoding, "active", 0) + 1
+    try:
+        yield
+    finally:
+        _encoding.active -= 1
 
 
 
@@ -123,10 +184,13 @@ class LLM2Vec(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.pooling_mode = check_pooling_mode(pooling_mode)
-        self.max_length = max_length
-        self.doc_max_length = doc_max_length
+        self.max_length = check_positive_int("max_length", max_length)
+        self.doc_max_length = check_positive_int("doc_max_length", doc_max_length)
+        if not isinstance(skip_instruction, bool):
+            raise TypeError(f"skip_instruction must be a bool, got {type(skip_instruction).__name__}")
         self.skip_instruction = skip_instruction
         self.config = model.config
+        self.training = model.training  # wrapping the model does not change its mode
 
     # ------------------------------------------------------------------ loading and saving
 
@@ -177,63 +241,41 @@ class LLM2Vec(nn.Module):
 
     def prepare_for_tokenization(self, text: str) -> str:
         """Apply the chat template of known instruct models, and append EOS for ``eos_token`` pooling."""
-        name = getattr(self.model.config, "_name_or_path", "")
-        if name in _TEMPLATES:
-            text = _TEMPLATES[name].format(text.strip())
-            if name == "meta-llama/Meta-Llama-3-8B-Instruct":
-                return text
-        if self.pooling_mode == "eos_token":
-            if name == "meta-llama/Meta-Llama-3-8B":
-                return text.strip() + "<|end_of_text|>"
-            model_type = getattr(self.model.config, "model_type", None)
-            suffix = _EOS_SUFFIX.get(model_type, self.tokenizer.eos_token or "")
-            text = text.strip() + suffix
-        return text
+        return prepare_for_tokenization(
+            text,
+            model_name=getattr(self.model.config, "_name_or_path", ""),
+            model_type=getattr(self.model.config, "model_type", None),
+            eos_token=(self.tokenizer.eos_token or "") if self.pooling_mode == "eos_token" else None,
+        )
+
+    def prepare_pairs(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """``(head, tail)`` of each ``(instruction, text)`` as the official encoder prepares it: the text trimmed
+        to ``doc_max_length`` tokens, ``instruction + " "`` before it, then :meth:`prepare_for_tokenization`
+        (chat template, EOS); cut where the official separator goes (see :mod:`llm2vec_fast.text`)."""
+        texts = trim_to_tokens(self.tokenizer, [text for _, text in pairs], self.doc_max_length, self.max_length)
+        heads = [f"{instruction.strip()} " if instruction else "" for instruction, _ in pairs]
+        return [split_at_instruction(head, text, self.prepare_for_tokenization) for head, text in zip(heads, texts)]
 
     def prepare_texts(self, pairs: list[tuple[str, str]]) -> list[str]:
-        """The strings the official encoder tokenizes: ``instruction !@#$%^&*()text``, the text trimmed by words
-        to ``doc_max_length`` tokens, then :meth:`prepare_for_tokenization` (chat template, EOS)."""
-        texts = [text for _, text in pairs]
-        lengths = self._token_counts(texts)
-        joined = []
-        for (instruction, text), length in zip(pairs, lengths):
-            while length > self.doc_max_length:
-                words = text.split()
-                text = " ".join(words[: int(len(words) * self.doc_max_length / length)])
-                length = self._token_counts([text])[0]
-            prefix = f"{instruction.strip()} " if instruction else ""
-            joined.append(self.prepare_for_tokenization(f"{prefix}{INSTRUCTION_SEPARATOR}{text}"))
-        return joined
-
-    def _token_counts(self, texts: list[str]) -> list[int]:
-        ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length)["input_ids"]
-        return [len(x) for x in ids]
-
-    def _tokenize_prepared(self, prepared: list[str]) -> tuple[list[list[int]], list[int]]:
-        """Token ids of each prepared string and how many leading tokens precede the text (the instruction)."""
-        originals, texts = [], []
-        for string in prepared:
-            parts = string.split(INSTRUCTION_SEPARATOR)
-            texts.append(parts[1] if len(parts) > 1 else "")
-            originals.append("".join(parts))
-        ids = self.tokenizer(originals, truncation=True, max_length=self.max_length)["input_ids"]
-        counts = self._token_counts(texts)
-        return ids, [max(len(i) - c, 0) for i, c in zip(ids, counts)]
+        """The strings the official encoder tokenizes: ``instruction !@#$%^&*()text`` (:meth:`prepare_pairs`)."""
+        return [f"{head}{INSTRUCTION_SEPARATOR}{tail}" for head, tail in self.prepare_pairs(pairs)]
 
     def tokenize_pairs(self, pairs: list[tuple[str, str]]) -> tuple[list[list[int]], list[int]]:
-        """Token ids of each ``(instruction, text)`` prepared the official way, and how many are instruction."""
-        return self._tokenize_prepared(self.prepare_texts(pairs))
+        """Token ids of each ``(instruction, text)`` prepared the official way, and its instruction length."""
+        return tokenize_with_instruction(self.tokenizer, self.prepare_pairs(pairs), self.max_length)
 
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
-        """Official-format features of prepared strings (:meth:`prepare_texts`): padded ``input_ids``,
-        ``attention_mask`` and ``embed_mask`` (1 on the text tokens), padded on ``tokenizer.padding_side``."""
-        ids, skips = self._tokenize_prepared(list(texts))
+        """Official-format features of prepared strings (:meth:`prepare_texts`; the instruction ends at the first
+        separator): padded ``input_ids``, ``attention_mask`` and ``embed_mask`` (1 on the text tokens), padded on
+        ``tokenizer.padding_side``."""
+        prepared = [split_prepared(text) for text in texts]
+        ids, instruction_lengths = tokenize_with_instruction(self.tokenizer, prepared, self.max_length)
         batch = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
         lengths = batch["attention_mask"].sum(-1)
         embed_mask = torch.zeros_like(batch["attention_mask"])
-        for row, (length, skip) in enumerate(zip(lengths.tolist(), skips)):
+        for row, (length, instruction_length) in enumerate(zip(lengths.tolist(), instruction_lengths)):
             real = batch["attention_mask"][row].nonzero().flatten()
-            embed_mask[row, real[skip:length]] = 1
+            embed_mask[row, real[instruction_length:length]] = 1
         batch["embed_mask"] = embed_mask
         return dict(batch)
 
@@ -244,8 +286,9 @@ class LLM2Vec(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def embed_packed(self, packed: Any, skip: Tensor | None) -> Tensor:
-        """Float32 ``(B, H)`` embeddings of a :class:`~llm2vec_fast.hf.PackedBatch`; `skip`: instruction lengths."""
+    def embed_packed(self, packed: Any, instruction_lengths: Tensor | None) -> Tensor:
+        """Float32 ``(B, H)`` embeddings of a :class:`~llm2vec_fast.hf.PackedBatch`, pooled after each sequence's
+        first `instruction_lengths` tokens when ``skip_instruction`` (the model runs in its current mode)."""
         if packed.num_tokens == 0:
             return torch.zeros(packed.batch_size, self.model.config.hidden_size, device=packed.input_ids.device)
         output = self.model(**packed.model_inputs())
@@ -255,8 +298,8 @@ class LLM2Vec(nn.Module):
                 f"LLM2Vec needs a base model returning last_hidden_state (AutoModel), got {type(self.model).__name__}"
             )
         if not self.skip_instruction:
-            skip = None
-        return pool_packed(hidden[0], packed.cu_seqlens, self.pooling_mode, skip)
+            instruction_lengths = None
+        return pool_packed(hidden[0], packed.cu_seqlens, self.pooling_mode, instruction_lengths)
 
     def forward(self, sentence_feature: dict[str, Tensor]) -> Tensor:
         """Embeddings of official-format features (``input_ids``, ``attention_mask``, ``embed_mask``)."""
@@ -265,11 +308,11 @@ class LLM2Vec(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         packed = pack_batch(input_ids, attention_mask)
-        skip = None
+        instruction_lengths = None
         embed_mask = sentence_feature.get("embed_mask")
         if embed_mask is not None:
-            skip = attention_mask.sum(-1) - (embed_mask.bool() & attention_mask.bool()).sum(-1)
-        return self.embed_packed(packed, skip)
+            instruction_lengths = attention_mask.sum(-1) - (embed_mask.bool() & attention_mask.bool()).sum(-1)
+        return self.embed_packed(packed, instruction_lengths)
 
     # ------------------------------------------------------------------ encoding
 
@@ -277,7 +320,7 @@ class LLM2Vec(nn.Module):
         inner = transformers_model(self.model)
         if getattr(inner, "hf_device_map", None) and len(set(inner.hf_device_map.values())) > 1:
             return inner.get_input_embeddings().weight.device  # dispatched over devices: leave it where it is
-        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        target = check_device(device)
         self.to(target)
         return target
 
@@ -336,21 +379,18 @@ class LLM2Vec(nn.Module):
         if not pairs:
             plan_batches([], batch_size, max_batch_tokens)  # still validates the arguments
             return torch.zeros(0, hidden_size)
-        ids, skips = self.tokenize_pairs(pairs)
+        ids, instruction_lengths = self.tokenize_pairs(pairs)
         batches = plan_batches([len(x) for x in ids], batch_size, max_batch_tokens)
         target = self._device(device)
-        was_training = self.training
-        self.eval()
         result = torch.empty(len(pairs), hidden_size)
-        try:
-            with tqdm(total=len(pairs), desc="Encoding", unit="text", disable=not show_progress_bar) as progress:
-                for batch in batches:
-                    packed = pack_sequences([ids[i] for i in batch], device=target)
-                    skip = torch.tensor([skips[i] for i in batch], device=target)
-                    result[torch.tensor(batch)] = self.embed_packed(packed, skip).cpu()
-                    progress.update(len(batch))
-        finally:
-            self.train(was_training)
+        with _without_dropout(self.model), tqdm(
+            total=len(pairs), desc="Encoding", unit="text", disable=not show_progress_bar
+        ) as progress:
+            for batch in batches:
+                packed = pack_sequences([ids[i] for i in batch], device=target)
+                lengths = torch.tensor([instruction_lengths[i] for i in batch], device=target)
+                result[torch.tensor(batch)] = self.embed_packed(packed, lengths).cpu()
+                progress.update(len(batch))
         return result
 
     def encode_stream(
@@ -369,24 +409,41 @@ class LLM2Vec(nn.Module):
         """Embed an iterable of any size chunk by chunk, yielding ``(n, H)`` float32 blocks in input order.
 
         With `devices`, chunks are spread over one process per device (:class:`EncodePool`). At most
-        `chunk_size` inputs (times twice the number of devices) are held in memory at once.
+        `chunk_size` inputs (times twice the number of devices) are held in memory at once. The settings
+        are checked here, before the first input is read.
         """
-        from tqdm.auto import tqdm
-
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        check_positive_int("chunk_size", chunk_size)
+        plan_batches([], batch_size, max_batch_tokens)
+        check_instruction(instruction)
+        for name in devices or [device]:
+            check_device(name)
         iterator = iter(sentences)
         raw_chunks = iter(lambda: list(itertools.islice(iterator, chunk_size)), [])
         chunks = (to_pairs(chunk, instruction) for chunk in raw_chunks)
+        settings = {"batch_size": batch_size, "max_batch_tokens": max_batch_tokens}
+        blocks = self._pool_blocks(chunks, devices, settings) if devices else self._blocks(chunks, device, settings)
+        return self._with_progress(blocks, convert_to_numpy, show_progress_bar)
+
+    def _blocks(self, chunks: Iterator[list[tuple[str, str]]], device: Any, settings: dict) -> Iterator[Tensor]:
+        for chunk in chunks:
+            yield self._encode_pairs(chunk, settings["batch_size"], settings["max_batch_tokens"], False, device)
+
+    def _pool_blocks(
+        self, chunks: Iterator[list[tuple[str, str]]], devices: Sequence[str], settings: dict
+    ) -> Iterator[Tensor]:
+        from .encode_pool import EncodePool  # the pool sits above the encoder
+
+        with EncodePool(self, devices, **settings) as pool:
+            yield from pool.map(chunks)
+
+    @staticmethod
+    def _with_progress(
+        blocks: Iterator[Tensor], convert_to_numpy: bool, show_progress_bar: bool
+    ) -> Iterator[Tensor | np.ndarray]:
+        from tqdm.auto import tqdm
+
         with tqdm(desc="Encoding", unit="text", disable=not show_progress_bar) as progress:
-            if devices:
-                with EncodePool(self, devices, batch_size=batch_size, max_batch_tokens=max_batch_tokens) as pool:
-                    for block in pool.map(chunks):
-                        progress.update(len(block))
-                        yield _format_output(block, convert_to_numpy, False)
-                return
-            for chunk in chunks:
-                block = self._encode_pairs(chunk, batch_size, max_batch_tokens, False, device)
+            for block in blocks:
                 progress.update(len(block))
                 yield _format_output(block, convert_to_numpy, False)
 
@@ -400,103 +457,3 @@ class LLM2Vec(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
 
-
-# ---------------------------------------------------------------------- one process per device
-
-
-def _pool_worker(encoder: LLM2Vec, device: str, settings: dict, tasks: Any, results: Any) -> None:
-    try:
-        register()  # a spawned process starts with transformers' registries empty
-        encoder.to(device)
-    except Exception as error:  # reported to the parent, which raises it
-        results.put((-1, f"worker on {device} failed to start: {error!r}"))
-        return
-    while True:
-        task = tasks.get()
-        if task is None:
-            return
-        index, pairs = task
-        try:
-            block = encoder._encode_pairs(pairs, settings["batch_size"], settings["max_batch_tokens"], False, device)
-            results.put((index, block.numpy()))
-        except Exception as error:
-            results.put((index, f"worker on {device} failed: {error!r}"))
-
-
-class EncodePool:
-    """One encoding process per device (spawned; the model's weights are shared, not copied, on the CPU side).
-
-    ``with EncodePool(encoder, ["cuda:0", "cuda:1"]) as pool: blocks = pool.map(chunks)`` streams
-    chunks of ``(instruction, text)`` pairs, two per device in flight, results in input order.
-    """
-
-    def __init__(
-        self, encoder: LLM2Vec, devices: Sequence[str], *, batch_size: int = 32, max_batch_tokens: int | None = None
-    ):
-        if not devices:
-            raise ValueError("EncodePool needs at least one device")
-        for device in devices:
-            torch.device(device)  # raises on a malformed device string
-        plan_batches([], batch_size, max_batch_tokens)
-        context = torch.multiprocessing.get_context("spawn")
-        self._tasks = context.Queue()
-        self._results = context.Queue()
-        settings = {"batch_size": batch_size, "max_batch_tokens": max_batch_tokens}
-        self._workers = [
-            context.Process(
-                target=_pool_worker, args=(encoder, str(device), settings, self._tasks, self._results), daemon=True
-            )
-            for device in devices
-        ]
-        for worker in self._workers:
-            worker.start()
-
-    def __enter__(self) -> EncodePool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        for _ in self._workers:
-            self._tasks.put(None)
-        for worker in self._workers:
-            worker.join(timeout=30)
-            if worker.is_alive():
-                worker.terminate()
-
-    def _next_result(self) -> tuple[int, np.ndarray]:
-        while True:
-            try:
-                index, value = self._results.get(timeout=1.0)
-            except queue.Empty:
-                dead = [w for w in self._workers if not w.is_alive()]
-                if dead:
-                    code = dead[0].exitcode
-                    raise RuntimeError(f"an encoding worker exited unexpectedly (exit code {code})") from None
-                continue
-            if isinstance(value, str):
-                raise RuntimeError(value)
-            return index, value
-
-    def map(self, chunks: Iterable[list[tuple[str, str]]]) -> Iterator[Tensor]:
-        """Embed each chunk of ``(instruction, text)`` pairs; yields ``(n, H)`` float32 tensors in chunk order."""
-        pending: dict[int, np.ndarray] = {}
-        sent = received = 0
-        chunk_iter = iter(chunks)
-        exhausted = False
-        while True:
-            while not exhausted and sent - received < 2 * len(self._workers):
-                chunk = next(chunk_iter, None)
-                if chunk is None:
-                    exhausted = True
-                    break
-                self._tasks.put((sent, chunk))
-                sent += 1
-            if received == sent:
-                return
-            while received not in pending:
-                index, value = self._next_result()
-                pending[index] = value
-            yield torch.from_numpy(pending.pop(received))
-            received += 1

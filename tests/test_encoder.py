@@ -11,6 +11,7 @@ import torch
 
 from llm2vec_fast.encoder import LLM2Vec, plan_batches
 from llm2vec_fast.hf import is_bidirectional
+from llm2vec_fast.text import INSTRUCTION_SEPARATOR
 from llm2vec_fast.tiny import build_tiny_model
 
 ORACLE = Path(__file__).parent / "data" / "llm2vec_oracle"
@@ -185,3 +186,84 @@ def test_sentence_transformers_gives_the_same_vectors(model_dir: Path, tmp_path:
     reloaded = SentenceTransformer(str(tmp_path / "st"), trust_remote_code=True)
     again = reloaded.encode(TEXTS[:3], prompt=instruction, convert_to_tensor=True)
     torch.testing.assert_close(again, expected, **close)
+
+
+@pytest.fixture(scope="module")
+def dropout_adapter(model_dir: Path, tmp_path_factory) -> Path:
+    """A LoRA adapter with dropout on every projection it touches (so train mode changes the outputs)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    directory = tmp_path_factory.mktemp("dropout_adapter")
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(AutoModel.from_pretrained(model_dir), lora).save_pretrained(directory)
+    return directory
+
+
+def test_encode_ignores_and_keeps_the_callers_mode(model_dir: Path, dropout_adapter: Path) -> None:
+    encoder = LLM2Vec.from_pretrained(str(model_dir), peft_model_name_or_path=str(dropout_adapter))
+    encoder.eval()
+    expected = _encode(encoder, TEXTS)
+    fresh = LLM2Vec.from_pretrained(str(model_dir), peft_model_name_or_path=str(dropout_adapter))
+    assert torch.equal(_encode(fresh, TEXTS), expected)
+    assert not any(module.training for module in fresh.model.modules())  # encode left the model as loaded
+    encoder.train()
+    assert torch.equal(_encode(encoder, TEXTS), expected)  # no dropout while encoding, whatever the mode
+    assert all(module.training for module in encoder.modules())  # and the caller's mode is kept
+    torch.manual_seed(0)
+    features = encoder.tokenize(encoder.prepare_texts([("", t) for t in TEXTS[:2]]))
+    assert (encoder(features) - expected[:2]).abs().max() > 1e-4  # training forward still uses dropout
+
+
+def test_concurrent_encode_calls_match_sequential(model_dir: Path, dropout_adapter: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    encoder = LLM2Vec.from_pretrained(
+        str(model_dir), peft_model_name_or_path=str(dropout_adapter), max_length=24, doc_max_length=12
+    )
+    no_spaces = ["x/" * 40, "\u4e2d\u6587" * 20]  # trimmed by tokens: tokenizer calls with other settings
+    workloads = [TEXTS[i:] + PAIRS[: i % 2 + 1] + no_spaces[: i % 3] for i in range(4)]
+    sequential = [_encode(encoder, inputs, batch_size=1) for inputs in workloads]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            concurrent = list(pool.map(lambda inputs: _encode(encoder, inputs, batch_size=1), workloads))
+            for got, want in zip(concurrent, sequential):
+                assert torch.equal(got, want)
+
+
+def test_text_containing_the_separator_keeps_its_instruction_boundary() -> None:
+    encoder = LLM2Vec.from_pretrained(str(ORACLE / "mistral"))
+    tokenizer = encoder.tokenizer
+    clean = ("Find similar:", "left right")
+    tricky = ("Find similar:", f"left {INSTRUCTION_SEPARATOR} right")
+    ids, lengths = encoder.tokenize_pairs([clean, tricky, ("", tricky[1])])
+    assert ids[1] == tokenizer(f"Find similar: {tricky[1]}")["input_ids"]  # the text keeps its characters
+    assert ids[2] == tokenizer(tricky[1])["input_ids"]
+    assert lengths[1] == lengths[0] and lengths[2] == 1  # instruction (or BOS alone) still ends where it did
+    assert encoder.prepare_texts([tricky])[0] == f"Find similar: {INSTRUCTION_SEPARATOR}{tricky[1]}"  # official form
+
+
+def test_text_without_whitespace_is_trimmed_by_tokens() -> None:
+    encoder = LLM2Vec.from_pretrained(str(ORACLE / "llama"), doc_max_length=6)
+    tokenizer = encoder.tokenizer
+    texts = ["https://example.com/" + "abcdefgh" * 12, "\u4e2d\u6587\u6587\u672c" * 10, "a"]
+    prepared = encoder.prepare_texts([("", text) for text in texts])
+    for text, string in zip(texts, prepared):
+        kept = string.removeprefix(INSTRUCTION_SEPARATOR)
+        assert kept and text.startswith(kept)
+        assert 0 < len(tokenizer(kept, add_special_tokens=False)["input_ids"]) <= 6
+    assert len(tokenizer(prepared[0].removeprefix(INSTRUCTION_SEPARATOR), add_special_tokens=False)["input_ids"]) == 6
+    assert prepared[2] == INSTRUCTION_SEPARATOR + "a"
+    embeddings = _encode(encoder, texts[:2] + [""])
+    assert (embeddings[:2] - embeddings[2]).abs().amax(-1).min() > 1e-3  # not embedded as the empty string
+
+
+def test_settings_are_checked_at_construction(model_dir: Path) -> None:
+    encoder = LLM2Vec.from_pretrained(str(model_dir))
+    for name, value in [("max_length", 0), ("max_length", -3), ("doc_max_length", 0), ("max_length", 2.5)]:
+        with pytest.raises(ValueError, match=f"{name} must be a positive int, got {value}"):
+            LLM2Vec(encoder.model, encoder.tokenizer, **{name: value})
+    with pytest.raises(TypeError, match="skip_instruction must be a bool"):
+        LLM2Vec(encoder.model, encoder.tokenizer, skip_instruction="no")
+    with pytest.raises(TypeError, match="instruction must be a string or None, got int"):
+        encoder.encode(TEXTS, instruction=123)
