@@ -9,9 +9,14 @@ installing it. To rebuild them (from the repository root):
 
 Stage 1 (this interpreter, transformers 5.x) writes a tiny random Llama and Mistral base model per
 directory (``llm2vec_fast.tiny`` weights, safetensors, ``tokenizer.json``) in a form transformers
-4.44 also loads. Stage 2 runs this file again under the oracle interpreter (``--stage oracle``): the
-official ``llm2vec.LLM2Vec`` encodes every case of ``CASES`` and the embeddings go to
-``<family>/embeddings.safetensors``; ``cases.json`` records the cases.
+4.44 also loads, and on each base the released checkpoint layouts (tests/checkpoint_layouts.py):
+``<family>_mntp/`` (an ``-mntp`` repository: base config naming the hub base, ``auto_map``, tokenizer,
+adapter, no weights), ``<family>_supervised/`` and ``<family>_simcse/`` (adapters only). Their
+adapter configs name the base as ``../<family>``, relative, as a local replica of a hub name.
+Stage 2 runs this file again under the oracle interpreter (``--stage oracle``): the official
+``llm2vec.LLM2Vec`` encodes every case of ``CASES`` into ``<family>/embeddings.safetensors`` and
+every case of ``CHECKPOINT_CASES`` into ``checkpoints.safetensors`` (``<family>/<case>`` keys);
+``cases.json`` and ``checkpoint_cases.json`` record the cases.
 """
 from __future__ import annotations
 
@@ -23,6 +28,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 FAMILIES = ("llama", "mistral")
+HUB_BASES = {"llama": "meta-llama/Meta-Llama-3-8B-Instruct", "mistral": "mistralai/Mistral-7B-Instruct-v0.2"}
+"""What each family's ``-mntp`` config.json names as ``_name_or_path``: it selects the chat template."""
+ADAPTER_SEEDS = {"mntp": 101, "supervised": 102, "simcse": 103}
 
 SENTENCES = [
     "A man is playing a guitar on the street.",
@@ -57,6 +65,34 @@ CASES = [
     _case("truncated_eos", LONG_PAIRS, pooling_mode="eos_token", max_length=20, doc_max_length=400),
     _case("causal_mean", PAIRS, pooling_mode="mean", enable_bidirectional=False),
 ]
+
+
+def _checkpoint_case(name: str, inputs: list, peft: str | None, **settings) -> dict:
+    return {"name": name, "inputs": inputs, "peft": peft, "settings": settings}
+
+
+CHECKPOINT_CASES = [
+    _checkpoint_case("mntp_mean", SENTENCES, None, pooling_mode="mean"),
+    _checkpoint_case("supervised_mean", PAIRS, "supervised", pooling_mode="mean"),
+    _checkpoint_case("supervised_merged_mean", PAIRS, "supervised", pooling_mode="mean", merge_peft=True),
+    _checkpoint_case("supervised_eos", PAIRS, "supervised", pooling_mode="eos_token"),
+    _checkpoint_case("simcse_weighted_mean", SENTENCES, "simcse", pooling_mode="weighted_mean"),
+]
+"""Cases on ``<family>_mntp`` as the base, with ``<family>_<peft>`` as the second adapter."""
+
+
+def write_checkpoint_layouts() -> None:
+    """Stage 1, after the bases: the released layouts on each base (no base weights of their own)."""
+    sys.path.insert(0, str(HERE.parents[1]))  # tests/, for checkpoint_layouts
+    from checkpoint_layouts import write_adapter, write_mntp_repository
+
+    for family in FAMILIES:
+        base_dir = HERE / family
+        recorded = f"../{family}"
+        write_mntp_repository(HERE / f"{family}_mntp", base_dir, HUB_BASES[family], recorded, ADAPTER_SEEDS["mntp"])
+        for kind in ("supervised", "simcse"):
+            write_adapter(HERE / f"{family}_{kind}", base_dir, recorded, ADAPTER_SEEDS[kind])
+    (HERE / "checkpoint_cases.json").write_text(json.dumps(CHECKPOINT_CASES, indent=1) + "\n")
 
 
 def write_models() -> None:
@@ -100,6 +136,35 @@ def run_oracle() -> None:
             ).contiguous()
         save_file(embeddings, str(HERE / family / "embeddings.safetensors"))
         print(f"{family}: {len(embeddings)} cases written")
+    run_checkpoint_oracle()
+
+
+def run_checkpoint_oracle() -> None:
+    """Stage 2, the released layouts: ``LLM2Vec.from_pretrained(<family>_mntp, peft_model_name_or_path=...)``.
+
+    transformers 4.44 resolves an adapter's ``base_model_name_or_path`` against the working directory,
+    so each family runs from inside its ``-mntp`` directory, where ``../<family>`` is the base.
+    """
+    import os
+
+    import torch
+    from llm2vec import LLM2Vec
+    from safetensors.torch import save_file
+
+    embeddings = {}
+    for family in FAMILIES:
+        os.chdir(HERE / f"{family}_mntp")
+        for case in CHECKPOINT_CASES:
+            peft = case["peft"] and str(HERE / f"{family}_{case['peft']}")
+            encoder = LLM2Vec.from_pretrained(
+                str(HERE / f"{family}_mntp"), peft_model_name_or_path=peft, torch_dtype=torch.float32,
+                **case["settings"],
+            )
+            embeddings[f"{family}/{case['name']}"] = encoder.encode(
+                case["inputs"], batch_size=3, show_progress_bar=False, convert_to_tensor=True
+            ).contiguous()
+    save_file(embeddings, str(HERE / "checkpoints.safetensors"))
+    print(f"released layouts: {len(embeddings)} cases written")
 
 
 def main() -> None:
@@ -111,6 +176,7 @@ def main() -> None:
         run_oracle()
         return
     write_models()
+    write_checkpoint_layouts()
     subprocess.run([args.oracle_python, __file__, "--stage", "oracle"], check=True)
 
 

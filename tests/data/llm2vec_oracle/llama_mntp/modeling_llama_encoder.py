@@ -1,0 +1,1 @@
+raise RuntimeError("the repository's custom encoder code must never run")
