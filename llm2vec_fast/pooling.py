@@ -7,7 +7,7 @@ Modes (LLM2Vec's):
 - ``eos_token`` / ``last_token``: the sequence's last token (with ``eos_token`` the encoder appends EOS);
 - ``bos_token``: the sequence's first token.
 
-``skip_leading`` optionally gives, per sequence, how many leading tokens (the instruction) to leave
+``instruction_lengths`` optionally gives, per sequence, how many leading tokens (the instruction) to leave
 out of ``mean``/``weighted_mean``: they are attended to by the model but not averaged. If a sequence
 has no token left after skipping, all its tokens are pooled; an empty sequence pools to zeros.
 Pooling accumulates in float32 and returns float32, whatever the hidden states' dtype. Each
@@ -30,21 +30,21 @@ def check_pooling_mode(mode: str) -> str:
     return mode
 
 
-def _check_skip(skip_leading: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
-    if skip_leading is None:
+def _check_instruction_lengths(lengths: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
+    if lengths is None:
         return None
-    if not isinstance(skip_leading, Tensor):
-        skip_leading = torch.as_tensor(skip_leading)
-    if skip_leading.shape != (batch,) or skip_leading.dtype.is_floating_point:
+    if not isinstance(lengths, Tensor):
+        lengths = torch.as_tensor(lengths)
+    if lengths.shape != (batch,) or lengths.dtype.is_floating_point:
         raise ValueError(
-            f"skip_leading must be an integer tensor of shape ({batch},), "
-            f"got {skip_leading.dtype} {tuple(skip_leading.shape)}"
+            f"instruction_lengths must be an integer tensor of shape ({batch},), "
+            f"got {lengths.dtype} {tuple(lengths.shape)}"
         )
-    return skip_leading.to(device=device, dtype=torch.long)
+    return lengths.to(device=device, dtype=torch.long)
 
 
 def pool_packed(
-    hidden_states: Tensor, cu_seqlens: Tensor, mode: str = "mean", skip_leading: Tensor | None = None
+    hidden_states: Tensor, cu_seqlens: Tensor, mode: str = "mean", instruction_lengths: Tensor | None = None
 ) -> Tensor:
     """Pool packed hidden states ``(T, H)`` of the sequences `cu_seqlens` (``B + 1`` offsets) delimits: ``(B, H)``."""
     check_pooling_mode(mode)
@@ -58,7 +58,7 @@ def pool_packed(
     cu = cu_seqlens.to(device=device, dtype=torch.long)
     lengths = cu[1:] - cu[:-1]
     batch, total = lengths.numel(), hidden_states.shape[0]
-    skip = _check_skip(skip_leading, batch, device)
+    instruction = _check_instruction_lengths(instruction_lengths, batch, device)
     hidden = hidden_states.float()
     if mode in ("eos_token", "last_token", "bos_token"):
         rows = (cu[1:] - 1) if mode != "bos_token" else cu[:-1]
@@ -67,7 +67,11 @@ def pool_packed(
         return hidden.index_select(0, rows.clamp(0, total - 1)) * (lengths > 0).unsqueeze(-1)
     sequence = torch.repeat_interleave(torch.arange(batch, device=device), lengths, output_size=total)
     position = torch.arange(total, device=device) - cu[:-1].index_select(0, sequence)
-    start = torch.zeros_like(lengths) if skip is None else torch.where(skip < lengths, skip.clamp_min(0), 0)
+    start = (
+        torch.zeros_like(lengths)
+        if instruction is None
+        else torch.where(instruction < lengths, instruction.clamp_min(0), 0)
+    )
     offset = position - start.index_select(0, sequence)
     weights = (offset >= 0).float() if mode == "mean" else (offset + 1).clamp_min(0).float()
     norms = torch.segment_reduce(weights, "sum", lengths=lengths, axis=0)
@@ -76,8 +80,8 @@ def pool_packed(
 
 
 def pool_padded(
-    hidden_states: Tensor, attention_mask: Tensor, mode: str = "mean", skip_leading: Tensor | None = None
+    hidden_states: Tensor, attention_mask: Tensor, mode: str = "mean", instruction_lengths: Tensor | None = None
 ) -> Tensor:
     """Pool a padded batch ``(B, S, H)`` (any padding side; `attention_mask` nonzero = real token) into ``(B, H)``."""
     packed, _, cu_seqlens, _ = unpad_input(hidden_states, attention_mask)
-    return pool_packed(packed, cu_seqlens, mode, skip_leading)
+    return pool_packed(packed, cu_seqlens, mode, instruction_lengths)

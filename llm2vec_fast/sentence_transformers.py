@@ -22,8 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .encoder import LLM2Vec, to_pairs
-from .hf import pack_batch
+from .encoder import LLM2Vec, check_positive_int, to_pairs
+from .hf import PackedBatch, pack_sequences
+
+PACKED_KEYS = ("input_ids", "position_ids", "cu_seqlens", "indices")
+"""The :class:`~llm2vec_fast.hf.PackedBatch` tensors a batch's features carry (no padded tensor is built)."""
 
 try:  # sentence-transformers >= 6
     from sentence_transformers.base.modules import InputModule
@@ -49,7 +52,7 @@ class LLM2VecModule(InputModule):
 
     @max_seq_length.setter
     def max_seq_length(self, value: int) -> None:
-        self.encoder.max_length = value
+        self.encoder.max_length = check_positive_int("max_seq_length", value)
 
     def get_sentence_embedding_dimension(self) -> int:
         return self.encoder.model.config.hidden_size
@@ -58,23 +61,27 @@ class LLM2VecModule(InputModule):
         return self.get_sentence_embedding_dimension()
 
     def preprocess(self, inputs: Sequence[Any], prompt: str | None = None, **kwargs: Any) -> dict[str, Tensor]:
-        """Token ids of each text (right-padded; padding is dropped again in ``forward``) and its instruction length."""
-        ids, skips = self.encoder.tokenize_pairs(to_pairs(list(inputs), prompt))
-        width = max((len(x) for x in ids), default=0)
-        input_ids = torch.zeros(len(ids), width, dtype=torch.long)
-        attention_mask = torch.zeros(len(ids), width, dtype=torch.long)
-        for row, tokens in enumerate(ids):
-            input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            attention_mask[row, : len(tokens)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "skip_leading": torch.tensor(skips)}
+        """The texts' tokens packed end to end (:data:`PACKED_KEYS`) and each one's ``instruction_lengths``."""
+        ids, instruction_lengths = self.encoder.tokenize_pairs(to_pairs(list(inputs), prompt))
+        packed = pack_sequences(ids)
+        features = {key: getattr(packed, key) for key in PACKED_KEYS}
+        features["instruction_lengths"] = torch.tensor(instruction_lengths, dtype=torch.long)
+        return features
 
     def tokenize(self, texts: Sequence[Any], **kwargs: Any) -> dict[str, Tensor]:
         """sentence-transformers 5 entry point (prompts arrive already prepended to the texts there)."""
         return self.preprocess(texts)
 
     def forward(self, features: dict[str, Tensor], **kwargs: Any) -> dict[str, Tensor]:
-        packed = pack_batch(features["input_ids"], features["attention_mask"])
-        features["sentence_embedding"] = self.encoder.embed_packed(packed, features.get("skip_leading"))
+        cu_seqlens = features["cu_seqlens"]
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        packed = PackedBatch(
+            **{key: features[key] for key in PACKED_KEYS},
+            max_seqlen=longest,
+            batch_size=cu_seqlens.numel() - 1,
+            seqlen=longest,
+        )
+        features["sentence_embedding"] = self.encoder.embed_packed(packed, features["instruction_lengths"])
         return features
 
     def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:

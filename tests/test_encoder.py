@@ -177,6 +177,8 @@ def test_sentence_transformers_gives_the_same_vectors(model_dir: Path, tmp_path:
     encoder = LLM2Vec.from_pretrained(str(model_dir), pooling_mode="mean")
     model = to_sentence_transformer(encoder)
     assert getattr(model, "get_embedding_dimension", model.get_sentence_embedding_dimension)() == 64
+    features = model[0].preprocess(TEXTS)
+    assert features["input_ids"].shape == (1, sum(encoder.token_lengths(TEXTS)))  # packed: no padding built
     close = dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.encode(TEXTS, convert_to_tensor=True), _encode(encoder, TEXTS), **close)
     instruction = "Retrieve documents:"

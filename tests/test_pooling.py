@@ -9,7 +9,7 @@ from llm2vec_fast.pooling import POOLING_MODES, pool_packed, pool_padded
 LENGTHS = [5, 1, 7, 3]
 
 
-def _reference(sequence: torch.Tensor, mode: str, skip: int) -> torch.Tensor:
+def _reference(sequence: torch.Tensor, mode: str, instruction_length: int) -> torch.Tensor:
     """One sequence ``(n, H)``, float64, straight from the definitions."""
     sequence = sequence.double()
     if len(sequence) == 0:
@@ -18,7 +18,7 @@ def _reference(sequence: torch.Tensor, mode: str, skip: int) -> torch.Tensor:
         return sequence[-1]
     if mode == "bos_token":
         return sequence[0]
-    pooled = sequence[skip:] if skip < len(sequence) else sequence
+    pooled = sequence[instruction_length:] if instruction_length < len(sequence) else sequence
     if mode == "mean":
         return pooled.mean(0)
     weights = torch.arange(1, len(pooled) + 1, dtype=torch.float64)
@@ -33,13 +33,13 @@ def _packed(lengths: list[int], hidden: int = 6, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("mode", POOLING_MODES)
-@pytest.mark.parametrize("skips", [None, [2, 0, 3, 5]], ids=["all_tokens", "skip_instruction"])
-def test_packed_matches_reference(mode: str, skips: list[int] | None) -> None:
+@pytest.mark.parametrize("instruction_lengths", [None, [2, 0, 3, 5]], ids=["all_tokens", "skip_instruction"])
+def test_packed_matches_reference(mode: str, instruction_lengths: list[int] | None) -> None:
     states, cu = _packed(LENGTHS)
-    out = pool_packed(states, cu, mode, None if skips is None else torch.tensor(skips))
+    out = pool_packed(states, cu, mode, None if instruction_lengths is None else torch.tensor(instruction_lengths))
     assert out.dtype == torch.float32 and out.shape == (4, 6)
     for row, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        expected = _reference(states[start:end], mode, 0 if skips is None else skips[row])
+        expected = _reference(states[start:end], mode, 0 if instruction_lengths is None else instruction_lengths[row])
         torch.testing.assert_close(out[row].double(), expected, rtol=1e-6, atol=1e-6)
 
 
@@ -54,8 +54,8 @@ def test_padded_equals_packed(mode: str, left: bool) -> None:
         columns = slice(width - (end - start), width) if left else slice(0, end - start)
         padded[row, columns] = states[start:end]
         mask[row, columns] = 1
-    skip = torch.tensor([1, 0, 2, 1])
-    assert torch.equal(pool_padded(padded, mask, mode, skip), pool_packed(states, cu, mode, skip))
+    lengths = torch.tensor([1, 0, 2, 1])
+    assert torch.equal(pool_padded(padded, mask, mode, lengths), pool_packed(states, cu, mode, lengths))
 
 
 def test_empty_sequences_and_bf16_inputs() -> None:
@@ -79,9 +79,9 @@ def test_bad_arguments() -> None:
     states, cu = _packed(LENGTHS)
     with pytest.raises(ValueError, match="unknown pooling mode 'max'"):
         pool_packed(states, cu, "max")
-    with pytest.raises(ValueError, match="skip_leading"):
+    with pytest.raises(ValueError, match="instruction_lengths"):
         pool_packed(states, cu, "mean", torch.tensor([1, 2]))
-    with pytest.raises(ValueError, match="skip_leading"):
+    with pytest.raises(ValueError, match="instruction_lengths"):
         pool_packed(states, cu, "mean", torch.tensor([1.0, 2.0, 0.0, 0.0]))
     with pytest.raises(ValueError, match="total_tokens, hidden"):
         pool_packed(states[None], cu, "mean")
