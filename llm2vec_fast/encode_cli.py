@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .backends import BACKENDS
+from .loading import ADAPTER_CONFIG_NAME
 from .pooling import POOLING_MODES
 
 INPUT_SUFFIXES = (".txt", ".jsonl")
@@ -77,8 +78,11 @@ def _check_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     if not target.parent.is_dir():
         raise UsageError(f"output directory {target.parent} does not exist")
     model = Path(args.model)
-    if model.exists() and not (model / "config.json").is_file():
-        raise UsageError(f"model path {model} has no config.json (expected a Hugging Face model directory)")
+    if model.exists() and not any((model / name).is_file() for name in ("config.json", ADAPTER_CONFIG_NAME)):
+        raise UsageError(
+            f"model path {model} has no config.json or {ADAPTER_CONFIG_NAME} "
+            "(expected a Hugging Face model directory or an MNTP adapter directory)"
+        )
     if not model.exists() and (args.model.startswith((".", "/", "~")) or args.model.count("/") > 1):
         raise UsageError(f"model path {args.model} does not exist (and is not a Hugging Face hub id)")
     return source, target
@@ -189,7 +193,7 @@ def add_encode_command(subparsers: Any) -> None:
         help="embed a .txt/.jsonl file into a .npy/.safetensors matrix",
         description=__doc__.split("\n\n")[1],
     )
-    parser.add_argument("model", help="model directory (or hub id) to load with LLM2Vec.from_pretrained")
+    parser.add_argument("model", help="model or MNTP adapter directory (or hub id), as for LLM2Vec.from_pretrained")
     parser.add_argument("input", help="input .txt (one text per line) or .jsonl")
     parser.add_argument("output", help="output .npy or .safetensors (float32, one row per input)")
     parser.add_argument("--peft", default=None, help="PEFT/LoRA adapter directory to load on top of the model")

@@ -1,4 +1,4 @@
-"""Released LLM2Vec checkpoint layouts (``-mntp`` + ``-supervised``/``-unsup-simcse``), exact save/reload, loading errors.
+"""Released LLM2Vec checkpoint layouts (``-mntp`` + a second adapter), exact save/reload, loading errors, the CLI.
 
 The layouts are local replicas built from a tiny Llama (tests/checkpoint_layouts.py); parity of their
 numbers with the official llm2vec 0.2.3 is in tests/test_encoder_parity.py.
@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -146,3 +147,20 @@ def test_bad_attention_backend_is_refused_before_loading(layouts: Path) -> None:
         LLM2Vec.from_pretrained(str(layouts / "base"), attention_backend=3)
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         LLM2Vec.from_pretrained(str(layouts / "base"), attention_backend="flash")
+
+
+@pytest.mark.parametrize("model", ["mntp_output", "mntp"])
+def test_encode_command_takes_an_mntp_directory_and_a_second_adapter(layouts: Path, tmp_path: Path, capsys, model: str):
+    from llm2vec_fast.cli import main
+
+    source = tmp_path / "texts.txt"
+    source.write_text("A man is playing a guitar.\nParis is the capital of France.\n")
+    target = tmp_path / "out.npy"
+    argv = ["encode", str(layouts / model), str(source), str(target), "--peft", str(layouts / "supervised")]
+    assert main([*argv, "--no-progress"]) == 0, capsys.readouterr().err
+    expected = LLM2Vec.from_pretrained(str(layouts / model), peft_model_name_or_path=str(layouts / "supervised"))
+    lines = source.read_text().splitlines()
+    np.testing.assert_allclose(np.load(target), expected.encode(lines, convert_to_numpy=True, show_progress_bar=False),
+                               rtol=1e-5, atol=1e-6)
+    assert main(["encode", str(tmp_path), str(source), str(target), "--no-progress"]) == 2
+    assert "config.json" in capsys.readouterr().err
