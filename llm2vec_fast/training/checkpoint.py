@@ -4,16 +4,18 @@ Layout of ``<output_dir>/checkpoint-<step>/``:
 - ``adapter_config.json``, ``adapter_model.safetensors``: the LoRA adapter (usable as is);
 - ``lm_head.safetensors``: MNTP's LM head, only when it is trained;
 - ``optimizer.pt``: the full (unsharded) optimizer state keyed by parameter name, the same under
-  DDP and FSDP (see `parallel`); ``scheduler.pt``: the learning-rate schedule;
+  DDP and FSDP (see `distributed_strategy`); ``scheduler.pt``: the learning-rate schedule;
 - ``rank<r>.pt``: process `r`'s torch CPU/CUDA random state and its data-stream position;
-- ``trainer_state.json``: step, process count and the run's config; written last, so a directory
-  without it is an interrupted save and is ignored.
-A checkpoint is written to ``checkpoint-<step>.tmp`` and renamed when complete.
+- ``trainer_state.json``: step, process count, the run's config and the SHA-256 of every other
+  file; written last, so a directory without it is an interrupted save and is ignored.
+A checkpoint is written to ``checkpoint-<step>.tmp`` and renamed when complete, so a crash or
+kill -9 mid-save leaves the previous checkpoints as they were. On resume every file is checked
+against its checksum: a damaged checkpoint is named and skipped for the newest intact one.
 """
 from __future__ import annotations
 
 import json
-import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from peft import PeftModel
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from .atomic import TEMPORARY_SUFFIX, publish_directory, remove_directory, sha256
 from .distributed_strategy import TrainedWeights, load_optimizer_state
 from .process_group import Topology, barrier
 
@@ -40,6 +43,10 @@ class TrainingState:
     world_size: int
     config: dict[str, Any]
     tokens_seen: int = 0
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete or damaged; the message names the file."""
 
 
 def _rng_state() -> dict[str, Any]:
@@ -76,12 +83,12 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``state.step`` (collective: every process calls it) and prune old ones to `keep`.
 
-    `weights` and `optimizer_state` are the full states gathered to rank 0 (`parallel`), which writes them.
+    `weights` and `optimizer_state` are the full states gathered to rank 0 (`distributed_strategy`), which writes them.
     """
     final = output_dir / f"{PREFIX}{state.step}"
-    staging = output_dir / f"{PREFIX}{state.step}.tmp"
+    staging = final.with_name(final.name + TEMPORARY_SUFFIX)
     if topology.is_main:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_directory(staging)
         staging.mkdir(parents=True)
     barrier()
     torch.save({"rng": _rng_state(), "data": data_state}, staging / f"rank{topology.rank}.pt")
@@ -91,14 +98,26 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
     barrier()
     if topology.is_main:
-        (staging / STATE_FILE).write_text(json.dumps(state.__dict__, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
+        _write_state(staging, state)
+        publish_directory(staging, final)
         if keep is not None:
             for old in list_checkpoints(output_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_directory(old)
     barrier()
     return final
+
+
+def _write_state(directory: Path, state: TrainingState) -> None:
+    """``trainer_state.json`` with the checksum of every file already in `directory`: the mark of a complete save."""
+    checksums = {file.name: sha256(file) for file in sorted(directory.iterdir())}
+    (directory / STATE_FILE).write_text(json.dumps({**state.__dict__, "checksums": checksums}, indent=2))
+
+
+def remove_unfinished_saves(output_dir: Path) -> None:
+    """Delete what saves cut short by a crash left behind (``checkpoint-*.tmp`` and the like), never a checkpoint."""
+    for path in Path(output_dir).glob(f"{PREFIX}*"):
+        if path.is_dir() and not path.name[len(PREFIX):].isdigit():
+            remove_directory(path)
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -111,21 +130,41 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def find_checkpoint(output_dir: Path, requested: str) -> Path:
-    """`requested` as a checkpoint directory, or the newest one in `output_dir` for ``"latest"``."""
+def find_checkpoint(output_dir: Path, requested: str) -> tuple[Path, TrainingState]:
+    """`requested` as a checkpoint directory, or the newest intact one in `output_dir` for ``"latest"``, and its state.
+
+    With ``"latest"`` a damaged checkpoint is skipped with a warning naming the file; one named
+    explicitly is refused (`CheckpointError`).
+    """
     if requested == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
-            raise FileNotFoundError(f"resume_from_checkpoint='latest' but {output_dir} holds no complete checkpoint")
-        return found[-1]
+        for directory in reversed(list_checkpoints(output_dir)):
+            try:
+                return directory, read_state(directory)
+            except CheckpointError as error:
+                warnings.warn(f"skipping {directory}: {error}", stacklevel=2)
+        raise FileNotFoundError(f"resume_from_checkpoint='latest' but {output_dir} holds no complete checkpoint")
     path = Path(requested)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
-    return path
+    return path, read_state(path)
 
 
 def read_state(directory: Path) -> TrainingState:
-    return TrainingState(**json.loads((directory / STATE_FILE).read_text()))
+    """The checkpoint's training state, once every file it lists matches its checksum (else `CheckpointError`)."""
+    path = directory / STATE_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        checksums = dict(saved.pop("checksums"))
+        state = TrainingState(**saved)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as error:  # ValueError: bad JSON or UTF-8
+        raise CheckpointError(f"{path} is unreadable or incomplete ({type(error).__name__}: {error})") from None
+    for name, expected in checksums.items():
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        if sha256(file) != expected:
+            raise CheckpointError(f"{file} does not match its checksum in {STATE_FILE}: truncated or damaged")
+    return state
 
 
 def load_weights(directory: Path, adapter: PeftModel, lm_head: torch.nn.Module | None) -> None:
@@ -146,13 +185,14 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-) -> tuple[TrainingState, dict[str, Any]]:
+) -> dict[str, Any]:
     """Restore the optimizer (over `model`, sharded or not), the schedule and this process's random state.
 
-    Returns the training state and this process's data position. Weights come first, with `load_weights`.
+    Returns this process's data position. Weights come first, with `load_weights`; the directory
+    comes from `find_checkpoint`, which has checked its files.
     """
     load_optimizer_state(model, optimizer, torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
     rank_state = torch.load(directory / f"rank{topology.rank}.pt", weights_only=True)
     _restore_rng(rank_state["rng"])
-    return read_state(directory), rank_state["data"]
+    return rank_state["data"]

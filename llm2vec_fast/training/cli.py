@@ -22,7 +22,7 @@ from typing import Any, Literal, Union
 from .config import CONFIG_CLASSES, FIELD_HELP, load_config, preset_names
 
 _ALIASES = {"model_name_or_path": ["--model"], "train_files": ["--data"], "output_dir": ["--output"],
-            "resume_from_checkpoint": ["--resume"]}
+            "resume_from_checkpoint": ["--resume"], "attention_backend": ["--backend"]}
 _HELP = {
     "mntp": "masked next-token prediction (LLM2Vec step 2)",
     "simcse": "unsupervised SimCSE on an MNTP-adapted model (LLM2Vec step 3)",
@@ -75,6 +75,7 @@ def _add_objective(subparsers: Any, objective: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .loop import TrainingInterrupted
     from .objectives import train
     from .process_group import shutdown
 
@@ -93,6 +94,12 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as error:  # bad data, settings or checkpoints: the message says which
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as interrupted:
+        print(interrupted, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before the first step or while writing the final outputs
+        print("interrupted", file=sys.stderr)
+        return 130
     finally:
         shutdown()
     return 0

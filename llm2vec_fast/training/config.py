@@ -22,6 +22,11 @@ PRESETS_DIR = Path(__file__).with_name("presets")
 OBJECTIVES = ("mntp", "simcse", "supervised")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
+# Settings naming files: always local ones, and models that are a local directory or a Hugging Face hub name.
+_LOCAL_PATHS = ("train_files", "output_dir", "resume_from_checkpoint")
+_LOCAL_OR_HUB = ("model_name_or_path", "peft_model_name_or_path")
+PATH_SETTINGS = _LOCAL_PATHS + _LOCAL_OR_HUB
+
 # MNTP masking per model family, as the official train_configs: Mistral masks 80% of tokens, all
 # replaced by the mask token; every other family masks 20% with BERT's 80/10/10 replacement.
 MNTP_FAMILY_MASKING = {"mistral": (0.8, "all_mask")}
@@ -62,6 +67,7 @@ class TrainConfig:
     save_steps: int = 200
     save_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
+    overwrite_output_dir: bool = False
     validate_data: bool = True
     disable_tqdm: bool = False
     device: str | None = None
@@ -70,6 +76,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"objective": self.objective, **dataclasses.asdict(self)}
+
+    @property
+    def last_step(self) -> int:
+        """The step this invocation stops after: ``max_steps``, or ``stop_after_steps`` when that comes first."""
+        return min(self.max_steps, self.stop_after_steps or self.max_steps)
+
+    def with_resolved_paths(self) -> TrainConfig:
+        """A copy naming local files by absolute path (see `resolve_paths`)."""
+        return dataclasses.replace(self, **resolve_paths({name: getattr(self, name) for name in PATH_SETTINGS}))
 
 
 @dataclass(kw_only=True)
@@ -153,7 +168,9 @@ FIELD_HELP = {
                             "optimizer state sharded across processes (FSDP2; 16-bit weights compute in their dtype, "
                             "gradients reduce in float32)",
     "save_total_limit": "keep only this many checkpoints",
-    "resume_from_checkpoint": "'latest' (newest checkpoint in output_dir) or a checkpoint directory",
+    "resume_from_checkpoint": "'latest' (newest intact checkpoint in output_dir) or a checkpoint directory",
+    "overwrite_output_dir": "let a fresh run replace an earlier run's checkpoints, adapter and logs in output_dir "
+                            "(refused otherwise)",
     "validate_data": "parse every JSONL record before training starts (errors name file and line)",
     "device": "cpu, cuda or cuda:N (default: CUDA when available; under torchrun, GPU LOCAL_RANK)",
     "mlm_probability": "masking probability (default per family: mistral 0.8, others 0.2)",
@@ -183,6 +200,28 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "text_template": (lambda v: v.count("{}") == 1, "a string holding '{}' (where the text goes) exactly once"),
     "train_files": (lambda v: len(v) > 0, "at least one file"),
 }
+
+
+def _resolve(name: str, local: bool) -> str:
+    if name == "latest" or not (local or Path(name).exists()):
+        return name  # resume_from_checkpoint="latest", or a hub model name
+    return str(Path(name).resolve())
+
+
+def resolve_paths(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` with its local paths absolute and symlink-free; hub names (no such local path) stay as given.
+
+    What a run writes (``train_config.json``, checkpoints, the adapter's ``base_model_name_or_path``)
+    then still works from another working directory, and ``rp``, ``./rp/`` and ``/abs/rp`` compare equal.
+    """
+    resolved = dict(settings)
+    for name in PATH_SETTINGS:
+        value, local = settings.get(name), name in _LOCAL_PATHS
+        if isinstance(value, str):
+            resolved[name] = _resolve(value, local)
+        elif isinstance(value, list):
+            resolved[name] = [_resolve(item, local) for item in value]
+    return resolved
 
 
 def _type_name(hint: Any) -> str:

@@ -20,18 +20,15 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .checkpoint import (TrainingState, find_checkpoint, list_checkpoints, load_checkpoint, load_weights, read_state,
-                         save_checkpoint)
+from .checkpoint import TrainingState, list_checkpoints, load_checkpoint, load_weights, save_checkpoint
 from .config import TrainConfig
 from .data.batches import TokenBatch
 from .distributed_strategy import TrainedWeights, gather_optimizer_state, gather_trained_weights, gradient_sync, wrap_model
 from .loss_log import LossLog
 from .modeling import resolve_dtype
 from .process_group import Topology, all_reduce_sum
+from .run_directory import ResumePoint
 
-# Settings that may change when resuming (and max_steps under a constant schedule); others change the trajectory.
-RESUMABLE_CHANGES = {"resume_from_checkpoint", "stop_after_steps", "save_steps", "save_total_limit", "disable_tqdm",
-                     "validate_data", "device", "attention_backend", "distributed_strategy"}
 _SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 LossFunction = Callable[[nn.Module, TokenBatch], Tensor]
@@ -46,8 +43,21 @@ class TrainingResult:
     last_checkpoint: Path | None
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training. Every completed checkpoint is intact; the message says how to carry on."""
+
+    def __init__(self, step: int, last_checkpoint: Path | None):
+        self.step, self.last_checkpoint = step, last_checkpoint
+        if last_checkpoint is not None:
+            message = f"interrupted at step {step}; resume with --resume latest (from {last_checkpoint.name})"
+        else:
+            rerun = " with --overwrite-output-dir" if step else ""  # its loss log rows would be refused otherwise
+            message = f"interrupted at step {step} before the first checkpoint; start again{rerun}"
+        super().__init__(message)
+
+
 class BatchSource(Protocol):
-    """What the loop needs from a data stream (see `sources`)."""
+    """What the loop needs from a data stream (see `data.sources`)."""
 
     def next_batch(self) -> TokenBatch: ...
     def state_dict(self) -> dict[str, Any]: ...
@@ -60,22 +70,20 @@ class Trainer:
     Args:
         model: computes what `loss_sum` needs; its trainable parameters are the optimised ones.
         adapter: the peft model inside `model` (saved at checkpoints).
+        resume: the checkpoint to continue from (`run_directory.start_run`), None for a fresh run.
         lm_head: a trained LM head to checkpoint alongside the adapter (MNTP with ``lm_head="train"``).
     """
 
     def __init__(self, config: TrainConfig, topology: Topology, *, model: nn.Module, adapter: PeftModel,
-                 source: BatchSource, loss_sum: LossFunction, lm_head: nn.Module | None = None):
+                 source: BatchSource, loss_sum: LossFunction, resume: ResumePoint | None,
+                 lm_head: nn.Module | None = None):
         self.config, self.topology, self.source, self.loss_sum = config, topology, source, loss_sum
         self.model, self.adapter, self.lm_head = model.train(), adapter, lm_head
         self.output_dir = Path(config.output_dir)
-        self.last_step = min(config.max_steps, config.stop_after_steps or config.max_steps)
+        self.last_step = config.last_step
         self.state = TrainingState(step=0, world_size=topology.world_size, config=config.to_dict())
-        checkpoint = self._checkpoint_to_resume() if config.resume_from_checkpoint else None
-        if checkpoint is None and list_checkpoints(self.output_dir):
-            raise ValueError(f"{self.output_dir} already holds checkpoints: resume with resume_from_checkpoint='latest' "
-                             "(--resume-from-checkpoint latest) or choose another output_dir")
-        if checkpoint is not None:
-            load_weights(checkpoint, adapter, lm_head)  # into the whole model, before it is sharded
+        if resume is not None:
+            load_weights(resume.directory, adapter, lm_head)  # into the whole model, before it is sharded
         weights_dtype = resolve_dtype(config.torch_dtype, topology.device)
         self.wrapped = wrap_model(model, config.distributed_strategy, topology, weights_dtype)
         self.params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP replaces them
@@ -87,32 +95,15 @@ class Trainer:
         )
         self.scheduler = get_scheduler(_SCHEDULERS[config.lr_scheduler], self.optimizer,
                                        num_warmup_steps=config.warmup_steps, num_training_steps=config.max_steps)
-        if checkpoint is not None:
-            self._resume(checkpoint)
-        resumed_at = self.state.step if checkpoint is not None else None
+        if resume is not None:
+            self._resume(resume)
+        resumed_at = self.state.step if resume is not None else None
         self.log = LossLog(self.output_dir, resume_after_step=resumed_at) if topology.is_main else None
 
-    def _checkpoint_to_resume(self) -> Path:
-        """The checkpoint to resume from, once its settings and process count are known to allow it."""
-        directory = find_checkpoint(self.output_dir, self.config.resume_from_checkpoint)
-        saved = read_state(directory)
-        current = self.state.config
-        resumable = RESUMABLE_CHANGES | ({"max_steps"} if current["lr_scheduler"] == "constant" else set())
-        changed = sorted(k for k in set(saved.config) | set(current)
-                         if k not in resumable and saved.config.get(k) != current.get(k))
-        if changed:
-            details = "; ".join(f"{k}: {saved.config.get(k)!r} -> {current.get(k)!r}" for k in changed)
-            raise ValueError(f"cannot resume from {directory}: settings differ from the checkpoint's ({details})")
-        if saved.world_size != self.topology.world_size:
-            raise ValueError(f"{directory} was written by {saved.world_size} process(es) but this run has "
-                             f"{self.topology.world_size}; an exact resume needs the same number of processes")
-        if saved.step >= self.last_step:
-            raise ValueError(f"{directory} is at step {saved.step}: nothing left to train before step {self.last_step}")
-        return directory
-
-    def _resume(self, directory: Path) -> None:
-        self.state, data_state = load_checkpoint(directory, self.topology, model=self.model, optimizer=self.optimizer,
-                                                 scheduler=self.scheduler)
+    def _resume(self, resume: ResumePoint) -> None:
+        data_state = load_checkpoint(resume.directory, self.topology, model=self.model, optimizer=self.optimizer,
+                                     scheduler=self.scheduler)
+        self.state = resume.state
         self.state.config = self.config.to_dict()
         self.source.load_state_dict(data_state)
 
@@ -149,12 +140,28 @@ class Trainer:
                                keep=self.config.save_total_limit)
 
     def train(self) -> TrainingResult:
+        """Run to ``last_step``; Ctrl-C raises `TrainingInterrupted`, leaving every completed checkpoint intact."""
         config = self.config
-        losses: list[float] = []
-        last_checkpoint = None
         progress = tqdm(total=config.max_steps, initial=self.state.step, desc=f"{config.objective} training",
                         disable=config.disable_tqdm or not self.topology.is_main, dynamic_ncols=True)
         started = time.perf_counter()
+        try:
+            losses, last_checkpoint = self._run_steps(progress)
+        except KeyboardInterrupt:
+            found = list_checkpoints(self.output_dir)
+            raise TrainingInterrupted(self.state.step, found[-1] if found else None) from None
+        finally:
+            progress.close()
+        if self.topology.is_main and losses:
+            elapsed = time.perf_counter() - started
+            print(f"{config.objective}: {len(losses)} steps in {elapsed:.1f} s, last loss {losses[-1]:.4f}")
+        return TrainingResult(losses, self.output_dir, last_checkpoint)
+
+    def _run_steps(self, progress: tqdm) -> tuple[list[float], Path | None]:
+        """The steps up to ``last_step``: their losses and the last checkpoint written."""
+        config = self.config
+        losses: list[float] = []
+        last_checkpoint = None
         while self.state.step < self.last_step:
             step_started = time.perf_counter()
             learning_rate = self.scheduler.get_last_lr()[0]
@@ -173,8 +180,4 @@ class Trainer:
                 last_checkpoint = self.save()
                 if self.log is not None:
                     self.log.plot(f"{config.objective}: {Path(config.model_name_or_path).name}")
-        progress.close()
-        if self.topology.is_main and losses:
-            elapsed = time.perf_counter() - started
-            print(f"{config.objective}: {len(losses)} steps in {elapsed:.1f} s, last loss {losses[-1]:.4f}")
-        return TrainingResult(losses, self.output_dir, last_checkpoint)
+        return losses, last_checkpoint

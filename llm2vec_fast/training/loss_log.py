@@ -1,24 +1,49 @@
 """The loss curve of a run: one row per optimizer step in ``loss_log.csv`` and ``loss_log.jsonl``, and ``loss.png``.
 
 Rows are flushed as they are written, so the files are current even if a run dies; a resumed
-run first drops rows after its checkpoint, so the log never shows a step twice.
+run first drops rows after its checkpoint (and a last row cut short by a crash), rewriting both
+files atomically, so the log never shows a step twice.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import warnings
 from pathlib import Path
 
+from .atomic import write_atomically, write_text_atomically
+
 FIELDS = ("step", "loss", "grad_norm", "learning_rate", "loss_terms", "tokens", "seconds")
+LOG_FILES = ("loss_log.csv", "loss_log.jsonl")
 
 
 def read_log(path: Path) -> list[dict[str, float]]:
-    """Rows of a ``loss_log.jsonl`` file."""
+    """Rows of a ``loss_log.jsonl`` file, less a last row cut short (no newline after it: the writer died mid-row).
+
+    Any other line that is not a JSON row is a ValueError naming the file and line.
+    """
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8").split("\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a loss log row ({error.msg})") from None
+    return rows
+
+
+def _csv_line(values: list) -> str:
+    text = io.StringIO()
+    csv.writer(text).writerow(values)
+    return text.getvalue()
 
 
 class LossLog:
@@ -27,21 +52,22 @@ class LossLog:
     def __init__(self, directory: Path, resume_after_step: int | None = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.csv_path = self.directory / "loss_log.csv"
-        self.jsonl_path = self.directory / "loss_log.jsonl"
+        self.csv_path, self.jsonl_path = (self.directory / name for name in LOG_FILES)
         kept = [r for r in read_log(self.jsonl_path) if resume_after_step is not None and r["step"] <= resume_after_step]
-        self.rows: list[dict[str, float]] = []
-        with open(self.csv_path, "w", newline="") as handle:
-            csv.writer(handle).writerow(FIELDS)
-        self.jsonl_path.write_text("")
-        for row in kept:
-            self.append(row)
+        self.rows: list[dict[str, float]] = [{key: row[key] for key in FIELDS} for row in kept]
+        csv_lines = [_csv_line(list(FIELDS)), *(_csv_line(self._values(row)) for row in self.rows)]
+        write_text_atomically(self.csv_path, "".join(csv_lines))
+        write_text_atomically(self.jsonl_path, "".join(json.dumps(row) + "\n" for row in self.rows))
+
+    @staticmethod
+    def _values(row: dict[str, float]) -> list[float]:
+        return [row[key] for key in FIELDS]
 
     def append(self, row: dict[str, float]) -> None:
         row = {key: row[key] for key in FIELDS}
         self.rows.append(row)
         with open(self.csv_path, "a", newline="") as handle:
-            csv.writer(handle).writerow([row[key] for key in FIELDS])
+            handle.write(_csv_line(self._values(row)))
         with open(self.jsonl_path, "a") as handle:
             handle.write(json.dumps(row) + "\n")
 
@@ -73,6 +99,6 @@ def plot_losses(rows: list[dict[str, float]], path: Path, title: str) -> Path | 
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    figure.savefig(path)
+    write_atomically(path, lambda temporary: figure.savefig(temporary, format="png"))
     plt.close(figure)
     return path

@@ -3,7 +3,8 @@
 Builds the objective's data source, model and loss, runs the `Trainer`, then writes the output
 directory the encoder loads: the LoRA adapter, the tokenizer, ``llm2vec_config.json`` (contrastive
 objectives), ``lm_head.safetensors`` (MNTP with ``lm_head="train"``), ``train_config.json``, the
-loss log and plot, and the ``checkpoint-*`` directories.
+loss log and plot, and the ``checkpoint-*`` directories. Local paths are resolved first, so all
+of these name them absolutely; the final outputs are staged and moved into place file by file.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from torch import Tensor, nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from ..encoder import CONFIG_NAME, ENCODER_DEFAULTS
+from ..runtime import check_backend, check_device
+from .atomic import TEMPORARY_SUFFIX, publish_files, remove_directory
 from .checkpoint import save_weights
 from .config import ContrastiveConfig, MNTPConfig, SimCSEConfig, SupervisedConfig, TrainConfig
 from .data.batches import ContrastiveBatch
@@ -27,6 +30,7 @@ from .loop import Trainer, TrainingResult
 from .losses import contrastive_loss_sum
 from .modeling import build_embedder, build_mntp_model, load_tokenizer
 from .process_group import Topology, barrier, init_topology
+from .run_directory import TRAIN_CONFIG_FILE, ResumePoint, start_run
 
 
 def contrastive_batch_loss(model: nn.Module, batch: ContrastiveBatch, scale: float) -> Tensor:
@@ -36,7 +40,8 @@ def contrastive_batch_loss(model: nn.Module, batch: ContrastiveBatch, scale: flo
     return contrastive_loss_sum(embeddings[:queries], embeddings[queries : 2 * queries], embeddings[2 * queries :], scale)
 
 
-def _mntp_trainer(config: MNTPConfig, tokenizer: PreTrainedTokenizerBase, topology: Topology) -> Trainer:
+def _mntp_trainer(config: MNTPConfig, tokenizer: PreTrainedTokenizerBase, topology: Topology,
+                  resume: ResumePoint | None) -> Trainer:
     model_type = AutoConfig.from_pretrained(config.model_name_or_path).model_type
     vocabulary_grew = add_mask_token(tokenizer, config.mask_token_type)
     rule = masking_rule(tokenizer, *config.masking_for(model_type))
@@ -49,10 +54,11 @@ def _mntp_trainer(config: MNTPConfig, tokenizer: PreTrainedTokenizerBase, topolo
     lm_head = model.lm_head if config.lm_head == "train" else None
     _seed_per_process(config, topology)
     return Trainer(config, topology, model=model, adapter=model.decoder, source=source,
-                   loss_sum=lambda module, batch: module(batch), lm_head=lm_head)
+                   loss_sum=lambda module, batch: module(batch), resume=resume, lm_head=lm_head)
 
 
-def _contrastive_trainer(config: ContrastiveConfig, tokenizer: PreTrainedTokenizerBase, topology: Topology) -> Trainer:
+def _contrastive_trainer(config: ContrastiveConfig, tokenizer: PreTrainedTokenizerBase, topology: Topology,
+                         resume: ResumePoint | None) -> Trainer:
     options = dict(max_seq_length=config.max_seq_length, batch_size=config.per_device_train_batch_size,
                    append_eos=config.pooling_mode == "eos_token", template=config.text_template,
                    seed=config.seed, rank=topology.rank, world_size=topology.world_size)
@@ -66,7 +72,7 @@ def _contrastive_trainer(config: ContrastiveConfig, tokenizer: PreTrainedTokeniz
     model = build_embedder(config, tokenizer, topology.device, dropout=dropout)
     _seed_per_process(config, topology)
     return Trainer(config, topology, model=model, adapter=model.decoder, source=source,
-                   loss_sum=partial(contrastive_batch_loss, scale=config.loss_scale))
+                   loss_sum=partial(contrastive_batch_loss, scale=config.loss_scale), resume=resume)
 
 
 def _seed_per_process(config: TrainConfig, topology: Topology) -> None:
@@ -75,26 +81,41 @@ def _seed_per_process(config: TrainConfig, topology: Topology) -> None:
 
 
 def _write_outputs(config: TrainConfig, trainer: Trainer, weights: TrainedWeights, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Write the final outputs beside the checkpoints: staged, then each file moved into place whole."""
     output = Path(config.output_dir)
-    save_weights(output, trainer.adapter, weights)
-    tokenizer.save_pretrained(output)
+    staging = output / f"final-outputs{TEMPORARY_SUFFIX}"
+    remove_directory(staging)
+    staging.mkdir()
+    save_weights(staging, trainer.adapter, weights)
+    tokenizer.save_pretrained(staging)
     if isinstance(config, ContrastiveConfig):
         encoder = {**ENCODER_DEFAULTS, "pooling_mode": config.pooling_mode, "max_length": config.max_seq_length,
                    "skip_instruction": config.skip_instruction}
-        (output / CONFIG_NAME).write_text(json.dumps(encoder, indent=4))
-    (output / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        (staging / CONFIG_NAME).write_text(json.dumps(encoder, indent=4))
+    (staging / TRAIN_CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+    publish_files(staging, output)
+
+
+def _check_machine(config: TrainConfig) -> None:
+    """The requested device and attention backend exist here (ValueError naming the problem, before anything loads)."""
+    check_device(config.device)
+    if config.attn_implementation == "llm2vec_fast":
+        check_backend(config.attention_backend, config.device)
 
 
 def train(config: TrainConfig) -> TrainingResult:
     """Train `config.objective` and write the adapter to ``config.output_dir`` (every process calls this under DDP/FSDP)."""
+    config = config.with_resolved_paths()
+    _check_machine(config)
     check_launcher(config.distributed_strategy)
     topology = init_topology(config.device)
+    resume = start_run(config, topology)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.model_name_or_path)
     if isinstance(config, MNTPConfig):
-        trainer = _mntp_trainer(config, tokenizer, topology)
+        trainer = _mntp_trainer(config, tokenizer, topology, resume)
     elif isinstance(config, (SimCSEConfig, SupervisedConfig)):
-        trainer = _contrastive_trainer(config, tokenizer, topology)
+        trainer = _contrastive_trainer(config, tokenizer, topology, resume)
     else:
         raise TypeError(f"unknown training config {type(config).__name__}")
     result = trainer.train()

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..runtime import check_device
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -52,16 +54,12 @@ def init_topology(device: str | None = None) -> Topology:
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", rank)
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was requested but CUDA is not available")
-    if device is not None and device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+    requested = check_device(device)
+    if requested.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    use_cuda = requested.type == "cuda"
     if use_cuda:
-        if world_size > 1:
-            index = local_rank
-        else:
-            index = torch.device(device).index if device and ":" in device else 0
+        index = local_rank if world_size > 1 else requested.index or 0
         torch.cuda.set_device(index)
         chosen = torch.device("cuda", index)
     else:
