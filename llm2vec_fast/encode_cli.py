@@ -5,6 +5,8 @@ line: a string, an ``[instruction, text]`` pair, or an object with a ``text`` fi
 ``instruction`` field; blank lines skipped). The input is checked (and counted) before the model
 loads, then encoded chunk by chunk and written as it goes, so its size is not limited by memory.
 The output is written to ``OUTPUT.partial`` and renamed when complete.
+
+Lines end at ``\n`` only (a ``\r\n`` ending is removed too; a ``\r`` inside a line is part of the text).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 import struct
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -22,32 +25,48 @@ import numpy as np
 from .backends import BACKENDS
 from .loading import ADAPTER_CONFIG_NAME
 from .pooling import POOLING_MODES
+from .runtime import check_backend, check_device, default_device
 
 INPUT_SUFFIXES = (".txt", ".jsonl")
 OUTPUT_SUFFIXES = (".npy", ".safetensors")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SAFETENSORS_KEY = "embeddings"
+POSITIVE_OPTIONS = ("batch_size", "max_batch_tokens", "max_length", "doc_max_length", "chunk_size")
+INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
 
 
 class UsageError(Exception):
     """A problem with the command line or the files it names; reported without a traceback."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C: reported in one line (how far encoding got), nothing written."""
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Numbered lines of a UTF-8 file, split on ``\n`` only, without their ``\n`` or ``\r\n`` ending."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise UsageError(f"{path}:{number}: not valid UTF-8 ({error.reason})") from None
+            yield number, line[:-2] if line.endswith("\r\n") else line.removesuffix("\n")
+
+
 def _read_items(path: Path) -> Iterator[str | list[str]]:
     """Texts (or [instruction, text] pairs) of an input file, validated, in order."""
-    with open(path, encoding="utf-8") as handle:
+    for number, line in _lines(path):
         if path.suffix == ".txt":
-            for line in handle:
-                yield line.rstrip("\r\n")
-            return
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UsageError(f"{path}:{number}: invalid JSON ({error.msg})") from None
-            yield _jsonl_item(value, f"{path}:{number}")
+            yield line
+            continue
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{path}:{number}: invalid JSON ({error.msg})") from None
+        yield _jsonl_item(value, f"{path}:{number}")
 
 
 def _jsonl_item(value: Any, where: str) -> str | list[str]:
@@ -75,6 +94,8 @@ def _check_paths(args: argparse.Namespace) -> tuple[Path, Path]:
         raise UsageError(f"input {source} must end in {' or '.join(INPUT_SUFFIXES)}")
     if target.suffix not in OUTPUT_SUFFIXES:
         raise UsageError(f"output {target} must end in {' or '.join(OUTPUT_SUFFIXES)}")
+    if target.is_dir():
+        raise UsageError(f"output {target} is a directory")
     if not target.parent.is_dir():
         raise UsageError(f"output directory {target.parent} does not exist")
     model = Path(args.model)
@@ -86,6 +107,25 @@ def _check_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     if not model.exists() and (args.model.startswith((".", "/", "~")) or args.model.count("/") > 1):
         raise UsageError(f"model path {args.model} does not exist (and is not a Hugging Face hub id)")
     return source, target
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for name in POSITIVE_OPTIONS:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def _devices(args: argparse.Namespace) -> list[str]:
+    """The devices to encode on (``--device``, else CUDA when present), each checked with the backend."""
+    names = [d.strip() for d in args.device.split(",")] if args.device else [str(default_device())]
+    for name in names:
+        try:
+            check_device(name)
+            check_backend(args.backend, name)
+        except (TypeError, ValueError) as error:
+            raise UsageError(str(error)) from None
+    return names
 
 
 class _SafetensorsWriter:
@@ -106,6 +146,26 @@ class _SafetensorsWriter:
         self._handle.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
 
 
+@contextmanager
+def _open_output(path: Path, suffix: str, shape: tuple[int, int], metadata: dict[str, str]) -> Iterator[Any]:
+    """A function writing the next rows of a float32 matrix of `shape` into `path` (``.npy`` or ``.safetensors``)."""
+    if suffix == ".npy":
+        matrix = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        rows = 0
+
+        def write(block: np.ndarray) -> None:
+            nonlocal rows
+            matrix[rows : rows + len(block)] = block
+            rows += len(block)
+
+        yield write
+        matrix.flush()
+        del matrix
+        return
+    with open(path, "wb") as handle:
+        yield _SafetensorsWriter(handle, *shape, metadata).write
+
+
 def _dtype(name: str, device: str) -> Any:
     import torch
 
@@ -121,18 +181,23 @@ def run_encode(args: argparse.Namespace) -> int:
     except UsageError as error:
         print(f"llm2vec-fast encode: error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as interruption:
+        print(f"llm2vec-fast encode: {interruption}", file=sys.stderr)
+        return INTERRUPTED
+    except KeyboardInterrupt:
+        print("llm2vec-fast encode: interrupted before encoding; nothing written", file=sys.stderr)
+        return INTERRUPTED
 
 
 def _encode(args: argparse.Namespace) -> int:
-    import torch
     from tqdm.auto import tqdm
 
     from .encoder import LLM2Vec
 
     source, target = _check_paths(args)
+    _check_numbers(args)
+    devices = _devices(args)
     count = sum(1 for _ in _read_items(source))  # validates every line before the model loads
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    devices = [d.strip() for d in args.device.split(",")] if args.device else [default_device]
     try:
         encoder = LLM2Vec.from_pretrained(
             args.model,
@@ -161,25 +226,21 @@ def _encode(args: argparse.Namespace) -> int:
     )
     partial = target.with_name(target.name + ".partial")
     metadata = {"model": str(args.model), "pooling_mode": encoder.pooling_mode, "instruction": args.instruction or ""}
+    done = 0
     try:
-        with tqdm(total=count, desc="Encoding", unit="text", disable=args.no_progress) as progress:
-            if target.suffix == ".npy":
-                matrix = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(count, width))
-                row = 0
-                for block in stream:
-                    matrix[row : row + len(block)] = block
-                    row += len(block)
-                    progress.update(len(block))
-                matrix.flush()
-                del matrix
-            else:
-                with open(partial, "wb") as handle:
-                    writer = _SafetensorsWriter(handle, count, width, metadata)
-                    for block in stream:
-                        writer.write(block)
-                        progress.update(len(block))
+        with (
+            tqdm(total=count, desc="Encoding", unit="text", disable=args.no_progress) as progress,
+            _open_output(partial, target.suffix, (count, width), metadata) as write,
+        ):
+            for block in stream:
+                write(block)
+                done += len(block)
+                progress.update(len(block))
         os.replace(partial, target)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted after {done} of {count} texts; nothing written") from None
     finally:
+        stream.close()  # stops encoding processes at once
         if partial.exists():
             partial.unlink()
     print(f"wrote {count} x {width} float32 embeddings to {target}", file=sys.stderr)

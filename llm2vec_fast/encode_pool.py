@@ -3,6 +3,7 @@ and ``LLM2Vec.encode_stream(devices=...)``)."""
 from __future__ import annotations
 
 import queue
+import signal
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from .runtime import check_device
 
 
 def _pool_worker(encoder: LLM2Vec, device: str, settings: dict, tasks: Any, results: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the workers
     try:
         register()  # a spawned process starts with transformers' registries empty
         encoder.to(device)
@@ -65,16 +67,27 @@ class EncodePool:
     def __enter__(self) -> EncodePool:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # an error, Ctrl-C or an abandoned stream: the work in flight is not wanted
+            self.terminate()
 
     def close(self) -> None:
+        """Let the workers finish their tasks and exit (ended by force after 30 s)."""
         for _ in self._workers:
             self._tasks.put(None)
         for worker in self._workers:
             worker.join(timeout=30)
             if worker.is_alive():
                 worker.terminate()
+
+    def terminate(self) -> None:
+        """End the workers now."""
+        for worker in self._workers:
+            worker.terminate()
+        for worker in self._workers:
+            worker.join(timeout=5)
 
     def _next_result(self) -> tuple[int, np.ndarray]:
         while True:

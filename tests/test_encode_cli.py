@@ -81,6 +81,16 @@ def test_jsonl_to_safetensors_with_instructions(tmp_path: Path) -> None:
         (lambda d: ("model", d / "wrong.jsonl", d / "o.npy"), r"wrong.jsonl:1: expected a string"),
         (lambda d: (str(d / "no_model"), d / "in.txt", d / "o.npy"), "model path .*no_model does not exist"),
         (lambda d: (str(d), d / "in.txt", d / "o.npy"), "has no config.json"),
+        (lambda d: ("model", d / "latin1.txt", d / "o.npy"), r"latin1.txt:2: not valid UTF-8"),
+        (lambda d: ("model", d / "latin1.jsonl", d / "o.npy"), r"latin1.jsonl:2: not valid UTF-8"),
+        (lambda d: ("model", d / "in.txt", d / "o.npy", "--batch-size", "0"), "--batch-size must be a positive"),
+        (lambda d: ("model", d / "in.txt", d / "o.npy", "--chunk-size", "-2"), "--chunk-size must be a positive"),
+        (lambda d: ("model", d / "in.txt", d / "o.npy", "--max-length", "0"), "--max-length must be a positive"),
+        (lambda d: ("model", d / "in.txt", d / "o.npy", "--doc-max-length", "-1"), "--doc-max-length must be"),
+        (lambda d: ("model", d / "in.txt", d / "o.npy", "--max-batch-tokens", "0"), "--max-batch-tokens must be"),
+        (lambda d: ("model", d / "in.txt", d / "o.npy", "--device", "cuda:99"), "'cuda:99' requested but"),
+        (lambda d: ("model", d / "in.txt", d / "o.npy", "--device", "tpu"), "invalid device 'tpu'"),
+        (lambda d: ("model", d / "in.txt", d / "o.npy", "--device", "cpu", "--backend", "cuda"), "backend 'cuda'"),
     ],
 )
 def test_clear_errors(tmp_path: Path, capsys, setup, message: str) -> None:
@@ -88,9 +98,11 @@ def test_clear_errors(tmp_path: Path, capsys, setup, message: str) -> None:
     (tmp_path / "in.csv").write_text("hello\n")
     (tmp_path / "bad.jsonl").write_text('"ok"\n{not json\n')
     (tmp_path / "wrong.jsonl").write_text(json.dumps({"txt": "typo"}) + "\n")
-    model, source, target = setup(tmp_path)
+    (tmp_path / "latin1.txt").write_bytes("fine\ncaf\u00e9\n".encode("latin-1"))
+    (tmp_path / "latin1.jsonl").write_bytes('"fine"\n"caf\u00e9"\n'.encode("latin-1"))
+    model, source, target, *options = setup(tmp_path)
     model = str(MODEL) if model == "model" else model
-    assert _run("encode", model, str(source), str(target)) == 2
+    assert _run("encode", model, str(source), str(target), *options) == 2
     error = capsys.readouterr().err
     assert error.startswith("llm2vec-fast encode: error: ")
     assert re.search(message, error), error
@@ -108,3 +120,50 @@ def test_demo_prints_similarities_backend_and_speed(capsys) -> None:
     assert values.shape == (5, 5)
     torch.testing.assert_close(values.diagonal(), torch.ones(5), atol=1e-3, rtol=0)
     torch.testing.assert_close(values, values.T)
+
+
+def test_carriage_return_inside_a_line_stays_in_its_row(tmp_path: Path) -> None:
+    texts = ["one\rline with a carriage return", "second line", "third\r"]
+    source = tmp_path / "texts.txt"
+    source.write_bytes(b"one\rline with a carriage return\r\nsecond line\nthird\r")  # CRLF, LF, no ending
+    target = tmp_path / "out.npy"
+    assert _run("encode", str(MODEL), str(source), str(target), "--no-progress") == 0
+    expected = LLM2Vec.from_pretrained(str(MODEL)).encode(texts, show_progress_bar=False, convert_to_numpy=True)
+    embeddings = np.load(target)
+    assert embeddings.shape == (3, 64)
+    np.testing.assert_allclose(embeddings, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_output_directory_is_refused_before_encoding(tmp_path: Path, capsys, monkeypatch) -> None:
+    (tmp_path / "in.txt").write_text("hello\n")
+    (tmp_path / "out.npy").mkdir()
+    monkeypatch.setattr(LLM2Vec, "from_pretrained", lambda *a, **k: pytest.fail("the model must not load"))
+    assert _run("encode", str(MODEL), str(tmp_path / "in.txt"), str(tmp_path / "out.npy")) == 2
+    assert re.fullmatch(r"llm2vec-fast encode: error: output .*out.npy is a directory\n", capsys.readouterr().err)
+
+
+def test_triton_backend_without_a_gpu_is_refused(tmp_path: Path, capsys, monkeypatch) -> None:
+    from llm2vec_fast.backends import triton as triton_backend
+
+    monkeypatch.setattr(triton_backend, "INTERPRETING", False)  # as outside the tests: no CPU interpreter
+    (tmp_path / "in.txt").write_text("hello\n")
+    argv = ("encode", str(MODEL), str(tmp_path / "in.txt"), str(tmp_path / "o.npy"), "--device", "cpu")
+    assert _run(*argv, "--backend", "triton") == 2
+    assert re.fullmatch(r"llm2vec-fast encode: error: attention backend 'triton' .*\n", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
+def test_ctrl_c_reports_progress_and_writes_nothing(tmp_path: Path, capsys, monkeypatch, suffix: str) -> None:
+    def interrupted_stream(self, sentences, **kwargs):
+        yield np.zeros((2, 64), dtype=np.float32)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LLM2Vec, "encode_stream", interrupted_stream)
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(LINES) + "\n")
+    target = tmp_path / f"out{suffix}"
+    assert _run("encode", str(MODEL), str(source), str(target), "--no-progress") == 130
+    error = capsys.readouterr().err  # after the model loading bar of transformers
+    assert error.endswith("\nllm2vec-fast encode: interrupted after 2 of 4 texts; nothing written\n")
+    assert "Traceback" not in error
+    assert list(tmp_path.iterdir()) == [source]
