@@ -269,3 +269,29 @@ def test_settings_are_checked_at_construction(model_dir: Path) -> None:
         LLM2Vec(encoder.model, encoder.tokenizer, skip_instruction="no")
     with pytest.raises(TypeError, match="instruction must be a string or None, got int"):
         encoder.encode(TEXTS, instruction=123)
+
+
+def test_stream_and_pool_settings_are_checked_before_any_input_is_read(model_dir: Path) -> None:
+    from llm2vec_fast.encode_pool import EncodePool
+
+    encoder = LLM2Vec.from_pretrained(str(model_dir))
+
+    def unread():
+        pytest.fail("the input must not be read")
+        yield "text"
+
+    cases = [
+        ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int, got 0"),
+        ({"batch_size": -1}, ValueError, "batch_size must be a positive int"),
+        ({"max_batch_tokens": 0}, ValueError, "max_batch_tokens must be a positive int or None"),
+        ({"instruction": 5}, TypeError, "instruction must be a string or None, got int"),
+        ({"device": "cuda:99"}, ValueError, "'cuda:99' requested but"),
+        ({"devices": ["cpu", "cuda:99"]}, ValueError, "'cuda:99' requested but"),
+    ]
+    for settings, error, message in cases:
+        with pytest.raises(error, match=message):
+            encoder.encode_stream(unread(), **settings)
+    with pytest.raises(ValueError, match="'cuda:99' requested but"):
+        EncodePool(encoder, ["cuda:99"])
+    with pytest.raises(ValueError, match="'cuda:99' requested but"):
+        encoder.encode(TEXTS, device="cuda:99")
