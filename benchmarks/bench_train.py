@@ -59,10 +59,12 @@ def build_causal_lm(layers: int, device: str, shape: dict | None = None):
         return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.bfloat16)
 
 
-def lora_settings(gradient_checkpointing: bool = True):
+def lora_settings():
+    """The LoRA adapter of a default training run."""
     from llm2vec_fast.training.config import MNTPConfig
+    from llm2vec_fast.training.modeling import lora_config
 
-    return MNTPConfig(model_name_or_path="random", train_files=["-"], output_dir="-", gradient_checkpointing=gradient_checkpointing)
+    return lora_config(MNTPConfig(model_name_or_path="random", train_files=["-"], output_dir="-"))
 
 
 def mntp_batch(lengths: list[int], vocab: int, seed: int):
@@ -130,7 +132,7 @@ def mntp_steppers(layers: int, device: str, shape: dict | None = None) -> dict[s
 
     causal_lm = build_causal_lm(layers, device, shape)
     causal_lm.lm_head.weight.requires_grad_(False)
-    decoder = add_lora(causal_lm.model, lora_settings())
+    decoder = add_lora(causal_lm.model, lora_settings(), gradient_checkpointing=True)
     causal_lm.model = decoder
     ours = MaskedNextTokenModel(decoder, causal_lm.lm_head, packed=True, pad_id=0, chunk_size=4096)
 
@@ -155,7 +157,7 @@ def simcse_steppers(layers: int, device: str, shape: dict | None = None, dropout
     from llm2vec_fast.training.modeling import SentenceEmbedder, add_attention_output_dropout, add_lora, use_hf_attention
     from llm2vec_fast.training.objectives import contrastive_batch_loss
 
-    decoder = add_lora(build_causal_lm(layers, device, shape).model, lora_settings())
+    decoder = add_lora(build_causal_lm(layers, device, shape).model, lora_settings(), gradient_checkpointing=True)
     ours = SentenceEmbedder(decoder, packed=True, pad_id=0, pooling_mode="mean", skip_instruction=True)
     hooks = add_attention_output_dropout(decoder, dropout)
 

@@ -14,7 +14,7 @@ from llm2vec_fast.training import load_config
 from llm2vec_fast.training.cli import main
 from llm2vec_fast.training.data.batches import ContrastiveBatch
 from llm2vec_fast.training.data.sources import tokenize_for_embedding
-from llm2vec_fast.training.modeling import build_embedder, load_tokenizer
+from llm2vec_fast.training.modeling import build_embedder, decoder_spec, load_tokenizer
 TEXTS = ["A man is playing a guitar.", "Paris is the capital of France.", "Padding tokens should cost nothing."]
 
 
@@ -58,7 +58,8 @@ def test_mntp_then_simcse_then_encode(files, tmp_path):
                                                train_files=["unused"], output_dir=str(tmp_path / "unused"),
                                                torch_dtype="float32", simcse_dropout=0.0))
     tokenizer = load_tokenizer(model)
-    trained = build_embedder(config, tokenizer, torch.device("cpu"))
+    trained = build_embedder(decoder_spec(config, torch.device("cpu")), tokenizer, pooling_mode=config.pooling_mode,
+                             skip_instruction=config.skip_instruction)
     set_peft_model_state_dict(trained.decoder, load_file(str(simcse / "adapter_model.safetensors")))
     ids, leading = tokenize_for_embedding(tokenizer, [("", t) for t in TEXTS], max_length=32)
     with torch.no_grad():

@@ -14,7 +14,7 @@ from llm2vec_fast.training import load_config, train
 from llm2vec_fast.training.data.masking import add_mask_token, masking_rule
 from llm2vec_fast.training.data.records import TextLines, contrastive_files
 from llm2vec_fast.training.data.sources import MNTPSource, SupervisedSource
-from llm2vec_fast.training.modeling import build_embedder, build_mntp_model, load_tokenizer
+from llm2vec_fast.training.modeling import build_embedder, build_mntp_model, decoder_spec, load_tokenizer
 from llm2vec_fast.training.objectives import contrastive_batch_loss
 
 EXACT = dict(lora_dropout=0.0, torch_dtype="float32", disable_tqdm=True)
@@ -88,7 +88,8 @@ def test_mntp_loss_equals_hf_causal_lm_loss_with_masked_labels(files, tmp_path, 
     add_mask_token(tokenizer, "blank")
     source = MNTPSource(TextLines(config.train_files), tokenizer, masking_rule(tokenizer, 0.3, "default"), layout=layout,
                         max_seq_length=48, batch_size=5, max_tokens_per_batch=None, seed=0)
-    model = build_mntp_model(config, tokenizer, torch.device("cpu"), vocabulary_grew=False)
+    model = build_mntp_model(decoder_spec(config, torch.device("cpu")), tokenizer, vocabulary_grew=False,
+                             train_lm_head=False, chunk_size=config.loss_chunk_size)
     _perturb_lora(model)
     batch = source.next_batch()
     ours = model(batch) / batch.num_loss_terms
@@ -107,7 +108,8 @@ def test_supervised_loss_equals_official_formula_on_hf_embeddings(files, tmp_pat
     tokenizer = load_tokenizer(config.model_name_or_path)
     source = SupervisedSource(contrastive_files(config.train_files, config.instructions, True), tokenizer,
                               max_seq_length=48, batch_size=4, append_eos=pooling_mode == "eos_token", template=None, seed=0)
-    model = build_embedder(config, tokenizer, torch.device("cpu"))
+    model = build_embedder(decoder_spec(config, torch.device("cpu")), tokenizer, pooling_mode=pooling_mode,
+                           skip_instruction=config.skip_instruction)
     _perturb_lora(model)
     batch = source.next_batch()
     ours = contrastive_batch_loss(model, batch, scale=50.0) / batch.num_queries

@@ -25,7 +25,6 @@ from .config import TrainConfig
 from .data.batches import TokenBatch
 from .distributed_strategy import TrainedWeights, gather_optimizer_state, gather_trained_weights, gradient_sync, wrap_model
 from .loss_log import LossLog
-from .modeling import resolve_dtype
 from .process_group import Topology, all_reduce_sum
 from .run_directory import ResumePoint
 
@@ -70,12 +69,13 @@ class Trainer:
     Args:
         model: computes what `loss_sum` needs; its trainable parameters are the optimised ones.
         adapter: the peft model inside `model` (saved at checkpoints).
+        weights_dtype: the dtype the base weights are stored in (FSDP computes 16-bit ones in it).
         resume: the checkpoint to continue from (`run_directory.start_run`), None for a fresh run.
         lm_head: a trained LM head to checkpoint alongside the adapter (MNTP with ``lm_head="train"``).
     """
 
     def __init__(self, config: TrainConfig, topology: Topology, *, model: nn.Module, adapter: PeftModel,
-                 source: BatchSource, loss_sum: LossFunction, resume: ResumePoint | None,
+                 source: BatchSource, loss_sum: LossFunction, weights_dtype: torch.dtype, resume: ResumePoint | None,
                  lm_head: nn.Module | None = None):
         self.config, self.topology, self.source, self.loss_sum = config, topology, source, loss_sum
         self.model, self.adapter, self.lm_head = model.train(), adapter, lm_head
@@ -84,7 +84,6 @@ class Trainer:
         self.state = TrainingState(step=0, world_size=topology.world_size, config=config.to_dict())
         if resume is not None:
             load_weights(resume.directory, adapter, lm_head)  # into the whole model, before it is sharded
-        weights_dtype = resolve_dtype(config.torch_dtype, topology.device)
         self.wrapped = wrap_model(model, config.distributed_strategy, topology, weights_dtype)
         self.params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP replaces them
         if not self.params:

@@ -13,6 +13,7 @@ LoRA wraps the base decoder (not the ``*ForCausalLM``), so adapters load with
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrai
 from ..hf import check_supported_model, load_bidirectional, pack_sequences, transformers_model
 from ..hf.patching import attention_layers
 from ..pooling import pool_packed, pool_padded
-from .config import ContrastiveConfig, MNTPConfig, TrainConfig
+from .config import TrainConfig
 from .data.batches import ContrastiveBatch, MNTPBatch, pad_right
 from .losses import masked_token_loss_sum
 
@@ -36,6 +37,41 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[name]
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """The base decoder to train and how, resolved once from a config (`decoder_spec`) for every builder below."""
+
+    path: str
+    device: torch.device
+    dtype: torch.dtype
+    attention: str  # "llm2vec_fast": packed batches on our kernels; "sdpa"/"eager": padded, Hugging Face's attention
+    backend: str | None  # the llm2vec_fast backend forced, or None (chosen per call)
+    merged_adapter: str | None  # a previous adapter (the MNTP one) merged into the weights before the new LoRA
+    lora: LoraConfig
+    gradient_checkpointing: bool
+
+    @property
+    def packed(self) -> bool:
+        return self.attention == "llm2vec_fast"
+
+
+def lora_config(config: TrainConfig) -> LoraConfig:
+    """The LoRA adapter a run trains (everything else frozen)."""
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.lora_target_modules), bias="none", task_type=None)
+
+
+def decoder_spec(config: TrainConfig, device: torch.device) -> DecoderSpec:
+    """The `DecoderSpec` of `config` on `device` (``torch_dtype="auto"`` and ``attention_backend="auto"`` resolved)."""
+    return DecoderSpec(
+        path=config.model_name_or_path, device=device, dtype=resolve_dtype(config.torch_dtype, device),
+        attention=config.attn_implementation,
+        backend=None if config.attention_backend == "auto" else config.attention_backend,
+        merged_adapter=config.peft_model_name_or_path, lora=lora_config(config),
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -59,24 +95,23 @@ def use_hf_attention(model: Any, implementation: str) -> Any:
     return model
 
 
-def load_decoder(config: TrainConfig, model_class: Any, device: torch.device) -> Any:
-    """`model_class` (``AutoModel`` or ``AutoModelForCausalLM``) loaded bidirectional, on `device`."""
+def load_decoder(spec: DecoderSpec, model_class: Any) -> Any:
+    """`model_class` (``AutoModel`` or ``AutoModelForCausalLM``) loaded bidirectional, on the spec's device."""
     from transformers import AutoConfig
 
-    check_supported_model(AutoConfig.from_pretrained(config.model_name_or_path))
-    options = {"dtype": resolve_dtype(config.torch_dtype, device)}
-    if device.type == "cuda":
-        options["device_map"] = {"": str(device)}  # straight to this process's GPU, not through host memory
-    if config.attn_implementation == "llm2vec_fast":
-        backend = None if config.attention_backend == "auto" else config.attention_backend
-        model = load_bidirectional(config.model_name_or_path, model_class=model_class, backend=backend, **options)
+    check_supported_model(AutoConfig.from_pretrained(spec.path))
+    options: dict[str, Any] = {"dtype": spec.dtype}
+    if spec.device.type == "cuda":
+        options["device_map"] = {"": str(spec.device)}  # straight to this process's GPU, not through host memory
+    if spec.packed:
+        model = load_bidirectional(spec.path, model_class=model_class, backend=spec.backend, **options)
     else:
-        model = model_class.from_pretrained(config.model_name_or_path, **options)
-        use_hf_attention(model, config.attn_implementation)
+        model = model_class.from_pretrained(spec.path, **options)
+        use_hf_attention(model, spec.attention)
     for layer in attention_layers(transformers_model(model)):
         layer.attention_dropout = 0.0
     transformers_model(model).config.use_cache = False
-    return model.to(device)
+    return model.to(spec.device)
 
 
 def merge_adapter(model: Any, adapter: str) -> Any:
@@ -84,21 +119,14 @@ def merge_adapter(model: Any, adapter: str) -> Any:
     return PeftModel.from_pretrained(model, adapter).merge_and_unload()
 
 
-def add_lora(model: Any, config: TrainConfig) -> PeftModel:
-    """Wrap `model` with a fresh LoRA adapter (everything else frozen), gradient checkpointing as configured."""
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=list(config.lora_target_modules),
-        bias="none",
-        task_type=None,
-    )
-    missing = [name for name in config.lora_target_modules if not any(n.endswith(f".{name}") for n, _ in model.named_modules())]
+def add_lora(model: Any, lora: LoraConfig, gradient_checkpointing: bool) -> PeftModel:
+    """Wrap `model` with a fresh `lora` adapter (everything else frozen), with activation checkpointing or not."""
+    names = [name for name, _ in model.named_modules()]
+    missing = sorted(target for target in lora.target_modules if not any(n.endswith(f".{target}") for n in names))
     if missing:
         raise ValueError(f"lora_target_modules {missing} match no module of {type(model).__name__}")
     peft_model = get_peft_model(model, lora)
-    if config.gradient_checkpointing:
+    if gradient_checkpointing:
         _enable_checkpointing(transformers_model(peft_model))
     return peft_model
 
@@ -168,36 +196,39 @@ def add_attention_output_dropout(model: nn.Module, probability: float) -> list[A
     return [layer.o_proj.register_forward_pre_hook(drop) for layer in attention_layers(transformers_model(model))]
 
 
-def build_mntp_model(config: MNTPConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device,
-                     vocabulary_grew: bool) -> MaskedNextTokenModel:
-    """Bidirectional ``*ForCausalLM`` split into a LoRA-wrapped decoder and its LM head (frozen unless ``lm_head="train"``)."""
-    causal_lm = load_decoder(config, AutoModelForCausalLM, device)
+def build_mntp_model(spec: DecoderSpec, tokenizer: PreTrainedTokenizerBase, *, vocabulary_grew: bool,
+                     train_lm_head: bool, chunk_size: int) -> MaskedNextTokenModel:
+    """Bidirectional ``*ForCausalLM`` split into a LoRA-wrapped decoder and its LM head (frozen unless `train_lm_head`).
+
+    `chunk_size`: masked positions per LM-head chunk (``loss_chunk_size``).
+    """
+    causal_lm = load_decoder(spec, AutoModelForCausalLM)
     if vocabulary_grew:
         causal_lm.resize_token_embeddings(len(tokenizer))
     lm_head = causal_lm.get_output_embeddings()
     decoder = causal_lm.get_decoder()
     tied = lm_head.weight is decoder.get_input_embeddings().weight
-    if config.lm_head == "train" and tied:
+    if train_lm_head and tied:
         raise ValueError("lm_head='train' is not possible: this model ties its LM head to the input embeddings; use 'freeze'")
-    lm_head.weight.requires_grad_(config.lm_head == "train")
-    if config.peft_model_name_or_path:
-        decoder = merge_adapter(decoder, config.peft_model_name_or_path)
+    lm_head.weight.requires_grad_(train_lm_head)
+    if spec.merged_adapter:
+        decoder = merge_adapter(decoder, spec.merged_adapter)
     softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
-    return MaskedNextTokenModel(add_lora(decoder, config), lm_head, packed=config.attn_implementation == "llm2vec_fast",
-                                pad_id=pad_token_id(tokenizer), chunk_size=config.loss_chunk_size, softcap=softcap)
+    return MaskedNextTokenModel(add_lora(decoder, spec.lora, spec.gradient_checkpointing), lm_head, packed=spec.packed,
+                                pad_id=pad_token_id(tokenizer), chunk_size=chunk_size, softcap=softcap)
 
 
-def build_embedder(config: ContrastiveConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device,
+def build_embedder(spec: DecoderSpec, tokenizer: PreTrainedTokenizerBase, *, pooling_mode: str, skip_instruction: bool,
                    dropout: float = 0.0) -> SentenceEmbedder:
     """Bidirectional base model, previous adapter (MNTP) merged, a new LoRA on top; `dropout` as SimCSE's."""
-    model = load_decoder(config, AutoModel, device)
-    if config.peft_model_name_or_path:
-        model = merge_adapter(model, config.peft_model_name_or_path)
-    if dropout and config.attn_implementation != "llm2vec_fast":
+    model = load_decoder(spec, AutoModel)
+    if spec.merged_adapter:
+        model = merge_adapter(model, spec.merged_adapter)
+    if dropout and not spec.packed:
         for layer in attention_layers(transformers_model(model)):
             layer.attention_dropout = dropout
-    model = add_lora(model, config)
-    if dropout and config.attn_implementation == "llm2vec_fast":
+    model = add_lora(model, spec.lora, spec.gradient_checkpointing)
+    if dropout and spec.packed:
         add_attention_output_dropout(model, dropout)
-    return SentenceEmbedder(model, packed=config.attn_implementation == "llm2vec_fast", pad_id=pad_token_id(tokenizer),
-                            pooling_mode=config.pooling_mode, skip_instruction=config.skip_instruction)
+    return SentenceEmbedder(model, packed=spec.packed, pad_id=pad_token_id(tokenizer), pooling_mode=pooling_mode,
+                            skip_instruction=skip_instruction)

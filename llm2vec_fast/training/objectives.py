@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from torch import Tensor, nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
@@ -28,7 +29,7 @@ from .data.sources import MNTPSource, SimCSESource, SupervisedSource
 from .distributed_strategy import TrainedWeights, check_launcher
 from .loop import Trainer, TrainingResult
 from .losses import contrastive_loss_sum
-from .modeling import build_embedder, build_mntp_model, load_tokenizer
+from .modeling import build_embedder, build_mntp_model, decoder_spec, load_tokenizer
 from .process_group import Topology, barrier, init_topology
 from .run_directory import TRAIN_CONFIG_FILE, ResumePoint, start_run
 
@@ -50,11 +51,14 @@ def _mntp_trainer(config: MNTPConfig, tokenizer: PreTrainedTokenizerBase, topolo
         batch_size=config.per_device_train_batch_size, max_tokens_per_batch=config.max_tokens_per_batch,
         seed=config.seed, rank=topology.rank, world_size=topology.world_size,
     )
-    model = build_mntp_model(config, tokenizer, topology.device, vocabulary_grew)
-    lm_head = model.lm_head if config.lm_head == "train" else None
-    _seed_per_process(config, topology)
+    spec = decoder_spec(config, topology.device)
+    train_lm_head = config.lm_head == "train"
+    model = build_mntp_model(spec, tokenizer, vocabulary_grew=vocabulary_grew, train_lm_head=train_lm_head,
+                             chunk_size=config.loss_chunk_size)
+    _seed_per_process(config.seed, topology)
     return Trainer(config, topology, model=model, adapter=model.decoder, source=source,
-                   loss_sum=lambda module, batch: module(batch), resume=resume, lm_head=lm_head)
+                   loss_sum=lambda module, batch: module(batch), weights_dtype=spec.dtype, resume=resume,
+                   lm_head=model.lm_head if train_lm_head else None)
 
 
 def _contrastive_trainer(config: ContrastiveConfig, tokenizer: PreTrainedTokenizerBase, topology: Topology,
@@ -69,44 +73,48 @@ def _contrastive_trainer(config: ContrastiveConfig, tokenizer: PreTrainedTokeniz
         datasets = contrastive_files(config.train_files, config.instructions, config.validate_data)
         source = SupervisedSource(datasets, tokenizer, **options)
         dropout = 0.0
-    model = build_embedder(config, tokenizer, topology.device, dropout=dropout)
-    _seed_per_process(config, topology)
+    spec = decoder_spec(config, topology.device)
+    model = build_embedder(spec, tokenizer, pooling_mode=config.pooling_mode, skip_instruction=config.skip_instruction,
+                           dropout=dropout)
+    _seed_per_process(config.seed, topology)
     return Trainer(config, topology, model=model, adapter=model.decoder, source=source,
-                   loss_sum=partial(contrastive_batch_loss, scale=config.loss_scale), resume=resume)
+                   loss_sum=partial(contrastive_batch_loss, scale=config.loss_scale), weights_dtype=spec.dtype,
+                   resume=resume)
 
 
-def _seed_per_process(config: TrainConfig, topology: Topology) -> None:
+def _seed_per_process(seed: int, topology: Topology) -> None:
     """After the (identically seeded) model build, give each process its own dropout noise."""
-    torch.manual_seed(config.seed + topology.rank)
+    torch.manual_seed(seed + topology.rank)
 
 
-def _write_outputs(config: TrainConfig, trainer: Trainer, weights: TrainedWeights, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Write the final outputs beside the checkpoints: staged, then each file moved into place whole."""
-    output = Path(config.output_dir)
-    staging = output / f"final-outputs{TEMPORARY_SUFFIX}"
-    remove_directory(staging)
-    staging.mkdir()
-    save_weights(staging, trainer.adapter, weights)
-    tokenizer.save_pretrained(staging)
+def _settings_files(config: TrainConfig) -> dict[str, str]:
+    """The JSON files of the output directory besides the adapter: the run's config, and the encoder's settings."""
+    files = {TRAIN_CONFIG_FILE: json.dumps(config.to_dict(), indent=2)}
     if isinstance(config, ContrastiveConfig):
         encoder = {**ENCODER_DEFAULTS, "pooling_mode": config.pooling_mode, "max_length": config.max_seq_length,
                    "skip_instruction": config.skip_instruction}
-        (staging / CONFIG_NAME).write_text(json.dumps(encoder, indent=4))
-    (staging / TRAIN_CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+        files[CONFIG_NAME] = json.dumps(encoder, indent=4)
+    return files
+
+
+def _write_outputs(output: Path, adapter: PeftModel, weights: TrainedWeights, tokenizer: PreTrainedTokenizerBase,
+                   settings_files: dict[str, str]) -> None:
+    """Write the final outputs beside the checkpoints: staged, then each file moved into place whole."""
+    staging = output / f"final-outputs{TEMPORARY_SUFFIX}"
+    remove_directory(staging)
+    staging.mkdir()
+    save_weights(staging, adapter, weights)
+    tokenizer.save_pretrained(staging)
+    for name, text in settings_files.items():
+        (staging / name).write_text(text)
     publish_files(staging, output)
-
-
-def _check_machine(config: TrainConfig) -> None:
-    """The requested device and attention backend exist here (ValueError naming the problem, before anything loads)."""
-    check_device(config.device)
-    if config.attn_implementation == "llm2vec_fast":
-        check_backend(config.attention_backend, config.device)
 
 
 def train(config: TrainConfig) -> TrainingResult:
     """Train `config.objective` and write the adapter to ``config.output_dir`` (every process calls this under DDP/FSDP)."""
     config = config.with_resolved_paths()
-    _check_machine(config)
+    check_device(config.device)  # a missing GPU or backend: one ValueError naming it, before anything loads
+    check_backend(config.attention_backend if config.attn_implementation == "llm2vec_fast" else None, config.device)
     check_launcher(config.distributed_strategy)
     topology = init_topology(config.device)
     resume = start_run(config, topology)
@@ -121,6 +129,6 @@ def train(config: TrainConfig) -> TrainingResult:
     result = trainer.train()
     weights = trainer.gather_weights()
     if topology.is_main:
-        _write_outputs(config, trainer, weights, tokenizer)
+        _write_outputs(Path(config.output_dir), trainer.adapter, weights, tokenizer, _settings_files(config))
     barrier()
     return result
