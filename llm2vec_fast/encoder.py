@@ -163,7 +163,6 @@ def _without_dropout(model: nn.Module) -> Iterator[None]:
         _encoding.active -= 1
 
 
-
 class LLM2Vec(nn.Module):
     """Text encoder over a bidirectional decoder; the official llm2vec 0.2.3 API."""
 
