@@ -47,7 +47,8 @@ def test_check_backend_cuda_without_gpu() -> None:
 def test_check_backend_triton_on_cpu_follows_the_interpreter(monkeypatch) -> None:
     from llm2vec_fast.backends import triton as triton_backend
 
-    check_backend("triton", "cpu")  # tests run Triton in its CPU interpreter
+    monkeypatch.setattr(triton_backend, "INTERPRETING", True)
+    check_backend("triton", "cpu")  # the CPU interpreter runs CPU tensors
     monkeypatch.setattr(triton_backend, "INTERPRETING", False)
     with pytest.raises(ValueError, match="attention backend 'triton'"):
         check_backend("triton", "cpu")
