@@ -18,6 +18,7 @@ from .common import (
     capped_scores,
     clip_to_window,
     dot_precision,
+    last_dim_contiguous,
     launch_shape,
     load_tile,
     mask_args,
@@ -58,11 +59,13 @@ def _rows_lse_delta(Lse, Delta, lse_offset, offs_m, rows_ok):
 @triton.jit
 def attention_bwd_preprocess_kernel(
     Out, DOut, DLse, Delta, CuSeqlensQ,
-    stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh, stride_lb, stride_lh, seqlen_q,
+    stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh, stride_dd, stride_lb, stride_lh,
+    stride_glb, stride_glh, stride_gls, seqlen_q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """delta = rowsum(dO * O) - dlse, laid out like the log-sum-exp."""
+    """delta = rowsum(dO * O) - dlse, laid out like the log-sum-exp. dO and dlse come with autograd's strides
+    (``out.sum()`` gives all-zero ones), read as they are: a copy would be a full write."""
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
     batch = tl.program_id(2)
@@ -75,12 +78,13 @@ def attention_bwd_preprocess_kernel(
     tokens = (q_start + offs_m).to(tl.int64)[:, None]
     o = load_tile(Out + batch.to(tl.int64) * stride_ob + tokens * stride_os + head * stride_oh + offs_d[None, :],
                   rows_ok, offs_d, True, HEAD_DIM, BLOCK_D)
-    do = load_tile(DOut + batch.to(tl.int64) * stride_db + tokens * stride_ds + head * stride_dh + offs_d[None, :],
-                   rows_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    do = load_tile(DOut + batch.to(tl.int64) * stride_db + tokens * stride_ds + head * stride_dh
+                   + offs_d[None, :] * stride_dd, rows_ok, offs_d, True, HEAD_DIM, BLOCK_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     lse_offset = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
     if HAS_DLSE:
-        delta -= tl.load(DLse + lse_offset + offs_m, mask=rows_ok, other=0.0)
+        dlse_offset = batch.to(tl.int64) * stride_glb + head.to(tl.int64) * stride_glh
+        delta -= tl.load(DLse + dlse_offset + (q_start + offs_m).to(tl.int64) * stride_gls, mask=rows_ok, other=0.0)
     tl.store(Delta + lse_offset + offs_m, delta, mask=rows_ok)
 
 
@@ -89,7 +93,7 @@ def attention_bwd_preprocess_kernel(
 def attention_bwd_dkdv_kernel(
     Q, K, V, DOut, DK, DV, Lse, Delta, KeyMask, KeySpans, NumSpans, CuSeqlensQ, CuSeqlensK,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_db, stride_ds, stride_dh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    stride_db, stride_ds, stride_dh, stride_dd, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh, stride_mb, stride_sb,
     seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_scale, sm_scale, SEQLEN_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -144,8 +148,8 @@ def attention_bwd_dkdv_kernel(
                     rows_ok = rows_ok & real_keys(KeyMask, offs_m, rows_ok, True)
                 q = load_tile(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], rows_ok, offs_d, True,
                               HEAD_DIM, BLOCK_D)
-                do = load_tile(do_base + offs_m[:, None] * stride_ds + offs_d[None, :], rows_ok, offs_d, True,
-                               HEAD_DIM, BLOCK_D)
+                do = load_tile(do_base + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd, rows_ok, offs_d,
+                               True, HEAD_DIM, BLOCK_D)
                 lse, delta = _rows_lse_delta(Lse, Delta, lse_offset, offs_m, rows_ok)
                 # Transposed tiles (keys x queries): P^T = exp2(S^T - lse).
                 scores_t, tanh_t = capped_scores(mma(k, tl.trans(q), UPCAST, PRECISION), qk_scale, softcap_scale,
@@ -172,7 +176,8 @@ def attention_bwd_dkdv_kernel(
 def attention_bwd_dq_kernel(
     Q, K, V, DOut, DQ, Lse, Delta, KeyMask, KeySpans, NumSpans, CuSeqlensQ, CuSeqlensK,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_db, stride_ds, stride_dh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, stride_mb, stride_sb,
+    stride_db, stride_ds, stride_dh, stride_dd, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
+    stride_mb, stride_sb,
     seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_scale, sm_scale, SEQLEN_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, MASK_QUERIES: tl.constexpr,
@@ -198,8 +203,8 @@ def attention_bwd_dq_kernel(
     q_tokens = (q_start + offs_m).to(tl.int64)[:, None]
     q = load_tile(Q + batch.to(tl.int64) * stride_qb + q_tokens * stride_qs + head * stride_qh + offs_d[None, :],
                   rows_ok, offs_d, True, HEAD_DIM, BLOCK_D)
-    do = load_tile(DOut + batch.to(tl.int64) * stride_db + q_tokens * stride_ds + head * stride_dh + offs_d[None, :],
-                   rows_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    do = load_tile(DOut + batch.to(tl.int64) * stride_db + q_tokens * stride_ds + head * stride_dh
+                   + offs_d[None, :] * stride_dd, rows_ok, offs_d, True, HEAD_DIM, BLOCK_D)
     lse_offset = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
     lse, delta = _rows_lse_delta(Lse, Delta, lse_offset, offs_m, rows_ok)
     K += batch.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + kv_head * stride_kh
@@ -229,6 +234,13 @@ def attention_bwd_dq_kernel(
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=tile_mask(rows_in, offs_d, HEAD_DIM, BLOCK_D))
 
 
+def _dlse_strides(dlse: torch.Tensor | None, is_varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, token) strides of the log-sum-exp gradient: (B, H, S) padded, (H, T) packed."""
+    if dlse is None:
+        return 0, 0, 0
+    return (0, *dlse.stride()) if is_varlen else dlse.stride()
+
+
 def attention_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -247,7 +259,12 @@ def attention_backward(
     softcap: float,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch preprocess, dK/dV and dQ; returns contiguous (dq, dk, dv). Always deterministic."""
+    """Launch preprocess, dK/dV and dQ; returns contiguous (dq, dk, dv). Always deterministic.
+
+    dout and dlse are read with whatever strides they have; q, k, v and out need a unit last stride
+    and lse a contiguous layout (what the forward returns; anything else is copied)."""
+    q, k, v, out = (last_dim_contiguous(t) for t in (q, k, v, out))
+    lse = lse.contiguous()
     shape = launch_shape(q, k, key_mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal, window_size)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -259,16 +276,18 @@ def attention_backward(
     delta = torch.empty_like(lse)
     placeholder = q
     block_d = triton.next_power_of_2(head_dim)
+    masks = mask_args(shape, cu_seqlens_q, cu_seqlens_k, placeholder)
+    dout_strides = (*token_strides(dout, is_varlen), dout.stride(-1))
     attention_bwd_preprocess_kernel[(triton.cdiv(shape.seqlen_q, _PREPROCESS_BLOCK_M), heads_q, shape.batch)](
-        out, dout, placeholder if dlse is None else dlse, delta, placeholder if cu_seqlens_q is None else cu_seqlens_q,
-        *token_strides(out, is_varlen), *token_strides(dout, is_varlen), *lse_strides(lse, is_varlen), shape.seqlen_q,
+        out, dout, placeholder if dlse is None else dlse, delta, masks[3],  # masks[3]: CuSeqlensQ
+        *token_strides(out, is_varlen), *dout_strides, *lse_strides(lse, is_varlen),
+        *_dlse_strides(dlse, is_varlen), shape.seqlen_q,
         HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=is_varlen, HAS_DLSE=dlse is not None,
         BLOCK_M=_PREPROCESS_BLOCK_M,
     )
     qk_scale, softcap_scale = score_scales(softmax_scale, softcap)
-    masks = mask_args(shape, cu_seqlens_q, cu_seqlens_k, placeholder)
     common_strides = (*token_strides(q, is_varlen), *token_strides(k, is_varlen), *token_strides(v, is_varlen),
-                      *token_strides(dout, is_varlen))
+                      *dout_strides)
     common_scalars = (shape.seqlen_q, shape.seqlen_k, shape.window_left, shape.window_right,
                       qk_scale, softcap_scale, softmax_scale)
     flags = dict(

@@ -19,6 +19,7 @@ from .common import (
     capped_scores,
     clip_to_window,
     dot_precision,
+    last_dim_contiguous,
     launch_shape,
     load_tile,
     mask_args,
@@ -185,6 +186,7 @@ def attention_forward(
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel; returns (out like q, float32 lse (B, Hq, Sq) or (Hq, Tq))."""
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     shape = launch_shape(q, k, key_mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal, window_size)
     heads_q, head_dim = q.shape[-2], q.shape[-1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -68,7 +68,7 @@ class LaunchShape:
     seqlen_q: int  # padded length, or max_seqlen_q for varlen
     seqlen_k: int
     is_varlen: bool
-    key_mask: torch.Tensor | None  # uint8 (B, Sk), 1 = real key
+    key_mask: torch.Tensor | None  # uint8 (B, Sk), contiguous, 1 = real key
     key_spans: torch.Tensor | None  # int32 (B, R, 2): [start, end) of each span of keys
     num_spans: torch.Tensor | None  # int32 (B,)
     mask_queries: bool  # padded self-attention: the key mask also marks query rows
@@ -111,6 +111,17 @@ def key_spans(key_mask: torch.Tensor, split_gap: int = SPLIT_GAP) -> tuple[torch
     return spans[:, :, :max_spans].transpose(1, 2).contiguous(), starts.sum(dim=1, dtype=torch.int32)
 
 
+def last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    """The kernels read head-dim rows of q, k, v and out with unit stride: a copy where that does not hold."""
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def kernel_mask(key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mask bytes, key spans, span counts) of a bool (B, Sk) mask, laid out as the kernels index them
+    (contiguous rows: a view such as ``mask.t()`` or ``mask[:, ::2]`` is copied, B * Sk bytes)."""
+    return (key_mask.contiguous().view(torch.uint8), *key_spans(key_mask))
+
+
 def launch_shape(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -130,16 +141,16 @@ def launch_shape(
     batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
     mask_bytes = spans = num_spans = None
     if key_mask is not None:
-        mask_bytes = key_mask.view(torch.uint8)
-        spans, num_spans = _spans_of_masks.get(key_mask, None, lambda: key_spans(key_mask))
+        mask_bytes, spans, num_spans = _spans_of_masks.get(key_mask, None, lambda: kernel_mask(key_mask))
     mask_queries = key_mask is not None and seqlen_q == seqlen_k
     return LaunchShape(batch, seqlen_q, seqlen_k, False, mask_bytes, spans, num_spans, mask_queries, left, right)
 
 
 def mask_args(shape: LaunchShape, cu_seqlens_q, cu_seqlens_k, placeholder: torch.Tensor) -> tuple:
-    """(KeyMask, KeySpans, NumSpans, CuSeqlensQ, CuSeqlensK) kernel arguments; absent ones point at a
-    placeholder that the kernel never dereferences (its constexpr flags compile those loads away)."""
-    return tuple(placeholder if t is None else t for t in
+    """(KeyMask, KeySpans, NumSpans, CuSeqlensQ, CuSeqlensK) kernel arguments, contiguous (the kernels
+    index them with unit strides; a view of offsets is copied); absent ones point at a placeholder that
+    the kernel never dereferences (its constexpr flags compile those loads away)."""
+    return tuple(placeholder if t is None else t.contiguous() for t in
                  (shape.key_mask, shape.key_spans, shape.num_spans, cu_seqlens_q, cu_seqlens_k))
 
 

@@ -11,8 +11,10 @@ Semantics shared by every backend:
   ``-inf`` and its gradients are zero;
 - with a key-padding mask and ``Sq == Sk`` (self-attention) the mask also marks query rows:
   padded query positions output zeros;
-- inputs may be strided views (e.g. ``(B, H, S, D).transpose(1, 2)``); a last dimension that is
-  not contiguous is copied. Outputs and gradients are contiguous.
+- every tensor argument may be a strided view (q/k/v such as ``(B, H, S, D).transpose(1, 2)``,
+  masks such as ``mask.t()``, offsets, and the gradients autograd hands the backward, e.g. the
+  all-zero-stride one of ``out.sum()``); a backend copies what its kernels cannot read in place.
+  Outputs and gradients are contiguous.
 """
 from __future__ import annotations
 
@@ -28,10 +30,6 @@ from .validation import (
     normalize_key_mask,
     softmax_scale_or_default,
 )
-
-
-def _last_dim_contiguous(tensor: Tensor) -> Tensor:
-    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
 def flash_attn_func(
@@ -72,7 +70,6 @@ def flash_attn_func(
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     window_size, softcap = check_window_and_softcap(window_size, softcap)
     name = resolve_backend(q, k, backend, window_size, softcap)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, lse = torch.ops.llm2vec_fast.attention_forward(
         q, k, v, key_mask, None, None, q.shape[1], k.shape[1],
         bool(causal), *window_size, softcap, scale, bool(deterministic), name,
@@ -115,7 +112,6 @@ def flash_attn_varlen_func(
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     window_size, softcap = check_window_and_softcap(window_size, softcap)
     name = resolve_backend(q, k, backend, window_size, softcap)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, lse = torch.ops.llm2vec_fast.attention_forward(
         q, k, v, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         bool(causal), *window_size, softcap, scale, bool(deterministic), name,

@@ -12,10 +12,18 @@ from typing import Any
 from torch import Tensor
 
 
-class TensorCache:
-    """Values keyed by a tensor's identity and in-place version (plus an extra key); at most `size` entries.
+def _state(tensor: Tensor) -> Hashable:
+    """What tells this tensor's contents apart from before: its in-place version counter, and the
+    memory it views (``tensor.data = other`` swaps that without bumping the version)."""
+    return tensor._version, tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device
 
-    Inference tensors keep no version counter: they are matched by identity alone.
+
+class TensorCache:
+    """Values keyed by a tensor's identity, version and memory (plus an extra key); at most `size` entries.
+
+    Inference tensors keep no version counter, so an in-place edit of one cannot be seen: they are
+    never cached (the value is computed on every call). Writes that bypass torch (through a numpy
+    or DLPack alias) do not bump the version either and are not seen.
     """
 
     def __init__(self, size: int = 64) -> None:
@@ -24,12 +32,14 @@ class TensorCache:
 
     def get(self, tensor: Tensor, key: Hashable, compute: Callable[[], Any]) -> Any:
         """The cached value for (tensor, key), else ``compute()`` (cached unless it raises)."""
-        version = None if tensor.is_inference() else tensor._version
+        if tensor.is_inference():
+            return compute()
+        state = (_state(tensor), key)
         entry = self._entries.get(id(tensor))
-        if entry is not None and entry[0]() is tensor and entry[1] == (version, key):
+        if entry is not None and entry[0]() is tensor and entry[1] == state:
             return entry[2]
         value = compute()
         if len(self._entries) >= self._size:
             self._entries.clear()
-        self._entries[id(tensor)] = (weakref.ref(tensor), (version, key), value)
+        self._entries[id(tensor)] = (weakref.ref(tensor), state, value)
         return value

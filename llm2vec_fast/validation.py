@@ -4,6 +4,8 @@ Shape, dtype and device checks read only metadata, so they also run while torch.
 `check_cu_seqlens_values` reads the offsets themselves (a host sync on GPU), so it runs inside
 the op's eager implementation and remembers offsets it has already checked (a `TensorCache`): a
 model calling the op once per layer with the same `cu_seqlens` pays for one check per forward.
+Inference tensors (made under `torch.inference_mode()`) keep no version counter, so an in-place
+edit cannot be seen: their offsets are checked on every call.
 """
 from __future__ import annotations
 

@@ -63,6 +63,8 @@ def resolve_backend(
     A forced backend that is missing or cannot take the inputs raises an error saying why;
     "auto" falls through to the next backend instead.
     """
+    if requested is not None and not isinstance(requested, str):
+        raise TypeError(f"backend must be a string ({', '.join(('auto',) + BACKENDS)}) or None, got {requested!r}")
     name = (requested or os.environ.get(BACKEND_ENV_VAR) or "auto").lower()
     if name != "auto":
         reason = get_backend(name).unsupported_reason(q, k, window_size, softcap)

@@ -76,8 +76,16 @@ def unsupported_reason(q: Tensor, k: Tensor, window_size: tuple[int, int], softc
     return None  # sliding windows and soft caps are supported
 
 
+def _contiguous(offsets: Tensor | None) -> Tensor | None:
+    """The binding reads cu_seqlens with unit stride (it refuses views); every other argument it takes
+    with its strides (the key mask) or copies itself where the kernels need it (q/k/v/out/dout
+    without a unit last stride or 16-byte rows, lse and dlse not contiguous)."""
+    return None if offsets is None else offsets.contiguous()
+
+
 def forward(q, k, v, key_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window_size,
             softcap, softmax_scale) -> tuple[Tensor, Tensor]:
+    cu_seqlens_q, cu_seqlens_k = _contiguous(cu_seqlens_q), _contiguous(cu_seqlens_k)
     return torch.ops.llm2vec_fast_cuda.fwd(
         q, k, v, key_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         causal, window_size[0], window_size[1], softcap, softmax_scale,
@@ -86,6 +94,7 @@ def forward(q, k, v, key_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 def backward(dout, q, k, v, out, lse, dlse, key_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
              causal, window_size, softcap, softmax_scale, deterministic) -> tuple[Tensor, Tensor, Tensor]:
+    cu_seqlens_q, cu_seqlens_k = _contiguous(cu_seqlens_q), _contiguous(cu_seqlens_k)
     return torch.ops.llm2vec_fast_cuda.bwd(
         dout, q, k, v, out, lse, dlse, key_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         causal, window_size[0], window_size[1], softcap, softmax_scale, deterministic,
