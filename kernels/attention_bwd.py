@@ -17,6 +17,7 @@ from .common import (
     autotuned,
     capped_scores,
     clip_to_window,
+    convert,
     dot_precision,
     last_dim_contiguous,
     launch_shape,
@@ -158,17 +159,17 @@ def attention_bwd_dkdv_kernel(
                                                     WINDOW_LEFT, WINDOW_RIGHT))
                 allowed_t = allowed_t & key_ok[:, None] & rows_ok[None, :]
                 p_t = tl.where(allowed_t, tl.exp2(scores_t - lse[None, :]), 0.0)
-                dv += mma(p_t.to(do.dtype), do, UPCAST, PRECISION)
+                dv += mma(convert(p_t, do.dtype, UPCAST), do, UPCAST, PRECISION)
                 dp_t = mma(v, tl.trans(do), UPCAST, PRECISION)
                 ds_t = p_t * (dp_t - delta[None, :])
                 if SOFTCAP:
                     ds_t = ds_t * (1.0 - tanh_t * tanh_t)
-                dk += mma(ds_t.to(q.dtype), q, UPCAST, PRECISION)
+                dk += mma(convert(ds_t, q.dtype, UPCAST), q, UPCAST, PRECISION)
     dk_ptrs = DK + batch.to(tl.int64) * stride_dkb + kv_tokens * stride_dks + kv_head * stride_dkh + offs_d[None, :]
     dv_ptrs = DV + batch.to(tl.int64) * stride_dvb + kv_tokens * stride_dvs + kv_head * stride_dvh + offs_d[None, :]
     store_ok = tile_mask(keys_in, offs_d, HEAD_DIM, BLOCK_D)
-    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=store_ok)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=store_ok)
+    tl.store(dk_ptrs, convert(dk * sm_scale, DK.dtype.element_ty, UPCAST), mask=store_ok)
+    tl.store(dv_ptrs, convert(dv, DV.dtype.element_ty, UPCAST), mask=store_ok)
 
 
 @triton.autotune(key=_BWD_KEY, **autotuned(DQ_TILES))
@@ -229,9 +230,9 @@ def attention_bwd_dq_kernel(
             ds = p * (dp - delta[:, None])
             if SOFTCAP:
                 ds = ds * (1.0 - tanh_s * tanh_s)
-            dq += mma(ds.to(k.dtype), k, UPCAST, PRECISION)
+            dq += mma(convert(ds, k.dtype, UPCAST), k, UPCAST, PRECISION)
     tl.store(DQ + batch.to(tl.int64) * stride_dqb + q_tokens * stride_dqs + head * stride_dqh + offs_d[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=tile_mask(rows_in, offs_d, HEAD_DIM, BLOCK_D))
+             convert(dq * sm_scale, DQ.dtype.element_ty, UPCAST), mask=tile_mask(rows_in, offs_d, HEAD_DIM, BLOCK_D))
 
 
 def _dlse_strides(dlse: torch.Tensor | None, is_varlen: bool) -> tuple[int, int, int]:

@@ -18,6 +18,7 @@ from .common import (
     autotuned,
     capped_scores,
     clip_to_window,
+    convert,
     dot_precision,
     last_dim_contiguous,
     launch_shape,
@@ -65,7 +66,7 @@ def _attend_tiles(
         alpha = tl.exp2(m_i - m_base)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = load_tile(V + offs_n[:, None] * stride_vs + offs_d[None, :], n_ok, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, PRECISION)
+        acc = acc * alpha[:, None] + mma(convert(p, v.dtype, UPCAST), v, UPCAST, PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -146,7 +147,7 @@ def attention_fwd_kernel(
     out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(row_ok, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     tl.store(Out + batch.to(tl.int64) * stride_ob + (q_start + offs_m).to(tl.int64)[:, None] * stride_os
-             + head * stride_oh + offs_d[None, :], out.to(Out.dtype.element_ty),
+             + head * stride_oh + offs_d[None, :], convert(out, Out.dtype.element_ty, UPCAST),
              mask=tile_mask(rows_in, offs_d, HEAD_DIM, BLOCK_D))
     tl.store(Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start + offs_m, lse,
              mask=rows_in)

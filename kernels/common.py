@@ -169,6 +169,24 @@ def mma(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def to_bf16_rounded(x):
+    """fp32 -> bf16 rounded to nearest even in integer arithmetic, as a GPU's cvt.rn does (Triton's
+    interpreter truncates, and mangles subnormals). NaN stays NaN; overflow rounds to inf."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+    rounded = tl.where(x != x, bits | 0x400000, rounded)
+    return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def convert(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """x.to(dtype); UPCAST (on only when interpreting) rounds bf16 to nearest even as the GPU does."""
+    if UPCAST and dtype == tl.bfloat16:
+        return to_bf16_rounded(x.to(tl.float32))
+    return x.to(dtype)
+
+
+@triton.jit
 def tanh(x):
     """tanh via exp2, saturating cleanly to +-1 for large |x| (no libdevice needed)."""
     return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)

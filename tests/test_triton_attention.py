@@ -5,9 +5,12 @@ NaN-poisoned before the kernels run (see attention_cases.check for what is compa
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from attention_cases import MASK_KINDS, check, key_padding_mask, padded_case, run_public_api, varlen_case
 from llm2vec_fast import flash_attn_func, flash_attn_varlen_func
+from llm2vec_fast.kernels.common import INTERPRETING, convert
 from oracle import assert_close, attention_oracle
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
@@ -120,3 +123,23 @@ def test_mask_edited_in_place_is_seen(kernel_device):
     out = flash_attn_func(q, k, v, mask, backend="triton")
     ref, _ = attention_oracle(q.cpu(), k.cpu(), v.cpu(), key_mask=mask.cpu())
     assert_close(out.cpu(), ref, torch.float32, "out")
+
+
+@triton.jit
+def _convert_kernel(X, Y, N: tl.constexpr, UPCAST: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(Y + offs, convert(tl.load(X + offs), Y.dtype.element_ty, UPCAST))
+
+
+def test_bf16_conversion_rounds_to_nearest_even(kernel_device):
+    """Kernels store bf16 as a GPU does, bit for bit, interpreter included (it truncates on its own):
+    ties, values just below a tie, NaN, +-inf, overflow to inf, subnormals, and a wide random range."""
+    special = [1.0078124, 1.00390625, 1.01171875, -1.0078124, 1.00390626, float("nan"), float("inf"), float("-inf"),
+               3.4e38, -3.4e38, 3.3895e38, 1e-40, -3e-39, 0.0, -0.0, 1.0]
+    wide = torch.randn(1024 - len(special)) * torch.logspace(-44, 38, 1024 - len(special))
+    x = torch.cat([torch.tensor(special), wide]).to(kernel_device)
+    y = torch.empty(x.shape, dtype=torch.bfloat16, device=kernel_device)
+    _convert_kernel[(1,)](x, y, N=x.numel(), UPCAST=INTERPRETING)
+    expected = x.to(torch.bfloat16)
+    same = (y.view(torch.int16) == expected.view(torch.int16)) | (y.isnan() & expected.isnan())
+    assert same.all(), f"{(~same).sum().item()} values rounded differently, e.g. {x[~same][:4].tolist()}"
