@@ -17,9 +17,12 @@ from .validation import check_cu_seqlens_values
 
 
 def _check_offsets(q: Tensor, k: Tensor, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int) -> None:
+    """Self-attention passes one offsets tensor twice: it is checked once (a host sync on GPU where the
+    check is not cached, e.g. for inference tensors)."""
     if cu_seqlens_q is not None:
         check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
-        check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
+        if cu_seqlens_k is not cu_seqlens_q or (k.shape[0], max_seqlen_k) != (q.shape[0], max_seqlen_q):
+            check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
 
 
 def _lse_shape(q: Tensor, varlen: bool) -> tuple[int, ...]:

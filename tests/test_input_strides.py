@@ -19,8 +19,9 @@ from torch import Tensor
 
 import llm2vec_fast.backends.cuda as cuda_backend
 import llm2vec_fast.ops  # noqa: F401  (registers torch.ops.llm2vec_fast)
+import llm2vec_fast.validation as validation
 from attention_cases import check, padded_case, varlen_case
-from llm2vec_fast import flash_attn_func, flash_attn_varlen_func
+from llm2vec_fast import flash_attn_func, flash_attn_varlen_func, pad_input, unpad_input
 from llm2vec_fast.tensor_cache import TensorCache
 from oracle import assert_close, attention_oracle, varlen_oracle
 
@@ -206,6 +207,19 @@ def test_cuda_backend_hands_the_binding_contiguous_offsets(monkeypatch):
             assert cu.is_contiguous() and torch.equal(cu, case.cu_seqlens_q), name
 
 
+def test_unpad_and_pad_take_views():
+    hidden = torch.randn(6, 3, 5).transpose(0, 1)  # (B, S, D) with S outermost in memory
+    rows = [[1, 1, 0, 0, 1, 0], [0, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]]
+    mask = torch.tensor(rows, dtype=torch.bool).t().contiguous().t()  # last stride 3
+    packed, indices, cu_seqlens, max_seqlen = unpad_input(hidden, mask)
+    expected = unpad_input(hidden.contiguous(), mask.contiguous())
+    for got, want in zip((packed, indices, cu_seqlens), expected[:3]):
+        assert torch.equal(got, want)
+    assert max_seqlen == expected[3]
+    padded = pad_input(strided(packed, "every_other"), indices, 3, 6)
+    assert torch.equal(padded, hidden * mask[..., None])
+
+
 # ----- caches keyed by tensor identity
 
 def test_mask_filled_in_place_under_inference_mode():
@@ -242,6 +256,20 @@ def test_offsets_fixed_in_place_under_inference_mode_are_used():
         out = flash_attn_varlen_func(q, k, v, cu, cu, 5, 5, backend="triton")
     ref, _ = varlen_oracle(q, k, v, cu.clone(), cu.clone())
     assert_close(out, ref, torch.float32, "out")
+
+
+def test_self_attention_offsets_are_read_once_per_call(monkeypatch):
+    """Uncached (inference) offsets cost a host sync per check: one tensor passed as q and k offsets is read once."""
+    reads = []
+    check = validation._check_offsets
+    monkeypatch.setattr(validation, "_check_offsets", lambda name, *args: reads.append(name) or check(name, *args))
+    q, k, v = (torch.randn(9, 2, 16) for _ in range(3))
+    with torch.inference_mode():
+        cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+        flash_attn_varlen_func(q, k, v, cu, cu, 5, 5)
+        assert reads == ["cu_seqlens_q"]
+        flash_attn_varlen_func(q, k, v, cu, cu.clone(), 5, 5)
+        assert reads == ["cu_seqlens_q", "cu_seqlens_q", "cu_seqlens_k"]
 
 
 def test_cache_never_answers_for_a_dead_tensor_whose_id_is_reused():
