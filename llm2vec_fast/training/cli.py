@@ -6,7 +6,9 @@
     torchrun --nproc-per-node 8 -m llm2vec_fast.training.cli supervised --config supervised-e5 ...
     torchrun --nproc-per-node 8 -m llm2vec_fast.training.cli mntp --distributed-strategy fsdp ...
 
-Flags are generated from the config dataclasses, so they always match what a config file takes.
+Flags are generated from the config dataclasses by `transformers.HfArgumentParser` (types, choices,
+help text and aliases from each field), so they always match what a config file takes; values are
+checked by `config.load_config`, which names the bad one.
 ``--print-config`` shows the resolved settings without training.
 """
 from __future__ import annotations
@@ -15,14 +17,13 @@ import argparse
 import dataclasses
 import json
 import sys
-import types
 import typing
-from typing import Any, Literal, Union
+from typing import Any
 
-from .config import CONFIG_CLASSES, FIELD_HELP, load_config, preset_names
+from transformers import HfArgumentParser
 
-_ALIASES = {"model_name_or_path": ["--model"], "train_files": ["--data"], "output_dir": ["--output"],
-            "resume_from_checkpoint": ["--resume"], "attention_backend": ["--backend"]}
+from .config import CONFIG_CLASSES, load_config, preset_names
+
 _HELP = {
     "mntp": "masked next-token prediction (LLM2Vec step 2)",
     "simcse": "unsupervised SimCSE on an MNTP-adapted model (LLM2Vec step 3)",
@@ -31,6 +32,7 @@ _HELP = {
 
 
 def _nullable(convert: Any) -> Any:
+    """`convert`, except that ``none``/``null`` give None (clearing a value a config file set)."""
     def parse(text: str) -> Any:
         return None if text.lower() in ("none", "null") else convert(text)
 
@@ -38,39 +40,41 @@ def _nullable(convert: Any) -> Any:
     return parse
 
 
-def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, hint: Any) -> None:
-    flags = ["--" + field.name.replace("_", "-"), *_ALIASES.get(field.name, [])]
-    options: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS, "help": FIELD_HELP.get(field.name, "").replace("%", "%%")}
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    nullable = typing.get_origin(hint) in (Union, types.UnionType) and len(args) < len(typing.get_args(hint))
-    base = args[0] if nullable and len(args) == 1 else hint
-    if typing.get_origin(base) is dict:
-        options.update(type=json.loads, metavar="JSON")
-    elif typing.get_origin(base) is list:
-        options.update(nargs="+", metavar="VALUE")
-    elif base is bool:
-        options.update(action=argparse.BooleanOptionalAction)
-    elif typing.get_origin(base) is Literal:
-        choices = list(typing.get_args(base))
-        options.update(type=_nullable(str) if nullable else str, metavar="{" + ",".join(map(str, choices)) + "}")
-    elif base in (int, float, str):
-        options.update(type=_nullable(base) if nullable else base)
-    else:
-        options.update(type=str)
-    parser.add_argument(*flags, **options)
+def _as_override(action: argparse.Action, hint: Any) -> None:
+    """Make a flag HfArgumentParser generated an override: no default (the config file's or the dataclass's value
+    stands unless the flag is given), never required (a config file may hold it), JSON for mappings, none for null.
+
+    Choices are shown but checked by `load_config`, whose error is one line naming the setting.
+    """
+    action.default, action.required = argparse.SUPPRESS, False
+    action.option_strings.sort(key=lambda option: "_" in option)  # --max-steps first; --max_steps is accepted too
+    action.help = (action.help or "").replace("%", "%%")
+    if action.choices is not None:
+        action.metavar, action.choices = "{" + ",".join(map(str, action.choices)) + "}", None
+    if typing.get_origin(hint) is dict:
+        action.type, action.metavar = json.loads, "JSON"
+    elif type(None) in typing.get_args(hint) and action.type is not None:
+        action.type = _nullable(action.type)
+
+
+def _setting_flags(cls: type) -> argparse.ArgumentParser:
+    """A parser holding one flag per field of config class `cls` (from its types and metadata), to use as a parent."""
+    parser = HfArgumentParser(cls, add_help=False)
+    hints = typing.get_type_hints(cls)
+    for action in parser._actions:
+        _as_override(action, hints[action.dest])
+    return parser
 
 
 def _add_objective(subparsers: Any, objective: str) -> None:
     cls = CONFIG_CLASSES[objective]
     defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
     epilog = ("defaults: " + ", ".join(f"{name}={value}" for name, value in defaults.items())).replace("%", "%%")
-    parser = subparsers.add_parser(objective, help=_HELP[objective], description=_HELP[objective], epilog=epilog)
+    parser = subparsers.add_parser(objective, help=_HELP[objective], description=_HELP[objective], epilog=epilog,
+                                   parents=[_setting_flags(cls)])
     parser.add_argument("--config", metavar="FILE_OR_PRESET",
                         help=f"JSON/YAML config file, or a shipped preset: {', '.join(preset_names())}")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
-        _add_field(parser, field, hints[field.name])
     parser.set_defaults(func=_run, objective=objective)
 
 
