@@ -94,8 +94,10 @@ setup(
     install_requires=[
         "torch>=2.11",
         "triton>=3.6; platform_system == 'Linux'",
-        "transformers>=5.17",
-        "peft>=0.17",
+        # Supported ranges, both ends tested by .ci/run (job 1: newest; job 2: these lower bounds). peft < 0.18
+        # cannot be imported with transformers 5 (it imports the removed HybridCache).
+        "transformers>=5.17,<6",
+        "peft>=0.18",
         "accelerate>=1.0",
         "safetensors",
         "tqdm",
