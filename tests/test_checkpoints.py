@@ -164,3 +164,38 @@ def test_encode_command_takes_an_mntp_directory_and_a_second_adapter(layouts: Pa
                                rtol=1e-5, atol=1e-6)
     assert main(["encode", str(tmp_path), str(source), str(target), "--no-progress"]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def _hub_cache_repo(cache: Path, repo_id: str, source: Path, base: str | None = None) -> None:
+    """`source`'s files as hub repository `repo_id` in a huggingface_hub cache; `base` rewrites the adapter's base."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for path in source.iterdir():
+        (snapshot / path.name).write_bytes(path.read_bytes())
+    if base is not None:
+        config = json.loads((snapshot / "adapter_config.json").read_text())
+        (snapshot / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base}))
+
+
+def test_hub_ids_as_in_the_official_readme(layouts: Path, tmp_path: Path, monkeypatch) -> None:
+    """``from_pretrained("McGill-NLP/LLM2Vec-...-mntp", peft_model_name_or_path="...-mntp-supervised")`` on an
+    offline hub cache holding replicas of the three repositories (base, -mntp, -supervised)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    mntp = "McGill-NLP/LLM2Vec-Meta-Llama-3-8B-Instruct-mntp"
+    supervised = f"{mntp}-supervised"
+    _hub_cache_repo(cache, HUB_BASE, layouts / "base")
+    _hub_cache_repo(cache, mntp, layouts / "mntp", base=HUB_BASE)
+    _hub_cache_repo(cache, supervised, layouts / "supervised", base=HUB_BASE)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    from_hub = LLM2Vec.from_pretrained(mntp, peft_model_name_or_path=supervised)
+    assert from_hub.model.config._name_or_path == HUB_BASE
+    local = LLM2Vec.from_pretrained(str(layouts / "mntp"), peft_model_name_or_path=str(layouts / "supervised"))
+    assert torch.equal(_encode(from_hub), _encode(local))
