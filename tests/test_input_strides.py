@@ -41,7 +41,7 @@ def strided(values: Tensor, layout: str) -> Tensor:
     if layout == "leading_broadcast":  # stride 0 in every dim but the last
         return values[(0,) * (values.dim() - 1)].clone().expand(shape)
     if layout == "every_other":  # last stride 2
-        wide = torch.empty(*shape[:-1], 2 * shape[-1], dtype=values.dtype).normal_()
+        wide = torch.empty(*shape[:-1], 2 * shape[-1], dtype=values.dtype, device=values.device).normal_()
         wide[..., ::2] = values
         return wide[..., ::2]
     if layout == "transposed":  # first two dims swapped in memory
@@ -52,31 +52,41 @@ def strided(values: Tensor, layout: str) -> Tensor:
 GRAD_LAYOUTS = ("scalar", "last_dim_broadcast", "leading_broadcast", "every_other", "transposed")
 
 
-def run_with_grads(case, backend: str, dout: Tensor | None, dlse: Tensor | None, deterministic: bool = False):
+def on(device, tensor: Tensor | None) -> Tensor | None:
+    """`tensor` on `device`, keeping its strides (Tensor.to makes expanded tensors dense)."""
+    if tensor is None or tensor.device == torch.device(device):
+        return tensor
+    return torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device=device).copy_(tensor)
+
+
+def run_with_grads(case, backend: str, dout: Tensor | None, dlse: Tensor | None, deterministic: bool = False,
+                   device="cpu"):
     """(out, lse, dq, dk, dv) backpropagating the given (strided) dout and dlse as they are (None: that
-    output takes no part in the loss)."""
-    q, k, v = (t.clone().requires_grad_() for t in (case.q, case.k, case.v))
+    output takes no part in the loss), every input on `device` with its strides."""
+    q, k, v = (on(device, t).clone().requires_grad_() for t in (case.q, case.k, case.v))
+    dout, dlse = on(device, dout), on(device, dlse)
     options = dict(causal=case.causal, softmax_scale=case.scale, return_lse=True, deterministic=deterministic,
                    backend=backend)
     if case.cu_seqlens_q is None:
-        out, lse = flash_attn_func(q, k, v, case.key_mask, **options)
+        out, lse = flash_attn_func(q, k, v, on(device, case.key_mask), **options)
     else:
-        out, lse = flash_attn_varlen_func(q, k, v, case.cu_seqlens_q, case.cu_seqlens_k, *case.max_seqlens, **options)
+        out, lse = flash_attn_varlen_func(q, k, v, on(device, case.cu_seqlens_q), on(device, case.cu_seqlens_k),
+                                          *case.max_seqlens, **options)
     pairs = [(output, grad) for output, grad in ((out, dout), (lse, dlse)) if grad is not None]
     outputs, grads_in = zip(*pairs)
     return (out.detach(), lse.detach(), *torch.autograd.grad(outputs, (q, k, v), grads_in))
 
 
-def check_gradient_layout(case, backend: str, dout_layout: str, dlse_layout: str | None) -> None:
+def check_gradient_layout(case, backend: str, dout_layout: str, dlse_layout: str | None, device="cpu") -> None:
     dout = strided(case.dout, dout_layout)
     case.dout = dout.contiguous()
     dlse = None
     if dlse_layout is not None:
         dlse = strided(case.dlse, dlse_layout)
         case.dlse = dlse.contiguous()
-    got = run_with_grads(case, backend, dout, dlse, deterministic=True)
+    got = run_with_grads(case, backend, dout, dlse, deterministic=True, device=device)
     check(case, got, with_dlse=dlse is not None)
-    again = run_with_grads(case, backend, dout, dlse, deterministic=True)
+    again = run_with_grads(case, backend, dout, dlse, deterministic=True, device=device)
     for name, first, second in zip(("dq", "dk", "dv"), got[2:], again[2:]):
         assert torch.equal(first, second), f"{name}: deterministic backward differs between two calls"
 
@@ -107,6 +117,25 @@ def test_dlse_layouts(backend, dlse_layout):
 def test_dlse_layouts_varlen(backend):
     case = varlen_case([5, 30], [5, 30], 2, 2, 16, torch.float32)
     check_gradient_layout(case, backend, "scalar", "scalar")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS)
+def test_gpu_gradient_layouts(backend, layout):
+    """The GPU backends at a real head dim in bf16: the CUDA binding copies what its kernels cannot read."""
+    case = padded_case(2, 300, 300, 4, 2, 64, torch.bfloat16, "holes")
+    case.key_mask = mask_views(2, 300)["transposed"]
+    check_gradient_layout(case, backend, layout, "scalar", device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_cu_seqlens_views(backend):
+    case = varlen_case([9, 0, 310, 2], [9, 0, 310, 2], 4, 1, 128, torch.bfloat16)
+    for name in ("cu_seqlens_q", "cu_seqlens_k"):
+        setattr(case, name, torch.stack([getattr(case, name)] * 2, dim=1)[:, 0])
+    check(case, run_with_grads(case, backend, case.dout, case.dlse, device="cuda"), with_dlse=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
