@@ -107,3 +107,15 @@ def test_tokenizer_calls_with_different_truncation_from_threads(tokenizer) -> No
     for thread in threads:
         thread.join()
     assert not wrong
+
+
+def test_training_tokenization_keeps_a_separator_inside_the_text(tokenizer) -> None:
+    from llm2vec_fast.training.data.sources import tokenize_for_embedding
+
+    text = f"left {SEP} right"
+    pairs = [("Find", "left right"), ("Find", text), ("", text), (f"Find {SEP}", "left right")]
+    ids, lengths = tokenize_for_embedding(tokenizer, pairs, 64)
+    assert ids[1] == tokenizer(f"Find; {text}")["input_ids"] and ids[2] == tokenizer(text)["input_ids"]
+    assert lengths[1] == lengths[0] and lengths[2] == 1  # the instruction (or BOS alone) ends where it did
+    assert ids[3] == tokenizer(f"Find {SEP}; left right")["input_ids"]
+    assert len(ids[3]) - lengths[3] == len(ids[0]) - lengths[0]  # the same text tokens are pooled

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from ...encoder import INSTRUCTION_SEPARATOR
+from ...text import split_at_instruction, tokenize_with_instruction
 from .batches import ContrastiveBatch, MNTPBatch
 from .masking import MaskingRule, prediction_targets
 from .records import ContrastiveFile, TextLines
@@ -117,26 +117,20 @@ def tokenize_for_embedding(
     As the official supervised collator: the string is ``"{instruction}; " + SEPARATOR + text`` (just
     ``SEPARATOR + text`` without instruction), wrapped in the chat `template` if any (e.g.
     ``"[INST] {} [/INST]"``); the model reads it without the separator, and pooling covers only what
-    followed the separator (BOS, template prefix and instruction are skipped, LLM2Vec's ``embed_mask``).
+    followed the separator (BOS, template prefix and instruction are skipped, LLM2Vec's ``embed_mask``;
+    a separator inside the text or instruction is kept, see :mod:`llm2vec_fast.text`).
     With `append_eos` (``eos_token`` pooling) EOS ends every sequence.
     """
     limit = max_length - 1 if append_eos else max_length
-    full_texts, own_texts = [], []
-    for instruction, text in pairs:
-        marked = f"{instruction}; {INSTRUCTION_SEPARATOR}{text}" if instruction else f"{INSTRUCTION_SEPARATOR}{text}"
-        if template is not None:
-            marked = template.format(marked.strip())
-        before, _, after = marked.partition(INSTRUCTION_SEPARATOR)
-        full_texts.append(before + after)
-        own_texts.append(after)
-    full = _token_ids(tokenizer, full_texts, limit)
-    own = _token_ids(tokenizer, own_texts, limit, special=False)
-    leading = [max(len(f) - len(o), 0) for f, o in zip(full, own)]
+    wrap = (lambda marked: template.format(marked.strip())) if template is not None else (lambda marked: marked)
+    heads = [f"{instruction}; " if instruction else "" for instruction, _ in pairs]
+    prepared = [split_at_instruction(head, text, wrap) for head, (_, text) in zip(heads, pairs)]
+    full, instruction_lengths = tokenize_with_instruction(tokenizer, prepared, limit)
     if append_eos:
         if tokenizer.eos_token_id is None:
             raise ValueError("eos_token pooling needs a tokenizer with an EOS token")
         full = [ids + [tokenizer.eos_token_id] for ids in full]
-    return full, leading
+    return full, instruction_lengths
 
 
 class SimCSESource:
