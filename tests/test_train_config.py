@@ -1,11 +1,12 @@
 """Training configs: paper defaults, presets, and clear errors for bad files, keys and values; the CLI's flags."""
 import argparse
+import dataclasses
 import json
 
 import pytest
 
 from llm2vec_fast.training.cli import add_train_command, main
-from llm2vec_fast.training.config import MNTPConfig, load_config, preset_names
+from llm2vec_fast.training.config import CONFIG_CLASSES, MNTPConfig, load_config, preset_names
 
 REQUIRED = {"model_name_or_path": "m", "train_files": ["data.txt"], "output_dir": "out"}
 
@@ -108,6 +109,29 @@ def test_cli_help(objective, capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "--learning-rate" in text and "--train-files" in text and "defaults:" in text
+
+
+@pytest.mark.parametrize("objective", ["mntp", "simcse", "supervised"])
+def test_cli_help_comes_from_each_fields_metadata(objective, capsys):
+    with pytest.raises(SystemExit):
+        main([objective, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for field in dataclasses.fields(CONFIG_CLASSES[objective]):
+        assert "--" + field.name.replace("_", "-") in text
+        assert " ".join(field.metadata.get("help", "").split()) in text, field.name
+    assert "--resume RESUME_FROM_CHECKPOINT" in text and "{constant,linear,cosine}" in text
+
+
+def test_cli_none_clears_a_file_value_and_bad_choices_are_one_line_errors(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({**REQUIRED, "stop_after_steps": 5, "data_collator_type": "all_mask", "max_steps": 9}))
+    assert main(["mntp", "--config", str(path), "--stop-after-steps", "none", "--data-collator-type", "null",
+                 "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["stop_after_steps"] is None and printed["data_collator_type"] is None and printed["max_steps"] == 9
+    assert main(["mntp", "--config", str(path), "--lr-scheduler", "step"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: command line: 'lr_scheduler' must be one of 'constant', 'linear', 'cosine', got 'step'"
 
 
 def test_add_train_command_builds_the_subcommands():

@@ -10,14 +10,15 @@ train data-parallel, replicated (DDP) or sharded (``distributed_strategy="fsdp"`
 contrastive negatives gathered across processes.
 """
 from .config import MNTPConfig, SimCSEConfig, SupervisedConfig, TrainConfig, load_config, preset_names
+from .loop import TrainingInterrupted, TrainingResult
 from .objectives import train
-from .loop import TrainingResult
 
 __all__ = [
     "MNTPConfig",
     "SimCSEConfig",
     "SupervisedConfig",
     "TrainConfig",
+    "TrainingInterrupted",
     "TrainingResult",
     "load_config",
     "preset_names",

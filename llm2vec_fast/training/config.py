@@ -349,11 +349,14 @@ def build_config(objective: str, sources: list[tuple[str, dict[str, Any]]]) -> T
 
 
 def load_config(objective: str, config_file: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """The config of `objective` from an optional file or preset name plus overrides (e.g. CLI flags)."""
+    """The config of `objective` from an optional file or preset name plus overrides (e.g. CLI flags).
+
+    An override of None sets a nullable setting to None, clearing what the file set (``--stop-after-steps none``).
+    """
     sources: list[tuple[str, dict[str, Any]]] = []
     if config_file is not None:
         path = resolve_config_file(config_file)
         sources.append((str(path), _read_mapping(path)))
     if overrides:
-        sources.append(("command line", {k: v for k, v in overrides.items() if v is not None}))
+        sources.append(("command line", dict(overrides)))
     return build_config(objective, sources)
