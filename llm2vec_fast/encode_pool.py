@@ -124,3 +124,17 @@ class EncodePool:
                 pending[index] = value
             yield torch.from_numpy(pending.pop(received))
             received += 1
+
+
+def encode_on_devices(
+    encoder: LLM2Vec,
+    chunks: Iterable[list[tuple[str, str]]],
+    devices: Sequence[str],
+    *,
+    batch_size: int = 32,
+    max_batch_tokens: int | None = None,
+) -> Iterator[Tensor]:
+    """Embeddings of each chunk of ``(instruction, text)`` pairs, in order, from a pool over `devices`
+    (started on the first ``next``, ended when the chunks run out or the iterator is dropped)."""
+    with EncodePool(encoder, devices, batch_size=batch_size, max_batch_tokens=max_batch_tokens) as pool:
+        yield from pool.map(chunks)

@@ -119,6 +119,17 @@ def _format_output(embeddings: Tensor, convert_to_numpy: bool, convert_to_tensor
     return embeddings
 
 
+def _with_progress(
+    blocks: Iterator[Tensor], convert_to_numpy: bool, show_progress_bar: bool
+) -> Iterator[Tensor | np.ndarray]:
+    from tqdm.auto import tqdm
+
+    with tqdm(desc="Encoding", unit="text", disable=not show_progress_bar) as progress:
+        for block in blocks:
+            progress.update(len(block))
+            yield _format_output(block, convert_to_numpy, False)
+
+
 # Encoding runs without dropout and without touching ``module.training``: toggling ``eval()``/``train()``
 # is shared state, so another thread (or the caller) would see it change mid-forward. Instead every
 # dropout module of the model gets two forward hooks, no-ops except in a thread that is encoding,
@@ -419,32 +430,13 @@ class LLM2Vec(nn.Module):
         iterator = iter(sentences)
         raw_chunks = iter(lambda: list(itertools.islice(iterator, chunk_size)), [])
         chunks = (to_pairs(chunk, instruction) for chunk in raw_chunks)
-        settings = {"batch_size": batch_size, "max_batch_tokens": max_batch_tokens}
-        blocks = self._pool_blocks(chunks, devices, settings) if devices else self._blocks(chunks, device, settings)
-        return self._with_progress(blocks, convert_to_numpy, show_progress_bar)
+        if devices:  # the pool sits above the encoder: imported here
+            from .encode_pool import encode_on_devices
 
-    def _blocks(self, chunks: Iterator[list[tuple[str, str]]], device: Any, settings: dict) -> Iterator[Tensor]:
-        for chunk in chunks:
-            yield self._encode_pairs(chunk, settings["batch_size"], settings["max_batch_tokens"], False, device)
-
-    def _pool_blocks(
-        self, chunks: Iterator[list[tuple[str, str]]], devices: Sequence[str], settings: dict
-    ) -> Iterator[Tensor]:
-        from .encode_pool import EncodePool  # the pool sits above the encoder
-
-        with EncodePool(self, devices, **settings) as pool:
-            yield from pool.map(chunks)
-
-    @staticmethod
-    def _with_progress(
-        blocks: Iterator[Tensor], convert_to_numpy: bool, show_progress_bar: bool
-    ) -> Iterator[Tensor | np.ndarray]:
-        from tqdm.auto import tqdm
-
-        with tqdm(desc="Encoding", unit="text", disable=not show_progress_bar) as progress:
-            for block in blocks:
-                progress.update(len(block))
-                yield _format_output(block, convert_to_numpy, False)
+            blocks = encode_on_devices(self, chunks, devices, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
+        else:
+            blocks = (self._encode_pairs(chunk, batch_size, max_batch_tokens, False, device) for chunk in chunks)
+        return _with_progress(blocks, convert_to_numpy, show_progress_bar)
 
     # ------------------------------------------------------------------ official helpers
 
