@@ -179,6 +179,8 @@ def test_sentence_transformers_gives_the_same_vectors(model_dir: Path, tmp_path:
     assert getattr(model, "get_embedding_dimension", model.get_sentence_embedding_dimension)() == 64
     features = model[0].preprocess(TEXTS)
     assert features["input_ids"].shape == (1, sum(encoder.token_lengths(TEXTS)))  # packed: no padding built
+    with pytest.raises(ValueError, match="max_seq_length must be a positive int, got 0"):
+        model[0].max_seq_length = 0
     close = dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.encode(TEXTS, convert_to_tensor=True), _encode(encoder, TEXTS), **close)
     instruction = "Retrieve documents:"
