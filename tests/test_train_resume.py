@@ -213,7 +213,19 @@ def test_a_crash_during_a_checkpoint_save_leaves_the_previous_one_usable(files, 
         _train(files, run, save_total_limit=1, stop_after_steps=4)
     monkeypatch.setattr(module, name, original)
     assert checkpoint.list_checkpoints(run)[-1].name == f"checkpoint-{survivor}"
-    assert _train(files, run, resume_from_checkpoint="latest").losses == straight[survivor:]
+    (run / "checkpoint-best").mkdir()  # not ours: left alone
+    assert _train(files, run, save_total_limit=1, resume_from_checkpoint="latest").losses == straight[survivor:]
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-best"]  # no leftovers
+
+
+def test_only_leftovers_of_interrupted_saves_are_removed(tmp_path):
+    names = ["checkpoint-4.tmp", "checkpoint-2.old", "checkpoint-6.deleting", "checkpoint-8", "checkpoint-best",
+             "checkpoint-best.tmp"]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "file").write_text("x")
+    checkpoint.remove_unfinished_saves(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-8", "checkpoint-best", "checkpoint-best.tmp"]
 
 
 KILLED_MID_SAVE = """

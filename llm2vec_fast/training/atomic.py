@@ -13,7 +13,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-TEMPORARY_SUFFIX = ".tmp"
+TEMPORARY_SUFFIX = ".tmp"  # being written
+RETIRED_SUFFIX = ".old"  # replaced, about to be deleted
+DOOMED_SUFFIX = ".deleting"  # being deleted
+LEFTOVER_SUFFIXES = (TEMPORARY_SUFFIX, RETIRED_SUFFIX, DOOMED_SUFFIX)
 _CHUNK_BYTES = 1 << 22
 
 
@@ -58,7 +61,7 @@ def publish_directory(staging: Path, final: Path) -> None:
     for file in staging.iterdir():
         flush_to_disk(file)
     if final.exists():
-        retired = final.with_name(final.name + ".old")
+        retired = final.with_name(final.name + RETIRED_SUFFIX)
         remove_directory(retired)
         os.replace(final, retired)
         os.replace(staging, final)
@@ -83,7 +86,7 @@ def remove_directory(path: Path) -> None:
     """Delete a directory tree, renaming it away first so that a crash midway never leaves it half deleted in place."""
     if not path.exists():
         return
-    doomed = path.with_name(path.name + ".deleting")
+    doomed = path.with_name(path.name + DOOMED_SUFFIX)
     shutil.rmtree(doomed, ignore_errors=True)
     os.replace(path, doomed)
     shutil.rmtree(doomed, ignore_errors=True)

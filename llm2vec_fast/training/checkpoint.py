@@ -15,6 +15,7 @@ against its checksum: a damaged checkpoint is named and skipped for the newest i
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from peft import PeftModel
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from .atomic import TEMPORARY_SUFFIX, publish_directory, remove_directory, sha256
+from .atomic import LEFTOVER_SUFFIXES, TEMPORARY_SUFFIX, publish_directory, remove_directory, sha256
 from .distributed_strategy import TrainedWeights, load_optimizer_state
 from .process_group import Topology, barrier
 
@@ -114,9 +115,10 @@ def _write_state(directory: Path, state: TrainingState) -> None:
 
 
 def remove_unfinished_saves(output_dir: Path) -> None:
-    """Delete what saves cut short by a crash left behind (``checkpoint-*.tmp`` and the like), never a checkpoint."""
+    """Delete what saves cut short by a crash left behind (``checkpoint-<step>.tmp`` and the like), never a checkpoint."""
     for path in Path(output_dir).glob(f"{PREFIX}*"):
-        if path.is_dir() and not path.name[len(PREFIX):].isdigit():
+        stem, suffix = os.path.splitext(path.name)
+        if path.is_dir() and suffix in LEFTOVER_SUFFIXES and stem[len(PREFIX):].isdigit():
             remove_directory(path)
 
 
