@@ -9,9 +9,11 @@ A model source is a directory or hub id of one of three kinds:
   whose ``auto_map`` points at custom code that is never run) and the tokenizer.
 
 An adapter directory is loaded as the official library does: the base named by its
-``adapter_config.json`` (itself any kind of source), then the adapter merged into it. The base's
-weights are loaded by us, never through transformers' PEFT integration, so that the model saves
-again with any peft release. ``save`` writes what ``from_pretrained`` reloads to the same embeddings.
+``adapter_config.json`` (itself any kind of source), then the adapter merged into it; except an
+encoder's adapter (one with ``llm2vec_config.json``: saved by ``save``, or a SimCSE/supervised output),
+which is kept apart as a ``peft_model_name_or_path`` is. The base's weights are loaded by us, never
+through transformers' PEFT integration, so that the model saves again with any peft release.
+``save`` writes what ``from_pretrained`` reloads to identical embeddings.
 """
 from __future__ import annotations
 
@@ -130,6 +132,14 @@ def _adapter_chain(source: str) -> list[str]:
     return chain[::-1]
 
 
+def _is_encoder_adapter(source: str) -> bool:
+    """Whether adapter directory `source` is an encoder's adapter (one ``LLM2Vec.save`` wrote, or a SimCSE or
+    supervised output: they hold ``llm2vec_config.json``, MNTP outputs do not). Given alone as the base, it
+    is applied as ``peft_model_name_or_path`` is (on its base, kept apart unless ``merge_peft``), so that a
+    saved encoder reloads exactly."""
+    return os.path.isfile(os.path.join(source, CONFIG_NAME))
+
+
 def _load_checkpoint(source: str, hf_kwargs: dict[str, Any]) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
@@ -203,14 +213,17 @@ def load_encoder_parts(
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
 
-    checkpoint, *adapters = _adapter_chain(base)
+    chain = _adapter_chain(base)
+    if peft_source is None and len(chain) > 1 and _is_encoder_adapter(chain[-1]):
+        peft_source = chain.pop()
+    checkpoint, *adapters = chain
     register()
     model = _load_checkpoint(checkpoint, hf_kwargs)
-    for adapter in adapters:  # MNTP (and any adapter saved on top of it): merged, as the official does
+    for adapter in adapters:  # MNTP (and what it was trained on): merged, as the official does
         model = _apply_adapter(model, adapter, merge=True)
-    model.config._name_or_path = _template_name(base)
+    model.config._name_or_path = _template_name(chain[-1])
     if peft_source is not None:
-        model = _apply_adapter(model, peft_source, merge=merge_peft, model_source=base)
+        model = _apply_adapter(model, peft_source, merge=merge_peft, model_source=chain[-1])
     route_attention(model, causal=not enable_bidirectional, backend=attention_backend)
     settings = _encoder_settings(peft_source or base, explicit_settings)
     return model, tokenizer, settings
