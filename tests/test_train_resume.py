@@ -290,10 +290,26 @@ def test_ctrl_c_says_where_to_resume_and_exits_130(files, tmp_path, monkeypatch,
     assert _logged_steps(tmp_path / "out") == [1, 2, 3, 4]
 
 
-def test_ctrl_c_before_the_first_checkpoint_says_to_start_again(files, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(Trainer, "_step", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+@pytest.mark.parametrize("steps_done, rerun", [(0, []), (1, ["--overwrite-output-dir"])])
+def test_ctrl_c_before_the_first_checkpoint_says_how_to_start_again(files, tmp_path, monkeypatch, capsys, steps_done,
+                                                                    rerun):
+    step = Trainer._step
+    calls = []
+
+    def interrupted(self):
+        calls.append(1)
+        if len(calls) > steps_done:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "_step", interrupted)
     assert _cli(files, tmp_path / "out") == 130
-    assert "interrupted at step 0 before the first checkpoint" in capsys.readouterr().err
+    advice = f"interrupted at step {steps_done} before the first checkpoint; start again"
+    assert capsys.readouterr().err.strip().endswith(advice + (" with --overwrite-output-dir" if rerun else ""))
+    monkeypatch.setattr(Trainer, "_step", step)
+    if rerun:
+        assert _cli(files, tmp_path / "out") == 2  # its loss log rows are an earlier run's
+    assert _cli(files, tmp_path / "out", *rerun) == 0
 
 
 @pytest.mark.parametrize("flags, message", [

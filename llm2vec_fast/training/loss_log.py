@@ -15,7 +15,8 @@ from pathlib import Path
 from .atomic import write_atomically, write_text_atomically
 
 FIELDS = ("step", "loss", "grad_norm", "learning_rate", "loss_terms", "tokens", "seconds")
-LOG_FILES = ("loss_log.csv", "loss_log.jsonl")
+CSV_FILE, JSONL_FILE = "loss_log.csv", "loss_log.jsonl"
+LOG_FILES = (CSV_FILE, JSONL_FILE)
 
 
 def read_log(path: Path) -> list[dict[str, float]]:
@@ -52,7 +53,7 @@ class LossLog:
     def __init__(self, directory: Path, resume_after_step: int | None = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.csv_path, self.jsonl_path = (self.directory / name for name in LOG_FILES)
+        self.csv_path, self.jsonl_path = self.directory / CSV_FILE, self.directory / JSONL_FILE
         kept = [r for r in read_log(self.jsonl_path) if resume_after_step is not None and r["step"] <= resume_after_step]
         self.rows: list[dict[str, float]] = [{key: row[key] for key in FIELDS} for row in kept]
         csv_lines = [_csv_line(list(FIELDS)), *(_csv_line(self._values(row)) for row in self.rows)]

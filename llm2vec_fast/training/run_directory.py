@@ -16,7 +16,7 @@ from .atomic import remove_directory
 from .checkpoint import (ADAPTER_FILE, LM_HEAD_FILE, TrainingState, find_checkpoint, list_checkpoints,
                          remove_unfinished_saves)
 from .config import TrainConfig, resolve_paths
-from .loss_log import LOG_FILES, read_log
+from .loss_log import JSONL_FILE, LOG_FILES, read_log
 from .process_group import Topology, barrier
 
 # Settings that may change when resuming (and max_steps under a constant schedule); others change the trajectory.
@@ -72,11 +72,12 @@ def _changed_settings(previous: dict[str, Any], current: dict[str, Any], resumab
 
 
 def earlier_run(output_dir: Path) -> list[Path]:
-    """The checkpoints and outputs of an earlier run in `output_dir` (an empty loss log is no trace of one)."""
+    """The checkpoints and outputs of an earlier run in `output_dir` (loss logs without a row are no trace of one)."""
+    logged = bool(read_log(output_dir / JSONL_FILE))
     found = list_checkpoints(output_dir)
     for name in FINAL_FILES:
         path = output_dir / name
-        if path.is_file() and (path.suffix != ".jsonl" or read_log(path)):
+        if path.is_file() and (logged or name not in LOG_FILES):
             found.append(path)
     return found
 
