@@ -185,7 +185,7 @@ def simcse_steppers(layers: int, device: str, shape: dict | None = None, dropout
         def forward(self, batch):
             input_ids, attention_mask = _padded(batch.sequences, device)
             hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return pool_padded(hidden, attention_mask, "mean", torch.tensor(batch.leading, device=device))
+            return pool_padded(hidden, attention_mask, "mean", torch.tensor(batch.instruction_lengths, device=device))
 
     def sdpa_loss(module, batch):
         set_mode(sdpa=True)

@@ -38,7 +38,7 @@ from .hf import (
     route_attention,
     transformers_model,
 )
-from .loading import CONFIG_NAME, ENCODER_DEFAULTS, load_encoder_parts, save_encoder  # noqa: F401 (re-exported)
+from .loading import load_encoder_parts, save_encoder
 from .pooling import check_pooling_mode, pool_packed
 from .runtime import check_device
 from .text import (

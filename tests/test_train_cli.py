@@ -61,9 +61,9 @@ def test_mntp_then_simcse_then_encode(files, tmp_path):
     trained = build_embedder(decoder_spec(config, torch.device("cpu")), tokenizer, pooling_mode=config.pooling_mode,
                              skip_instruction=config.skip_instruction)
     set_peft_model_state_dict(trained.decoder, load_file(str(simcse / "adapter_model.safetensors")))
-    ids, leading = tokenize_for_embedding(tokenizer, [("", t) for t in TEXTS], max_length=32)
+    ids, instruction_lengths = tokenize_for_embedding(tokenizer, [("", t) for t in TEXTS], max_length=32)
     with torch.no_grad():
-        expected = trained.eval()(ContrastiveBatch(ids, leading, num_queries=1))
+        expected = trained.eval()(ContrastiveBatch(ids, instruction_lengths, num_queries=1))
     assert embeddings.shape == (3, 64) and torch.isfinite(embeddings).all()
     assert torch.allclose(embeddings, expected, rtol=1e-4, atol=1e-5)
 

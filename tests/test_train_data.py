@@ -154,15 +154,15 @@ def test_mntp_source_resumes_exactly(tokenizer, text_file, layout, budget):
             assert len(lengths) == 3
 
 
-def test_instruction_tokens_are_counted_as_leading(tokenizer):
+def test_instruction_tokens_are_counted_in_instruction_lengths(tokenizer):
     pairs = [("Retrieve passages", "the quick brown fox"), ("", "the quick brown fox")]
-    ids, leading = tokenize_for_embedding(tokenizer, pairs, max_length=64)
+    ids, instruction_lengths = tokenize_for_embedding(tokenizer, pairs, max_length=64)
     own = tokenizer("the quick brown fox", add_special_tokens=False)["input_ids"]
     # LLM2Vec's rule (and the encoder's): pool the last len(tokens of the text alone) tokens
-    assert ids[1][leading[1]:] == own and len(ids[0]) - leading[0] == len(own)
+    assert ids[1][instruction_lengths[1]:] == own and len(ids[0]) - instruction_lengths[0] == len(own)
     assert tokenizer.decode(ids[0]) == "<s>Retrieve passages; the quick brown fox"
-    assert ids[1][0] == tokenizer.bos_token_id and leading[1] == 1
-    assert tokenizer.decode(ids[0][1:leading[0]]).startswith("Retrieve passages")
+    assert ids[1][0] == tokenizer.bos_token_id and instruction_lengths[1] == 1
+    assert tokenizer.decode(ids[0][1:instruction_lengths[0]]).startswith("Retrieve passages")
     templated, lead_t = tokenize_for_embedding(tokenizer, pairs[1:], 64, template="[INST] {} [/INST]", append_eos=True)
     assert tokenizer.decode(templated[0]) == "<s>[INST] the quick brown fox [/INST]</s>"
     own_templated = tokenizer("the quick brown fox [/INST]", add_special_tokens=False)["input_ids"]
@@ -179,8 +179,8 @@ def test_contrastive_sources_lay_out_queries_positives_negatives(tokenizer, text
     supervised = SupervisedSource([ContrastiveFile(data, "Find")], tokenizer, max_seq_length=16, batch_size=3,
                                   append_eos=False, template=None, seed=0)
     batch = supervised.next_batch()
-    texts = [tokenizer.decode(s[lead:]).strip() for s, lead in zip(batch.sequences, batch.leading)]
+    texts = [tokenizer.decode(s[lead:]).strip() for s, lead in zip(batch.sequences, batch.instruction_lengths)]
     queries = [t.split()[1] for t in texts[:3]]
     assert [t.split()[0] for t in texts] == ["q"] * 3 + ["p"] * 3 + ["n", "m"] * 3
     assert [t.split()[1] for t in texts[3:6]] == queries and [t.split()[1] for t in texts[6::2]] == queries
-    assert all(tokenizer.decode(s[:lead]).strip().endswith("Find;") for s, lead in zip(batch.sequences[:3], batch.leading))
+    assert all(tokenizer.decode(s[:lead]).strip().endswith("Find;") for s, lead in zip(batch.sequences[:3], batch.instruction_lengths))

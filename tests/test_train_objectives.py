@@ -117,7 +117,7 @@ def test_supervised_loss_equals_official_formula_on_hf_embeddings(files, tmp_pat
     input_ids, attention_mask = _right_padded(batch.sequences)
     hidden = reference(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     pooled = []
-    for row, (seq, lead) in enumerate(zip(batch.sequences, batch.leading)):
+    for row, (seq, lead) in enumerate(zip(batch.sequences, batch.instruction_lengths)):
         tokens = hidden[row, lead : len(seq)]
         if pooling_mode == "mean":
             pooled.append(tokens.mean(0))
@@ -130,7 +130,7 @@ def test_supervised_loss_equals_official_formula_on_hf_embeddings(files, tmp_pat
     q, documents = pooled[:4], pooled[4:]
     scores = 50.0 * F.normalize(q, dim=1) @ F.normalize(documents, dim=1).t()
     expected = F.cross_entropy(scores, torch.arange(4))
-    assert len(batch.sequences) == 12 and min(batch.leading[:4]) > 1  # BOS + instruction skipped for queries
+    assert len(batch.sequences) == 12 and min(batch.instruction_lengths[:4]) > 1  # BOS + instruction skipped for queries
     assert abs(float(ours.detach()) - float(expected.detach())) / float(expected.detach()) < 1e-5
 
 

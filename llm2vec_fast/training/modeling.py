@@ -173,14 +173,16 @@ class SentenceEmbedder(nn.Module):
 
     def forward(self, batch: ContrastiveBatch) -> Tensor:
         device = next(self.decoder.parameters()).device
-        skip = torch.tensor(batch.leading, device=device) if self.skip_instruction else None
+        instruction_lengths = (
+            torch.tensor(batch.instruction_lengths, device=device) if self.skip_instruction else None
+        )
         if self.packed:
             packed = pack_sequences(batch.sequences, device)
             hidden = self.decoder(**packed.model_inputs()).last_hidden_state[0]
-            return pool_packed(hidden, packed.cu_seqlens, self.pooling_mode, skip)
+            return pool_packed(hidden, packed.cu_seqlens, self.pooling_mode, instruction_lengths)
         input_ids, attention_mask = pad_right(batch.sequences, self.pad_id, device)
         hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return pool_padded(hidden, attention_mask, self.pooling_mode, skip)
+        return pool_padded(hidden, attention_mask, self.pooling_mode, instruction_lengths)
 
 
 def add_attention_output_dropout(model: nn.Module, probability: float) -> list[Any]:

@@ -17,7 +17,7 @@ from peft import PeftModel
 from torch import Tensor, nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
-from ..encoder import CONFIG_NAME, ENCODER_DEFAULTS
+from ..loading import CONFIG_NAME, ENCODER_DEFAULTS
 from ..runtime import check_backend, check_device
 from .atomic import TEMPORARY_SUFFIX, publish_files, remove_directory
 from .checkpoint import save_weights

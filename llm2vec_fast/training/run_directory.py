@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..encoder import CONFIG_NAME
+from ..loading import CONFIG_NAME
 from .atomic import remove_directory
 from .checkpoint import (ADAPTER_FILE, LM_HEAD_FILE, TrainingState, find_checkpoint, list_checkpoints,
                          remove_unfinished_saves)

@@ -76,17 +76,17 @@ class MNTPBatch(TokenBatch):
 class ContrastiveBatch(TokenBatch):
     """Queries, then their positives, then all hard negatives.
 
-    ``leading[i]`` counts the tokens of sequence ``i`` before its text proper (BOS, instruction),
+    ``instruction_lengths[i]`` counts the tokens of sequence ``i`` before its text proper (BOS, instruction),
     which pooling leaves out as LLM2Vec's ``embed_mask`` does.
     """
 
-    leading: list[int]
+    instruction_lengths: list[int]
     num_queries: int
 
     def __post_init__(self):
         super().__post_init__()
-        if len(self.leading) != len(self.sequences) or len(self.sequences) < 2 * self.num_queries:
-            raise ValueError("a contrastive batch needs a leading count per sequence and a positive per query")
+        if len(self.instruction_lengths) != len(self.sequences) or len(self.sequences) < 2 * self.num_queries:
+            raise ValueError("a contrastive batch needs an instruction length per sequence and a positive per query")
 
     @property
     def num_loss_terms(self) -> int:

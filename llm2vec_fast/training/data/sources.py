@@ -112,7 +112,7 @@ def tokenize_for_embedding(
     append_eos: bool = False,
     template: str | None = None,
 ) -> tuple[list[list[int]], list[int]]:
-    """Token ids of ``(instruction, text)`` pairs as LLM2Vec trains on them, and how many leading tokens to skip.
+    """Token ids of ``(instruction, text)`` pairs as LLM2Vec trains on them, and how many tokens precede the text.
 
     As the official supervised collator: the string is ``"{instruction}; " + SEPARATOR + text`` (just
     ``SEPARATOR + text`` without instruction), wrapped in the chat `template` if any (e.g.
@@ -145,8 +145,10 @@ class SimCSESource:
 
     def next_batch(self) -> ContrastiveBatch:
         texts = [self.lines[self.order.next()[1]] for _ in range(self.batch_size)]
-        ids, leading = tokenize_for_embedding(self.tokenizer, [("", t) for t in texts], self.max_seq_length, **self.options)
-        return ContrastiveBatch(ids + [list(s) for s in ids], leading + leading, num_queries=len(ids))
+        ids, instruction_lengths = tokenize_for_embedding(
+            self.tokenizer, [("", t) for t in texts], self.max_seq_length, **self.options
+        )
+        return ContrastiveBatch(ids + [list(s) for s in ids], instruction_lengths * 2, num_queries=len(ids))
 
     def state_dict(self) -> dict[str, Any]:
         return {"order": self.order.state_dict()}
@@ -174,8 +176,8 @@ class SupervisedSource:
         examples = [self._example(int(i)) for i in items]
         pairs = [(e.instruction, e.query) for e in examples] + [("", e.positive) for e in examples]
         pairs += [("", negative) for e in examples for negative in e.negatives]
-        ids, leading = tokenize_for_embedding(self.tokenizer, pairs, self.max_seq_length, **self.options)
-        return ContrastiveBatch(ids, leading, num_queries=len(examples))
+        ids, instruction_lengths = tokenize_for_embedding(self.tokenizer, pairs, self.max_seq_length, **self.options)
+        return ContrastiveBatch(ids, instruction_lengths, num_queries=len(examples))
 
     def state_dict(self) -> dict[str, Any]:
         return {"order": self.order.state_dict()}
