@@ -19,7 +19,6 @@ from .common import (
     clip_to_window,
     convert,
     dot_precision,
-    last_dim_contiguous,
     launch_shape,
     load_tile,
     mask_args,
@@ -31,6 +30,7 @@ from .common import (
     span_bounds,
     span_count,
     tile_mask,
+    unit_last_stride,
     window_allowed,
 )
 
@@ -60,13 +60,13 @@ def _rows_lse_delta(Lse, Delta, lse_offset, offs_m, rows_ok):
 @triton.jit
 def attention_bwd_preprocess_kernel(
     Out, DOut, DLse, Delta, CuSeqlensQ,
-    stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh, stride_dd, stride_lb, stride_lh,
+    stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh, stride_lb, stride_lh,
     stride_glb, stride_glh, stride_gls, seqlen_q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """delta = rowsum(dO * O) - dlse, laid out like the log-sum-exp. dO and dlse come with autograd's strides
-    (``out.sum()`` gives all-zero ones), read as they are: a copy would be a full write."""
+    """delta = rowsum(dO * O) - dlse, laid out like the log-sum-exp. dlse comes with autograd's strides
+    (``lse.sum()`` gives all-zero ones) and is read as it is."""
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
     batch = tl.program_id(2)
@@ -80,7 +80,7 @@ def attention_bwd_preprocess_kernel(
     o = load_tile(Out + batch.to(tl.int64) * stride_ob + tokens * stride_os + head * stride_oh + offs_d[None, :],
                   rows_ok, offs_d, True, HEAD_DIM, BLOCK_D)
     do = load_tile(DOut + batch.to(tl.int64) * stride_db + tokens * stride_ds + head * stride_dh
-                   + offs_d[None, :] * stride_dd, rows_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+                   + offs_d[None, :], rows_ok, offs_d, True, HEAD_DIM, BLOCK_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     lse_offset = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
     if HAS_DLSE:
@@ -94,7 +94,7 @@ def attention_bwd_preprocess_kernel(
 def attention_bwd_dkdv_kernel(
     Q, K, V, DOut, DK, DV, Lse, Delta, KeyMask, KeySpans, NumSpans, CuSeqlensQ, CuSeqlensK,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_db, stride_ds, stride_dh, stride_dd, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    stride_db, stride_ds, stride_dh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh, stride_mb, stride_sb,
     seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_scale, sm_scale, SEQLEN_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -149,7 +149,7 @@ def attention_bwd_dkdv_kernel(
                     rows_ok = rows_ok & real_keys(KeyMask, offs_m, rows_ok, True)
                 q = load_tile(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], rows_ok, offs_d, True,
                               HEAD_DIM, BLOCK_D)
-                do = load_tile(do_base + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd, rows_ok, offs_d,
+                do = load_tile(do_base + offs_m[:, None] * stride_ds + offs_d[None, :], rows_ok, offs_d,
                                True, HEAD_DIM, BLOCK_D)
                 lse, delta = _rows_lse_delta(Lse, Delta, lse_offset, offs_m, rows_ok)
                 # Transposed tiles (keys x queries): P^T = exp2(S^T - lse).
@@ -177,7 +177,7 @@ def attention_bwd_dkdv_kernel(
 def attention_bwd_dq_kernel(
     Q, K, V, DOut, DQ, Lse, Delta, KeyMask, KeySpans, NumSpans, CuSeqlensQ, CuSeqlensK,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_db, stride_ds, stride_dh, stride_dd, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
+    stride_db, stride_ds, stride_dh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
     stride_mb, stride_sb,
     seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_scale, sm_scale, SEQLEN_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -205,7 +205,7 @@ def attention_bwd_dq_kernel(
     q = load_tile(Q + batch.to(tl.int64) * stride_qb + q_tokens * stride_qs + head * stride_qh + offs_d[None, :],
                   rows_ok, offs_d, True, HEAD_DIM, BLOCK_D)
     do = load_tile(DOut + batch.to(tl.int64) * stride_db + q_tokens * stride_ds + head * stride_dh
-                   + offs_d[None, :] * stride_dd, rows_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+                   + offs_d[None, :], rows_ok, offs_d, True, HEAD_DIM, BLOCK_D)
     lse_offset = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
     lse, delta = _rows_lse_delta(Lse, Delta, lse_offset, offs_m, rows_ok)
     K += batch.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + kv_head * stride_kh
@@ -262,9 +262,10 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch preprocess, dK/dV and dQ; returns contiguous (dq, dk, dv). Always deterministic.
 
-    dout and dlse are read with whatever strides they have; q, k, v and out need a unit last stride
-    and lse a contiguous layout (what the forward returns; anything else is copied)."""
-    q, k, v, out = (last_dim_contiguous(t) for t in (q, k, v, out))
+    dlse is read with whatever strides it has; q, k, v, out and dout need a unit last stride (the
+    all-zero-stride dout of ``out.sum()`` costs one head-dim row, see unit_last_stride) and lse a
+    contiguous layout (what the forward returns; anything else is copied)."""
+    q, k, v, out, dout = (unit_last_stride(t) for t in (q, k, v, out, dout))
     lse = lse.contiguous()
     shape = launch_shape(q, k, key_mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal, window_size)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -278,7 +279,7 @@ def attention_backward(
     placeholder = q
     block_d = triton.next_power_of_2(head_dim)
     masks = mask_args(shape, cu_seqlens_q, cu_seqlens_k, placeholder)
-    dout_strides = (*token_strides(dout, is_varlen), dout.stride(-1))
+    dout_strides = token_strides(dout, is_varlen)
     attention_bwd_preprocess_kernel[(triton.cdiv(shape.seqlen_q, _PREPROCESS_BLOCK_M), heads_q, shape.batch)](
         out, dout, placeholder if dlse is None else dlse, delta, masks[3],  # masks[3]: CuSeqlensQ
         *token_strides(out, is_varlen), *dout_strides, *lse_strides(lse, is_varlen),

@@ -20,7 +20,6 @@ from .common import (
     clip_to_window,
     convert,
     dot_precision,
-    last_dim_contiguous,
     launch_shape,
     load_tile,
     mask_args,
@@ -31,6 +30,7 @@ from .common import (
     sequence_bounds,
     span_bounds,
     tile_mask,
+    unit_last_stride,
     window_allowed,
 )
 
@@ -187,7 +187,7 @@ def attention_forward(
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel; returns (out like q, float32 lse (B, Hq, Sq) or (Hq, Tq))."""
-    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))
     shape = launch_shape(q, k, key_mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal, window_size)
     heads_q, head_dim = q.shape[-2], q.shape[-1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -111,9 +111,14 @@ def key_spans(key_mask: torch.Tensor, split_gap: int = SPLIT_GAP) -> tuple[torch
     return spans[:, :, :max_spans].transpose(1, 2).contiguous(), starts.sum(dim=1, dtype=torch.int32)
 
 
-def last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
-    """The kernels read head-dim rows of q, k, v and out with unit stride: a copy where that does not hold."""
-    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+def unit_last_stride(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` with the unit last stride the kernels read head-dim rows with, copying only what needs it:
+    dims of stride 0 (broadcast) stay so, so the expanded gradient of ``out.sum()`` (every stride 0)
+    costs one head-dim row, not a full write (its other strides are read as they are)."""
+    if tensor.stride(-1) == 1:
+        return tensor
+    kept = tuple(slice(0, 1) if stride == 0 else slice(None) for stride in tensor.stride()[:-1])
+    return tensor[kept].contiguous().expand(tensor.shape)
 
 
 def kernel_mask(key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ import llm2vec_fast.ops  # noqa: F401  (registers torch.ops.llm2vec_fast)
 import llm2vec_fast.validation as validation
 from attention_cases import check, padded_case, varlen_case
 from llm2vec_fast import flash_attn_func, flash_attn_varlen_func, pad_input, unpad_input
+from llm2vec_fast.kernels.common import unit_last_stride
 from llm2vec_fast.tensor_cache import TensorCache
 from oracle import assert_close, attention_oracle, varlen_oracle
 
@@ -136,6 +137,19 @@ def test_gpu_cu_seqlens_views(backend):
     for name in ("cu_seqlens_q", "cu_seqlens_k"):
         setattr(case, name, torch.stack([getattr(case, name)] * 2, dim=1)[:, 0])
     check(case, run_with_grads(case, backend, case.dout, case.dlse, device="cuda"), with_dlse=True)
+
+
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS)
+def test_unit_last_stride_copies_only_what_broadcasting_does_not_repeat(layout):
+    """The all-zero-stride dout of out.sum() becomes one head-dim row (D elements), not B*S*H*D."""
+    values = torch.randn(2, 5, 3, 16)
+    view = strided(values, layout)
+    ready = unit_last_stride(view)
+    assert ready.stride(-1) == 1 and torch.equal(ready, view)
+    zero_dims = [dim for dim, stride in enumerate(view.stride()[:-1]) if stride == 0]
+    assert all(ready.stride(dim) == 0 for dim in zero_dims)
+    if layout == "scalar":
+        assert ready.untyped_storage().nbytes() == 16 * values.element_size()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
