@@ -52,6 +52,9 @@ def test_mntp_then_simcse_then_encode(files, tmp_path):
     # As with the official MNTP repositories, the MNTP output directory serves as the base model.
     official_style = LLM2Vec.from_pretrained(str(mntp), peft_model_name_or_path=str(simcse))
     torch.testing.assert_close(_encode(official_style, TEXTS), embeddings, rtol=1e-5, atol=1e-6)
+    # The SimCSE adapter names the MNTP directory as its base, so it also loads on its own.
+    assert json.loads((simcse / "adapter_config.json").read_text())["base_model_name_or_path"] == str(mntp)
+    torch.testing.assert_close(_encode(LLM2Vec.from_pretrained(str(simcse)), TEXTS), embeddings, rtol=1e-5, atol=1e-6)
 
     # The trained model itself (base + merged MNTP + SimCSE LoRA) embeds the same texts identically.
     config = load_config("simcse", None, dict(model_name_or_path=model, peft_model_name_or_path=str(mntp),

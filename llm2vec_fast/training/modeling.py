@@ -115,8 +115,15 @@ def load_decoder(spec: DecoderSpec, model_class: Any) -> Any:
 
 
 def merge_adapter(model: Any, adapter: str) -> Any:
-    """Merge a LoRA adapter (e.g. the MNTP one) into the weights, returning the plain transformers model."""
-    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    """Merge a LoRA adapter (e.g. the MNTP one) into the weights, returning the plain transformers model.
+
+    The merged model is named after the adapter, so a new LoRA trained on top records the adapter
+    directory as its ``base_model_name_or_path``: loading the new adapter alone then rebuilds
+    base + merged adapter + new adapter, the model that was trained.
+    """
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.name_or_path = merged.config._name_or_path = adapter  # peft reads the attribute, transformers the config
+    return merged
 
 
 def add_lora(model: Any, lora: LoraConfig, gradient_checkpointing: bool) -> PeftModel:
