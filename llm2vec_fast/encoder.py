@@ -21,9 +21,7 @@ pooling, same saved format. Differences, all deliberate:
 from __future__ import annotations
 
 import itertools
-import threading
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -37,6 +35,7 @@ from .hf import (
     pack_sequences,
     route_attention,
     transformers_model,
+    without_dropout,
 )
 from .loading import load_encoder_parts, save_encoder
 from .pooling import check_pooling_mode, pool_packed
@@ -128,50 +127,6 @@ def _with_progress(
         for block in blocks:
             progress.update(len(block))
             yield _format_output(block, convert_to_numpy, False)
-
-
-# Encoding runs without dropout and without touching ``module.training``: toggling ``eval()``/``train()``
-# is shared state, so another thread (or the caller) would see it change mid-forward. Instead every
-# dropout module of the model gets two forward hooks, no-ops except in a thread that is encoding,
-# where they hand the module's input through unchanged.
-_encoding = threading.local()
-_HOOKED = "_llm2vec_fast_encode_hooks"  # set on a dropout module once it has the hooks (survives pickling)
-_hook_lock = threading.Lock()
-
-
-def _keep_dropout_input(module: nn.Module, args: tuple) -> tuple | None:
-    if not getattr(_encoding, "active", 0):
-        return None
-    _encoding.inputs[id(module)] = args[0]
-    return (args[0].clone(), *args[1:]) if getattr(module, "inplace", False) else None
-
-
-def _return_dropout_input(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-    if not getattr(_encoding, "active", 0):
-        return None
-    return _encoding.inputs.pop(id(module), output)
-
-
-def _hook_dropout(model: nn.Module) -> None:
-    with _hook_lock:
-        for module in model.modules():
-            if isinstance(module, nn.modules.dropout._DropoutNd) and not getattr(module, _HOOKED, False):
-                module.register_forward_pre_hook(_keep_dropout_input)
-                module.register_forward_hook(_return_dropout_input)
-                setattr(module, _HOOKED, True)
-
-
-@contextmanager
-def _without_dropout(model: nn.Module) -> Iterator[None]:
-    """Within this block, this thread runs `model` with every dropout module passing its input through."""
-    _hook_dropout(model)  # modules added since the last call (e.g. a new adapter) get their hooks too
-    if not getattr(_encoding, "active", 0):
-        _encoding.inputs = {}
-    _encoding.active = getattr(_encoding, "active", 0) + 1
-    try:
-        yield
-    finally:
-        _encoding.active -= 1
 
 
 class LLM2Vec(nn.Module):
@@ -393,7 +348,7 @@ class LLM2Vec(nn.Module):
         batches = plan_batches([len(x) for x in ids], batch_size, max_batch_tokens)
         target = self._device(device)
         result = torch.empty(len(pairs), hidden_size)
-        with _without_dropout(self.model), tqdm(
+        with without_dropout(self.model), tqdm(
             total=len(pairs), desc="Encoding", unit="text", disable=not show_progress_bar
         ) as progress:
             for batch in batches:

@@ -219,6 +219,20 @@ def test_encode_ignores_and_keeps_the_callers_mode(model_dir: Path, dropout_adap
     assert (encoder(features) - expected[:2]).abs().max() > 1e-4  # training forward still uses dropout
 
 
+def test_encode_in_train_mode_ignores_attention_dropout(model_dir: Path) -> None:
+    encoder = LLM2Vec.from_pretrained(str(model_dir))
+    expected = _encode(encoder, TEXTS)
+    encoder.model.config.attention_dropout = 0.1  # HF hands it to the attention function in train mode
+    for layer in encoder.model.modules():
+        if hasattr(layer, "attention_dropout"):
+            layer.attention_dropout = 0.1
+    encoder.train()
+    assert torch.equal(_encode(encoder, TEXTS), expected)
+    features = encoder.tokenize(encoder.prepare_texts([("", t) for t in TEXTS[:2]]))
+    with pytest.raises(ValueError, match="attention dropout"):  # a training forward still refuses it
+        encoder(features)
+
+
 def test_concurrent_encode_calls_match_sequential(model_dir: Path, dropout_adapter: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 

@@ -5,6 +5,7 @@
     packed = pack_batch(batch["input_ids"], batch["attention_mask"])   # unpad once
     hidden = model(**packed.model_inputs()).last_hidden_state           # (1, T, H): real tokens only
 """
+from .dropout import dropout_disabled, without_dropout
 from .attention import ATTENTION_NAME, llm2vec_fast_attention, llm2vec_fast_mask, register
 from .packing import PackedBatch, pack_batch, pack_sequences
 from .patching import (
@@ -24,6 +25,7 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "check_supported_model",
     "disable_bidirectional",
+    "dropout_disabled",
     "enable_bidirectional",
     "is_bidirectional",
     "llm2vec_fast_attention",
@@ -34,4 +36,5 @@ __all__ = [
     "register",
     "route_attention",
     "transformers_model",
+    "without_dropout",
 ]

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import flash_attn_func, flash_attn_varlen_func
+from .dropout import dropout_disabled
 
 ATTENTION_NAME = "llm2vec_fast"
 BACKEND_ATTRIBUTE = "_llm2vec_fast_backend"
@@ -55,7 +56,7 @@ def llm2vec_fast_attention(
     **kwargs,
 ) -> tuple[Tensor, None]:
     """transformers attention function: q ``(B, Hq, S, D)``, k/v ``(B, Hkv, S, D)`` -> ``((B, S, Hq, D), None)``."""
-    if dropout:
+    if dropout and not dropout_disabled():  # inside without_dropout (encoding) HF's train-mode dropout is ignored
         raise ValueError(
             f"attention dropout ({dropout}) is not supported by the {ATTENTION_NAME} attention; "
             "set config.attention_dropout = 0.0"
