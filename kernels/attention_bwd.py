@@ -4,6 +4,8 @@ Probabilities are recomputed from the saved log-sum-exp. The dK/dV kernel owns o
 one KV head and loops over every query head of its GQA group, so the group reduction happens in
 registers: no atomics, bitwise deterministic. The dQ kernel owns one query tile of one query head.
 Rows without any visible key have lse = -inf; they are read as +inf so their probabilities are 0.
+Pairs a row does not see are selected out of P and dS, and their non-finite q, k (and v through dP)
+never reach a gradient (``seen_product``), as in ``llm2vec_fast.backends.reference``.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import lse_strides, score_scales, token_strides
+from .attention_fwd import any_nonfinite, lse_strides, nan_if_infinite, score_scales, seen_product, token_strides
 from .common import (
     INTERPRETING,
     autotuned,
@@ -89,6 +91,73 @@ def attention_bwd_preprocess_kernel(
     tl.store(Delta + lse_offset + offs_m, delta, mask=rows_ok)
 
 
+@triton.jit
+def _store_rows(Base, tokens, stride_s, values, rows_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """Store a gradient tile at rows `tokens` (a column of token indices); non-finite values as NaN."""
+    tl.store(Base + tokens * stride_s + offs_d[None, :],
+             convert(nan_if_infinite(values), Base.dtype.element_ty, UPCAST),
+             mask=tile_mask(rows_ok, offs_d, HEAD_DIM, BLOCK_D))
+
+
+@triton.jit
+def _dkdv_group(
+    k, v, key_ok, offs_n, offs_d, Q, DOut, Lse, Delta, KeyMask, KeySpans, num_spans, batch, kv_head, q_start, q_len,
+    key_first, key_last, offset, stride_qb, stride_qs, stride_qh, stride_db, stride_ds, stride_dh,
+    stride_lb, stride_lh, window_left, window_right, qk_scale, softcap_scale, GROUP: tl.constexpr,
+    MASK_QUERIES: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr,
+):
+    """Unscaled (dK, dV) of one key tile over the queries of every head of its group that see it. EXACT
+    (the slow redo of windowed tiles) keeps a non-finite q of a row out of the keys it does not see."""
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for group_member in range(GROUP):
+        head = kv_head * GROUP + group_member
+        q_base = Q + batch.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + head * stride_qh
+        do_base = DOut + batch.to(tl.int64) * stride_db + q_start.to(tl.int64) * stride_ds + head * stride_dh
+        lse_offset = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
+        for span in range(num_spans):
+            q_lo, q_hi = span_bounds(KeySpans, span, q_len, MASK_QUERIES)
+            if WINDOW_RIGHT:
+                q_lo = tl.maximum(q_lo, key_first - offset - window_right)
+            if WINDOW_LEFT:
+                q_hi = tl.minimum(q_hi, key_last - offset + window_left + 1)
+            for start_m in range(q_lo, q_hi, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                rows_ok = offs_m < q_hi
+                if MASK_QUERIES:
+                    rows_ok = rows_ok & real_keys(KeyMask, offs_m, rows_ok, True)
+                q = load_tile(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], rows_ok, offs_d, True,
+                              HEAD_DIM, BLOCK_D)
+                do = load_tile(do_base + offs_m[:, None] * stride_ds + offs_d[None, :], rows_ok, offs_d,
+                               True, HEAD_DIM, BLOCK_D)
+                lse, delta = _rows_lse_delta(Lse, Delta, lse_offset, offs_m, rows_ok)
+                # Transposed tiles (keys x queries): P^T = exp2(S^T - lse).
+                scores_t, tanh_t = capped_scores(mma(k, tl.trans(q), UPCAST, PRECISION), qk_scale, softcap_scale,
+                                                 SOFTCAP)
+                allowed_t = tl.trans(window_allowed(offs_m, offs_n, offset, window_left, window_right,
+                                                    WINDOW_LEFT, WINDOW_RIGHT))
+                allowed_t = allowed_t & key_ok[:, None] & rows_ok[None, :]
+                p_t = tl.where(allowed_t, tl.exp2(scores_t - lse[None, :]), 0.0)
+                dv += mma(convert(p_t, do.dtype, UPCAST), do, UPCAST, PRECISION)
+                dp_t = mma(v, tl.trans(do), UPCAST, PRECISION)
+                ds_t = p_t * (dp_t - delta[None, :])
+                if SOFTCAP:
+                    ds_t = ds_t * (1.0 - tanh_t * tanh_t)
+                ds_t = tl.where(allowed_t, ds_t, 0.0)
+                if EXACT and (WINDOW_LEFT or WINDOW_RIGHT):
+                    if any_nonfinite(q):
+                        dk = seen_product(dk, ds_t, allowed_t, q_base + start_m * stride_qs + offs_d, stride_qs,
+                                          q_hi - start_m, offs_d < HEAD_DIM)
+                    else:
+                        dk += mma(convert(ds_t, q.dtype, UPCAST), q, UPCAST, PRECISION)
+                else:
+                    dk += mma(convert(ds_t, q.dtype, UPCAST), q, UPCAST, PRECISION)
+    return dk, dv
+
+
 @triton.autotune(key=_BWD_KEY, **autotuned(DKDV_TILES))
 @triton.jit
 def attention_bwd_dkdv_kernel(
@@ -129,47 +198,75 @@ def attention_bwd_dkdv_kernel(
                   key_ok, offs_d, True, HEAD_DIM, BLOCK_D)
     v = load_tile(V + batch.to(tl.int64) * stride_vb + kv_tokens * stride_vs + kv_head * stride_vh + offs_d[None, :],
                   key_ok, offs_d, True, HEAD_DIM, BLOCK_D)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for group_member in range(GROUP):
-        head = kv_head * GROUP + group_member
-        q_base = Q + batch.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + head * stride_qh
-        do_base = DOut + batch.to(tl.int64) * stride_db + q_start.to(tl.int64) * stride_ds + head * stride_dh
-        lse_offset = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
-        for span in range(num_spans):
-            q_lo, q_hi = span_bounds(KeySpans, span, q_len, MASK_QUERIES)
-            if WINDOW_RIGHT:
-                q_lo = tl.maximum(q_lo, key_first - offset - window_right)
-            if WINDOW_LEFT:
-                q_hi = tl.minimum(q_hi, key_last - offset + window_left + 1)
-            for start_m in range(q_lo, q_hi, BLOCK_M):
-                offs_m = start_m + tl.arange(0, BLOCK_M)
-                rows_ok = offs_m < q_hi
-                if MASK_QUERIES:
-                    rows_ok = rows_ok & real_keys(KeyMask, offs_m, rows_ok, True)
-                q = load_tile(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], rows_ok, offs_d, True,
-                              HEAD_DIM, BLOCK_D)
-                do = load_tile(do_base + offs_m[:, None] * stride_ds + offs_d[None, :], rows_ok, offs_d,
-                               True, HEAD_DIM, BLOCK_D)
-                lse, delta = _rows_lse_delta(Lse, Delta, lse_offset, offs_m, rows_ok)
-                # Transposed tiles (keys x queries): P^T = exp2(S^T - lse).
-                scores_t, tanh_t = capped_scores(mma(k, tl.trans(q), UPCAST, PRECISION), qk_scale, softcap_scale,
-                                                 SOFTCAP)
-                allowed_t = tl.trans(window_allowed(offs_m, offs_n, offset, window_left, window_right,
-                                                    WINDOW_LEFT, WINDOW_RIGHT))
-                allowed_t = allowed_t & key_ok[:, None] & rows_ok[None, :]
-                p_t = tl.where(allowed_t, tl.exp2(scores_t - lse[None, :]), 0.0)
-                dv += mma(convert(p_t, do.dtype, UPCAST), do, UPCAST, PRECISION)
-                dp_t = mma(v, tl.trans(do), UPCAST, PRECISION)
-                ds_t = p_t * (dp_t - delta[None, :])
-                if SOFTCAP:
-                    ds_t = ds_t * (1.0 - tanh_t * tanh_t)
-                dk += mma(convert(ds_t, q.dtype, UPCAST), q, UPCAST, PRECISION)
-    dk_ptrs = DK + batch.to(tl.int64) * stride_dkb + kv_tokens * stride_dks + kv_head * stride_dkh + offs_d[None, :]
-    dv_ptrs = DV + batch.to(tl.int64) * stride_dvb + kv_tokens * stride_dvs + kv_head * stride_dvh + offs_d[None, :]
-    store_ok = tile_mask(keys_in, offs_d, HEAD_DIM, BLOCK_D)
-    tl.store(dk_ptrs, convert(dk * sm_scale, DK.dtype.element_ty, UPCAST), mask=store_ok)
-    tl.store(dv_ptrs, convert(dv, DV.dtype.element_ty, UPCAST), mask=store_ok)
+    dk, dv = _dkdv_group(
+        k, v, key_ok, offs_n, offs_d, Q, DOut, Lse, Delta, KeyMask, KeySpans, num_spans, batch, kv_head, q_start,
+        q_len, key_first, key_last, offset, stride_qb, stride_qs, stride_qh, stride_db, stride_ds, stride_dh,
+        stride_lb, stride_lh, window_left, window_right, qk_scale, softcap_scale, GROUP, MASK_QUERIES,
+        WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, UPCAST, PRECISION, False,
+    )
+    DK += batch.to(tl.int64) * stride_dkb + kv_head * stride_dkh
+    DV += batch.to(tl.int64) * stride_dvb + kv_head * stride_dvh
+    if WINDOW_LEFT or WINDOW_RIGHT:
+        # A non-finite q of a row that does not see some of these keys (a window edge) reaches their dK as
+        # 0 * NaN and stays non-finite to the end. Rare: then redo the tile exactly.
+        if any_nonfinite(dk):
+            dk, dv = _dkdv_group(
+                k, v, key_ok, offs_n, offs_d, Q, DOut, Lse, Delta, KeyMask, KeySpans, num_spans, batch, kv_head,
+                q_start, q_len, key_first, key_last, offset, stride_qb, stride_qs, stride_qh, stride_db, stride_ds,
+                stride_dh, stride_lb, stride_lh, window_left, window_right, qk_scale, softcap_scale, GROUP,
+                MASK_QUERIES, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, UPCAST,
+                PRECISION, True,
+            )
+            _store_rows(DK, kv_tokens, stride_dks, dk * sm_scale, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+            _store_rows(DV, kv_tokens, stride_dvs, dv, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+        else:
+            _store_rows(DK, kv_tokens, stride_dks, dk * sm_scale, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+            _store_rows(DV, kv_tokens, stride_dvs, dv, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+    else:
+        _store_rows(DK, kv_tokens, stride_dks, dk * sm_scale, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+        _store_rows(DV, kv_tokens, stride_dvs, dv, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+
+
+@triton.jit
+def _dq_spans(
+    q, do, lse, delta, K, V, KeyMask, KeySpans, num_spans, k_len, row_first, row_last, offs_m, offs_d, offset,
+    rows_ok, stride_ks, stride_vs, window_left, window_right, qk_scale, softcap_scale, HAS_MASK: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, EXACT: tl.constexpr,
+):
+    """Unscaled dQ of one query block over every key it sees. EXACT (the slow redo of windowed blocks)
+    keeps a non-finite K of a key out of the rows that do not see it."""
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for span in range(num_spans):
+        lo, hi = span_bounds(KeySpans, span, k_len, HAS_MASK)
+        lo, hi, _, _ = clip_to_window(lo, hi, row_first, row_last, offset, window_left, window_right,
+                                      WINDOW_LEFT, WINDOW_RIGHT)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            key_ok = offs_n < hi
+            if HAS_MASK:
+                key_ok = key_ok & real_keys(KeyMask, offs_n, key_ok, True)
+            k = load_tile(K + offs_n[:, None] * stride_ks + offs_d[None, :], key_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+            v = load_tile(V + offs_n[:, None] * stride_vs + offs_d[None, :], key_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+            scores, tanh_s = capped_scores(mma(q, tl.trans(k), UPCAST, PRECISION), qk_scale, softcap_scale, SOFTCAP)
+            allowed = window_allowed(offs_m, offs_n, offset, window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT)
+            allowed = allowed & rows_ok[:, None] & key_ok[None, :]
+            p = tl.where(allowed, tl.exp2(scores - lse[:, None]), 0.0)
+            dp = mma(do, tl.trans(v), UPCAST, PRECISION)
+            ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - tanh_s * tanh_s)
+            ds = tl.where(allowed, ds, 0.0)
+            if EXACT and (WINDOW_LEFT or WINDOW_RIGHT):
+                if any_nonfinite(k):
+                    dq = seen_product(dq, ds, allowed, K + start_n * stride_ks + offs_d, stride_ks, hi - start_n,
+                                      offs_d < HEAD_DIM)
+                else:
+                    dq += mma(convert(ds, k.dtype, UPCAST), k, UPCAST, PRECISION)
+            else:
+                dq += mma(convert(ds, k.dtype, UPCAST), k, UPCAST, PRECISION)
+    return tl.where(rows_ok[:, None], dq, 0.0)  # a row that sees no key: 0, even where a k is non-finite
 
 
 @triton.autotune(key=_BWD_KEY, **autotuned(DQ_TILES))
@@ -210,29 +307,23 @@ def attention_bwd_dq_kernel(
     lse, delta = _rows_lse_delta(Lse, Delta, lse_offset, offs_m, rows_ok)
     K += batch.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + kv_head * stride_kh
     V += batch.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + kv_head * stride_vh
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for span in range(num_spans):
-        lo, hi = span_bounds(KeySpans, span, k_len, HAS_MASK)
-        lo, hi, _, _ = clip_to_window(lo, hi, row_first, row_last, offset, window_left, window_right,
-                                      WINDOW_LEFT, WINDOW_RIGHT)
-        for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            key_ok = offs_n < hi
-            if HAS_MASK:
-                key_ok = key_ok & real_keys(KeyMask, offs_n, key_ok, True)
-            k = load_tile(K + offs_n[:, None] * stride_ks + offs_d[None, :], key_ok, offs_d, True, HEAD_DIM, BLOCK_D)
-            v = load_tile(V + offs_n[:, None] * stride_vs + offs_d[None, :], key_ok, offs_d, True, HEAD_DIM, BLOCK_D)
-            scores, tanh_s = capped_scores(mma(q, tl.trans(k), UPCAST, PRECISION), qk_scale, softcap_scale, SOFTCAP)
-            allowed = window_allowed(offs_m, offs_n, offset, window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT)
-            allowed = allowed & rows_ok[:, None] & key_ok[None, :]
-            p = tl.where(allowed, tl.exp2(scores - lse[:, None]), 0.0)
-            dp = mma(do, tl.trans(v), UPCAST, PRECISION)
-            ds = p * (dp - delta[:, None])
-            if SOFTCAP:
-                ds = ds * (1.0 - tanh_s * tanh_s)
-            dq += mma(convert(ds, k.dtype, UPCAST), k, UPCAST, PRECISION)
-    tl.store(DQ + batch.to(tl.int64) * stride_dqb + q_tokens * stride_dqs + head * stride_dqh + offs_d[None, :],
-             convert(dq * sm_scale, DQ.dtype.element_ty, UPCAST), mask=tile_mask(rows_in, offs_d, HEAD_DIM, BLOCK_D))
+    dq = _dq_spans(q, do, lse, delta, K, V, KeyMask, KeySpans, num_spans, k_len, row_first, row_last, offs_m, offs_d,
+                   offset, rows_ok, stride_ks, stride_vs, window_left, window_right, qk_scale, softcap_scale, HAS_MASK,
+                   WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, UPCAST, PRECISION, False)
+    DQ += batch.to(tl.int64) * stride_dqb + head * stride_dqh
+    if WINDOW_LEFT or WINDOW_RIGHT:
+        # A non-finite K of a key a row does not see (a window edge) reaches its dQ as 0 * NaN and stays
+        # non-finite to the end. Rare: then redo the block exactly (each branch stores its own result).
+        if any_nonfinite(dq):
+            dq = _dq_spans(q, do, lse, delta, K, V, KeyMask, KeySpans, num_spans, k_len, row_first, row_last, offs_m,
+                           offs_d, offset, rows_ok, stride_ks, stride_vs, window_left, window_right, qk_scale,
+                           softcap_scale, HAS_MASK, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, HEAD_DIM, BLOCK_M, BLOCK_D,
+                           BLOCK_N, UPCAST, PRECISION, True)
+            _store_rows(DQ, q_tokens, stride_dqs, dq * sm_scale, rows_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+        else:
+            _store_rows(DQ, q_tokens, stride_dqs, dq * sm_scale, rows_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+    else:
+        _store_rows(DQ, q_tokens, stride_dqs, dq * sm_scale, rows_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
 
 
 def _dlse_strides(dlse: torch.Tensor | None, is_varlen: bool) -> tuple[int, int, int]:

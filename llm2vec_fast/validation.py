@@ -19,6 +19,7 @@ from .tensor_cache import TensorCache
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 MAX_BATCH = 65535  # CUDA grid limit on the batch dimension of the launch
+MAX_SOFTMAX_SCALE = 1e6  # keeps scale * log2(e) * |q.k| below float32's limit for |q.k| <= 1e32
 
 
 def _require_tensor(name: str, value: object) -> Tensor:
@@ -106,10 +107,15 @@ def check_varlen_args(
 
 
 def softmax_scale_or_default(softmax_scale: float | None, head_dim: int) -> float:
+    """The scale as a float; |scale| <= MAX_SOFTMAX_SCALE, so that kernels folding it into the exponent
+    (s * scale * log2(e)) cannot overflow float32 for any score |q.k| <= 1e32."""
     if softmax_scale is None:
         return head_dim**-0.5
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
         raise TypeError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
+    if abs(softmax_scale) > MAX_SOFTMAX_SCALE:
+        bound = f"{MAX_SOFTMAX_SCALE:g}"
+        raise ValueError(f"softmax_scale must lie in [-{bound}, {bound}], got {softmax_scale!r}")
     return float(softmax_scale)
 
 

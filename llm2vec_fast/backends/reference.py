@@ -3,6 +3,12 @@
 Scores are materialised in float32 (grouped by KV head, never expanding k/v), so memory is
 O(Sq * Sk) per head: right for CPU-sized inputs and for checking kernels, not for long GPU runs.
 The backward recomputes probabilities from the saved log-sum-exp, exactly as the kernels do.
+
+Non-finite values (the model every kernel matches): keys a row does not see are *selected out*
+(never multiplied by zero), so whatever they hold cannot reach that row. Over the keys it sees a
+row follows IEEE arithmetic: a NaN or +inf score makes its output and lse NaN, a non-finite value
+of a seen key makes the output (or gradient) elements that use it NaN, and a row that sees no
+key or only -inf scores outputs zeros with lse = -inf.
 """
 from __future__ import annotations
 
@@ -69,18 +75,40 @@ def _scores(q32: Tensor, k32: Tensor, allowed: Tensor, scale: float, softcap: fl
     return scores.masked_fill(~allowed, float("-inf"))
 
 
-def _probabilities(scores: Tensor) -> tuple[Tensor, Tensor]:
+def _probabilities(scores: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax over the seen keys and its lse: NaN where a seen score is NaN or +inf; a row whose
+    seen scores are all -inf (or that sees none) gets probabilities 0 and lse -inf."""
     lse = torch.logsumexp(scores, dim=-1)
-    finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    return torch.exp(scores - finite_lse[..., None]), lse
+    lse = torch.where(lse == float("inf"), torch.full_like(lse, float("nan")), lse)
+    return _seen_probabilities(scores, allowed, lse), lse
+
+
+def _seen_probabilities(scores: Tensor, allowed: Tensor, lse: Tensor) -> Tensor:
+    """exp(scores - lse) on the pairs a row sees, 0 elsewhere and on rows whose lse is -inf."""
+    lse_for_probs = torch.where(lse == float("-inf"), torch.full_like(lse, float("inf")), lse)
+    return torch.exp(scores - lse_for_probs[..., None]).masked_fill(~allowed, 0.0)
+
+
+def _seen_product(weights: Tensor, allowed: Tensor, values: Tensor) -> Tensor:
+    """weights @ values summed over the pairs `allowed` marks, weights 0 elsewhere: values of keys a
+    row does not see are selected out; a non-finite value of a seen key (or any non-finite result)
+    makes that element NaN, whatever its weight."""
+    finite = torch.isfinite(values)
+    if finite.all():
+        result = weights @ values
+    else:
+        poisoned = (allowed.to(values.dtype) @ (~finite).to(values.dtype)) > 0
+        result = (weights @ torch.where(finite, values, torch.zeros_like(values))).masked_fill(poisoned, float("nan"))
+    return result.masked_fill(torch.isinf(result), float("nan"))
 
 
 def _forward_padded(q, k, v, key_mask, causal, window_size, softcap, scale):
     batch, seqlen_q, heads_q, head_dim = q.shape
     q32, k32, v32 = _grouped(q, k, v)
     allowed = _allowed(seqlen_q, k.shape[1], key_mask, causal, window_size, q.device)
-    probs, lse = _probabilities(_scores(q32, k32, allowed, scale, softcap))
-    out = (probs @ v32).permute(0, 3, 1, 2, 4).reshape(batch, seqlen_q, heads_q, head_dim)
+    probs, lse = _probabilities(_scores(q32, k32, allowed, scale, softcap), allowed)
+    out = _seen_product(probs, allowed, v32).masked_fill((lse == float("-inf"))[..., None], 0.0)
+    out = out.permute(0, 3, 1, 2, 4).reshape(batch, seqlen_q, heads_q, head_dim)
     return out.to(q.dtype).contiguous(), lse.reshape(batch, heads_q, seqlen_q)
 
 
@@ -96,15 +124,15 @@ def _backward_padded(dout, q, k, v, out, lse, dlse, key_mask, causal, window_siz
         delta = delta - dlse.float().view(batch, heads_kv, group, seqlen_q)
     allowed = _allowed(seqlen_q, k.shape[1], key_mask, causal, window_size, q.device)
     scores = _scores(q32, k32, allowed, scale, softcap)
-    lse_for_probs = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)
-    probs = torch.exp(scores - lse_for_probs[..., None])
-    dprobs = do32 @ v32.transpose(-1, -2)
-    dscores = probs * (dprobs - delta[..., None])
+    probs = _seen_probabilities(scores, allowed, lse)
+    dscores = probs * (do32 @ v32.transpose(-1, -2) - delta[..., None])
     if softcap > 0:
-        dscores = dscores * (1 - (scores / softcap).square()).masked_fill(~allowed, 0.0)
-    dq = (dscores @ k32) * scale
-    dk = (dscores.transpose(-1, -2) @ q32).sum(2) * scale
-    dv = (probs.transpose(-1, -2) @ do32).sum(2)
+        dscores = dscores * (1 - (scores / softcap).square())
+    dscores = dscores.masked_fill(~allowed, 0.0)
+    allowed_t = allowed.transpose(-1, -2)
+    dq = _seen_product(dscores, allowed, k32) * scale
+    dk = _seen_product(dscores.transpose(-1, -2), allowed_t, q32).sum(2) * scale
+    dv = _seen_product(probs.transpose(-1, -2), allowed_t, do32).sum(2)
     dq = dq.permute(0, 3, 1, 2, 4).reshape(q.shape)
     return dq.to(q.dtype).contiguous(), dk.transpose(1, 2).contiguous().to(k.dtype), dv.transpose(1, 2).contiguous().to(v.dtype)
 
