@@ -8,6 +8,7 @@ the encoding speed. The weights are random, so the similarities only show the pl
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from typing import Any
@@ -45,9 +46,14 @@ def run_demo(args: argparse.Namespace) -> int:
     import torch
 
     from .encoder import LLM2Vec
+    from .runtime import check_device
     from .tiny import build_tiny_model
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = str(check_device(args.device))
+    except (TypeError, ValueError) as error:
+        print(f"llm2vec-fast demo: error: {error}", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as directory:
         model, tokenizer = build_tiny_model(args.family)
         model.model.save_pretrained(directory)  # the base decoder, what LLM2Vec loads

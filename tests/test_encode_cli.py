@@ -122,6 +122,13 @@ def test_demo_prints_similarities_backend_and_speed(capsys) -> None:
     torch.testing.assert_close(values, values.T)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_demo_refuses_a_missing_device_in_one_line(capsys) -> None:
+    assert _run("demo", "--device", "cuda") == 2
+    error = capsys.readouterr().err
+    assert error.startswith("llm2vec-fast demo: error: ") and "no CUDA device" in error and len(error.splitlines()) == 1
+
+
 def test_carriage_return_inside_a_line_stays_in_its_row(tmp_path: Path) -> None:
     texts = ["one\rline with a carriage return", "second line", "third\r"]
     source = tmp_path / "texts.txt"
