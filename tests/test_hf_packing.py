@@ -89,3 +89,26 @@ def test_bad_inputs() -> None:
         packed.unpad(torch.zeros(3, 4))
     with pytest.raises(ValueError, match="at least one"):
         pack_sequences([])
+
+
+@pytest.mark.parametrize("pack", ["sequences", "batch"])
+def test_offsets_made_under_inference_mode_are_checked_once_per_forward(pack, monkeypatch) -> None:
+    """Inference tensors cannot be cached (no version counter): the packed offsets must not be one,
+    or every layer checks them again (a host sync per layer on a GPU)."""
+    from llm2vec_fast import validation
+    from llm2vec_fast.hf import enable_bidirectional
+    from llm2vec_fast.tiny import build_tiny_model
+
+    model, _ = build_tiny_model("llama")
+    decoder = enable_bidirectional(model.model)
+    checks = []
+    original = validation._check_offsets
+    monkeypatch.setattr(validation, "_check_offsets", lambda *args: checks.append(args) or original(*args))
+    with torch.inference_mode():
+        if pack == "sequences":
+            packed = pack_sequences([[5, 6, 7], [8, 9]])
+        else:
+            packed = pack_batch(torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]]), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+        assert not packed.cu_seqlens.is_inference()
+        decoder(**packed.model_inputs())
+    assert decoder.config.num_hidden_layers > 1 and len(checks) == 1
