@@ -11,7 +11,21 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "granite", "olmo2")
+
+PRESETS = {
+    "llama3.2": ("llama", dict(  # Llama 3.1/3.2: llama3 rope scaling; 3.2 1B/3B tie their embeddings
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=8),
+        tie_word_embeddings=True,
+    )),
+    "qwen2.5": ("qwen2", dict(tie_word_embeddings=True)),  # Qwen2.5 0.5B-3B
+    "qwen3-tied": ("qwen3", dict(tie_word_embeddings=True)),  # Qwen3 0.6B-4B
+    "embeddinggemma": ("gemma3", dict(use_bidirectional_attention=True, sliding_window=6)),  # window |i - j| < 4
+}
+"""Named configurations of a family that real checkpoints use: ``build_tiny_model(name)`` accepts them too."""
+
+MODELS = FAMILIES + tuple(PRESETS)
 
 CORPUS = (
     "A man is playing a guitar on the street.",
@@ -28,6 +42,13 @@ CORPUS = (
     "Given a claim, find documents that refute it: the earth is flat.",
     "numbers 0123456789 and symbols _-+=*/\\|<>[]{}()!?.,;:'\"@#$%^&~`",
 )
+
+FAMILY_SETTINGS = {
+    "gemma2": dict(query_pre_attn_scalar=16, sliding_window=4),
+    "gemma3": dict(query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"], sliding_window=4),
+    "granite": dict(attention_multiplier=0.3, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0),
+}
+"""Per-family settings that make the toy model exercise what the family changes (window, scales)."""
 
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
 
@@ -54,19 +75,26 @@ def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
 
 
 def tiny_config(family: str, vocab_size: int, **overrides) -> PretrainedConfig:
-    """A config of `family` at toy width: hidden 64, 2 layers, 4 query heads, 2 KV heads (GQA), head_dim 16."""
-    from transformers import Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    """A config of `family` (or a preset) at toy width: hidden 64, 2 layers, 4 query heads, 2 KV heads, head_dim 16."""
+    import transformers
 
     classes = {
-        "llama": LlamaConfig,
-        "mistral": MistralConfig,
-        "qwen2": Qwen2Config,
-        "qwen3": Qwen3Config,
-        "gemma": GemmaConfig,
-        "gemma2": Gemma2Config,
+        "llama": "LlamaConfig",
+        "mistral": "MistralConfig",
+        "qwen2": "Qwen2Config",
+        "qwen3": "Qwen3Config",
+        "gemma": "GemmaConfig",
+        "gemma2": "Gemma2Config",
+        "gemma3": "Gemma3TextConfig",
+        "phi3": "Phi3Config",
+        "granite": "GraniteConfig",
+        "olmo2": "Olmo2Config",
     }
+    if family in PRESETS:
+        family, preset = PRESETS[family]
+        overrides = {**preset, **overrides}
     if family not in classes:
-        raise ValueError(f"unknown tiny model family {family!r}: choose one of {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown tiny model family {family!r}: choose one of {', '.join(MODELS)}")
     settings = dict(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -81,10 +109,9 @@ def tiny_config(family: str, vocab_size: int, **overrides) -> PretrainedConfig:
         pad_token_id=None,
         tie_word_embeddings=False,
     )
-    if family == "gemma2":
-        settings.update(query_pre_attn_scalar=16)
+    settings.update(FAMILY_SETTINGS.get(family, {}))
     settings.update(overrides)
-    return classes[family](**settings)
+    return getattr(transformers, classes[family])(**settings)
 
 
 def build_tiny_model(

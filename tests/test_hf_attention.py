@@ -15,7 +15,7 @@ from llm2vec_fast.hf import (
     pack_batch,
     register,
 )
-from llm2vec_fast.tiny import FAMILIES, build_tiny_model
+from llm2vec_fast.tiny import MODELS, build_tiny_model
 
 TOLERANCE = 1e-5  # fp32, relative to the hidden states' scale
 
@@ -34,11 +34,17 @@ def _batch(vocab: int, lengths: list[int], left: bool, seed: int = 0) -> tuple[t
 
 
 def _models(family: str, causal: bool = False, **overrides):
-    """(ours, HF eager reference) on the same random weights, both bidirectional unless `causal`."""
+    """(ours, HF eager reference) on the same random weights, both bidirectional unless `causal`.
+
+    A natively bidirectional model (EmbeddingGemma) is its own reference as loaded; causal, it drops the flag.
+    """
     model, _ = build_tiny_model(family, **overrides)
     reference = copy.deepcopy(model)
     reference.set_attn_implementation("eager")
-    reference.config.is_causal = causal
+    if getattr(reference.config, "use_bidirectional_attention", False):
+        reference.config.use_bidirectional_attention = not causal
+    else:
+        reference.config.is_causal = causal
     (disable_bidirectional if causal else enable_bidirectional)(model)
     return model, reference
 
@@ -49,7 +55,7 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float
     assert error < tolerance, f"relative error {error:.2e}"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODELS)
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 def test_padded_and_packed_match_eager(family: str, causal: bool) -> None:
     model, reference = _models(family, causal)
@@ -83,7 +89,7 @@ def test_patched_model_compiles_with_fullgraph() -> None:
     _assert_close(unpadded[real], expected[real])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODELS)
 def test_every_position_sees_later_tokens_and_no_padding(family: str) -> None:
     """Proves bidirectionality (the official llm2vec Qwen2 model is causal under eager/SDPA; ours is not)."""
     model, _ = build_tiny_model(family)
@@ -110,11 +116,12 @@ def test_every_position_sees_later_tokens_and_no_padding(family: str) -> None:
     assert torch.equal(causal_after[0, :5], causal_base[0, :5])
 
 
-def test_mistral_sliding_window_honoured_when_causal_ignored_when_bidirectional() -> None:
+@pytest.mark.parametrize("family", ["mistral", "phi3"])
+def test_sliding_window_honoured_when_causal_ignored_when_bidirectional(family: str) -> None:
     ids, mask = _batch(384, [9, 6], left=False)
     real = mask.bool()
     for causal in (True, False):
-        model, reference = _models("mistral", causal, sliding_window=3)
+        model, reference = _models(family, causal, sliding_window=3)
         if not causal:
             reference.config.sliding_window = None  # LLM2Vec: bidirectional sees the whole sequence
         packed = pack_batch(ids, mask)
@@ -124,10 +131,52 @@ def test_mistral_sliding_window_honoured_when_causal_ignored_when_bidirectional(
             padded = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         _assert_close(ours[real], expected[real])
         _assert_close(padded[real], expected[real])
-    unwindowed, _ = _models("mistral", True, sliding_window=None)
+    unwindowed, _ = _models(family, True, sliding_window=None)
     with torch.no_grad():
         full = unwindowed.model(input_ids=ids, attention_mask=mask).last_hidden_state
     assert (full[real] - padded[real]).abs().max() > 0  # the window changes a causal result
+
+
+@pytest.mark.parametrize(("family", "reach"), [("gemma2", 4), ("gemma3", 4), ("embeddinggemma", 3)])
+def test_bidirectional_sliding_window_is_transformers_window(family: str, reach: int) -> None:
+    """One sliding layer: token 8 moves exactly the positions transformers' window lets see it.
+
+    Made bidirectional, Gemma 2/3 see ``|i - j| <= w`` (w = 4); EmbeddingGemma's own window is ``|i - j| < w``.
+    """
+    overrides = dict(num_hidden_layers=1, layer_types=["sliding_attention"])
+    model, reference = _models(family, **overrides)
+    ids, mask = _batch(384, [9, 6], left=False)
+    changed = ids.clone()
+    changed[0, 8] = (ids[0, 8] + 1) % 384
+    packed, packed_changed = pack_batch(ids, mask), pack_batch(changed, mask)
+    with torch.no_grad():
+        base = packed.pad(model.model(**packed.model_inputs()).last_hidden_state)
+        after = packed.pad(model.model(**packed_changed.model_inputs()).last_hidden_state)
+        expected = reference.model(input_ids=changed, attention_mask=mask).last_hidden_state
+    moved = (after[0] - base[0]).abs().amax(dim=-1) > 0
+    assert moved.tolist() == [position >= 8 - reach for position in range(9)]
+    _assert_close(after[mask.bool()], expected[mask.bool()])
+
+
+def test_embeddinggemma_loaded_on_our_attention_is_bidirectional_as_trained(tmp_path) -> None:
+    """No enable_bidirectional: the config's use_bidirectional_attention alone makes our attention bidirectional."""
+    from transformers import AutoModel
+
+    model, _ = build_tiny_model("embeddinggemma")
+    model.model.save_pretrained(tmp_path)
+    register()
+    ours = AutoModel.from_pretrained(tmp_path, attn_implementation=ATTENTION_NAME)
+    reference = AutoModel.from_pretrained(tmp_path, attn_implementation="eager")
+    assert ours.config.sliding_window == 4  # the saved window of 6 reloads halved, as transformers defines it
+    ids, mask = _batch(384, [9, 4, 7], left=True)
+    real = mask.bool()
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+        padded = ours(input_ids=ids, attention_mask=mask).last_hidden_state
+        packed = pack_batch(ids, mask)
+        unpadded = packed.pad(ours(**packed.model_inputs()).last_hidden_state)
+    _assert_close(padded[real], expected[real])
+    _assert_close(unpadded[real], expected[real])
 
 
 def test_gemma2_softcap_reaches_the_kernel() -> None:
@@ -145,12 +194,13 @@ def test_gemma2_softcap_reaches_the_kernel() -> None:
     assert (plain[real] - ours[real]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", MODELS)
 def test_lora_gradients_match_eager(family: str) -> None:
     from peft import LoraConfig, get_peft_model
 
     model, reference = _models(family)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    targets = ["q_proj", "v_proj", "qkv_proj", "down_proj"]  # Phi-3 fuses q, k, v into qkv_proj
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
     ours = get_peft_model(model.model, copy.deepcopy(lora))
     theirs = get_peft_model(reference.model, copy.deepcopy(lora))
     theirs.load_state_dict(ours.state_dict())

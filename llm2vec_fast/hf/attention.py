@@ -10,8 +10,9 @@ bias is ever built); the attention function picks, per call:
 - a padded batch -> ``flash_attn_func`` with the key-padding mask;
 - causal or bidirectional from the ``is_causal`` kwarg (set from ``config.is_causal``), else the layer's flag.
 
-Sliding windows are honoured only when causal (bidirectional models see the whole sequence, as
-LLM2Vec does); Gemma 2's logit softcapping goes to the ops' ``softcap``.
+Sliding windows are honoured when causal; bidirectional, Gemma 2/3 sliding layers keep transformers'
+symmetric window (``_window``) while the other families see the whole sequence, as LLM2Vec does.
+Gemma 2's logit softcapping goes to the ops' ``softcap``.
 """
 from __future__ import annotations
 
@@ -35,11 +36,28 @@ def _is_causal(module: nn.Module, is_causal: bool | None) -> bool:
     return bool(getattr(module, "is_causal", True))
 
 
-def _window(causal: bool, sliding_window: int | None) -> tuple[int, int]:
-    """HF's causal sliding window of `w` keys (``kv > q - w``) is flash-attn's ``(w - 1, 0)``."""
-    if not causal or sliding_window is None:
+BIDIRECTIONAL_WINDOW_MODEL_TYPES = ("gemma2", "gemma3_text")
+"""Families whose sliding-window layers stay windowed when bidirectional (others widen to global, as LLM2Vec)."""
+
+
+def _window(module: nn.Module, causal: bool, sliding_window: int | None) -> tuple[int, int]:
+    """transformers' sliding window of `w` as flash-attn's ``(left, right)``, matching its eager masks.
+
+    Causal: ``kv > q - w`` is ``(w - 1, 0)``. A natively bidirectional model (``use_bidirectional_attention``,
+    EmbeddingGemma) sees ``|q - kv| < w``: ``(w - 1, w - 1)``. Made bidirectional by ``config.is_causal = False``,
+    transformers' ``create_bidirectional_sliding_window_mask`` sees ``|q - kv| <= w``: ``(w, w)``.
+    """
+    if sliding_window is None:
         return (-1, -1)
-    return (int(sliding_window) - 1, 0)
+    width = int(sliding_window)
+    if causal:
+        return (width - 1, 0)
+    config = getattr(module, "config", None)
+    if getattr(config, "use_bidirectional_attention", False):
+        return (width - 1, width - 1)
+    if getattr(config, "model_type", None) in BIDIRECTIONAL_WINDOW_MODEL_TYPES:
+        return (width, width)
+    return (-1, -1)
 
 
 def llm2vec_fast_attention(
@@ -69,7 +87,7 @@ def llm2vec_fast_attention(
     options = dict(
         causal=causal,
         softmax_scale=scaling,
-        window_size=_window(causal, sliding_window),
+        window_size=_window(module, causal, sliding_window),
         softcap=float(softcap or 0.0),
         backend=getattr(module, BACKEND_ATTRIBUTE, None),
     )

@@ -14,7 +14,19 @@ from torch import nn
 from ..backends import BACKENDS
 from .attention import ATTENTION_NAME, BACKEND_ATTRIBUTE, register
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+SUPPORTED_MODEL_TYPES = (
+    "llama",  # Llama 2, 3, 3.1, 3.2 (rope scaling is the model's own)
+    "mistral",
+    "qwen2",  # Qwen2, Qwen2.5
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",  # Gemma 3 text models (Gemma3ForCausalLM, Gemma3TextModel), EmbeddingGemma
+    "phi3",
+    "granite",
+    "olmo2",
+)
+"""Model types whose attention layers call transformers' attention interface, so our attention serves them."""
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -47,8 +59,8 @@ def _check_backend(backend: str | None) -> None:
 
 
 def attention_layers(model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules of a supported model (those holding ``q_proj`` and an ``is_causal`` flag)."""
-    return [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "is_causal")]
+    """The self-attention modules of a supported model (those holding ``o_proj`` and an ``is_causal`` flag)."""
+    return [m for m in model.modules() if hasattr(m, "o_proj") and hasattr(m, "is_causal")]
 
 
 def route_attention(model: ModelT, *, causal: bool, backend: str | None = None) -> ModelT:
@@ -68,10 +80,11 @@ def route_attention(model: ModelT, *, causal: bool, backend: str | None = None) 
 
 
 def enable_bidirectional(model: ModelT, *, backend: str | None = None) -> ModelT:
-    """Make a Llama/Mistral/Qwen2/Qwen3/Gemma/Gemma2 model (base, ``*ForCausalLM`` or peft-wrapped) bidirectional.
+    """Make a model of a supported family (base, ``*ForCausalLM`` or peft-wrapped) bidirectional.
 
-    Attention then runs through ``llm2vec_fast.flash_attn_func``/``flash_attn_varlen_func``; sliding
-    windows are ignored (every token sees the whole sequence, as in LLM2Vec). `backend` forces one
+    Attention then runs through ``llm2vec_fast.flash_attn_func``/``flash_attn_varlen_func``. Gemma 2/3
+    sliding-window layers keep transformers' bidirectional window; other families' windows are ignored
+    (every token sees the whole sequence, as in LLM2Vec). `backend` forces one
     attention backend (``"triton"``, ``"cuda"``, ``"reference"``, ``"auto"``); None keeps the one set
     before, else the usual choice (``LLM2VEC_FAST_BACKEND``, then "auto"). Changed in place and returned.
     """
