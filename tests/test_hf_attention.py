@@ -158,6 +158,21 @@ def test_bidirectional_sliding_window_is_transformers_window(family: str, reach:
     _assert_close(after[mask.bool()], expected[mask.bool()])
 
 
+@pytest.mark.parametrize("family", ["gemma2", "embeddinggemma"])
+def test_bidirectional_windows_on_the_triton_kernels(family: str, kernel_device: torch.device) -> None:
+    model, reference = _models(family)
+    enable_bidirectional(model.to(kernel_device), backend="triton")
+    ids, mask = _batch(384, [9, 6], left=True)
+    real = mask.bool()
+    packed = pack_batch(ids.to(kernel_device), mask.to(kernel_device))
+    with torch.no_grad():
+        expected = reference.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        padded = model.model(input_ids=ids.to(kernel_device), attention_mask=mask.to(kernel_device)).last_hidden_state
+        unpadded = packed.pad(model.model(**packed.model_inputs()).last_hidden_state)
+    _assert_close(padded.cpu()[real], expected[real])
+    _assert_close(unpadded.cpu()[real], expected[real])
+
+
 def test_embeddinggemma_loaded_on_our_attention_is_bidirectional_as_trained(tmp_path) -> None:
     """No enable_bidirectional: the config's use_bidirectional_attention alone makes our attention bidirectional."""
     from transformers import AutoModel
