@@ -183,6 +183,7 @@ def test_embeddinggemma_loaded_on_our_attention_is_bidirectional_as_trained(tmp_
     ours = AutoModel.from_pretrained(tmp_path, attn_implementation=ATTENTION_NAME)
     reference = AutoModel.from_pretrained(tmp_path, attn_implementation="eager")
     assert ours.config.sliding_window == 4  # the saved window of 6 reloads halved, as transformers defines it
+    assert is_bidirectional(ours)
     ids, mask = _batch(384, [9, 4, 7], left=True)
     real = mask.bool()
     with torch.no_grad():

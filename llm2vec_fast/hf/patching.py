@@ -97,9 +97,11 @@ def disable_bidirectional(model: ModelT, *, backend: str | None = None) -> Model
 
 
 def is_bidirectional(model: nn.Module) -> bool:
-    """Whether `model` runs bidirectional attention through llm2vec_fast."""
+    """Whether `model` runs bidirectional attention through llm2vec_fast: made so, or natively (EmbeddingGemma)."""
     config = transformers_model(model).config
-    return config._attn_implementation == ATTENTION_NAME and getattr(config, "is_causal", True) is False
+    causal = getattr(config, "is_causal", None)
+    natively = causal is None and bool(getattr(config, "use_bidirectional_attention", False))
+    return config._attn_implementation == ATTENTION_NAME and (causal is False or natively)
 
 
 def load_bidirectional(
