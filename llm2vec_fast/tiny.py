@@ -76,19 +76,30 @@ def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
 
 def tiny_config(family: str, vocab_size: int, **overrides) -> PretrainedConfig:
     """A config of `family` (or a preset) at toy width: hidden 64, 2 layers, 4 query heads, 2 KV heads, head_dim 16."""
-    import transformers
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        GemmaConfig,
+        GraniteConfig,
+        LlamaConfig,
+        MistralConfig,
+        Olmo2Config,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     classes = {
-        "llama": "LlamaConfig",
-        "mistral": "MistralConfig",
-        "qwen2": "Qwen2Config",
-        "qwen3": "Qwen3Config",
-        "gemma": "GemmaConfig",
-        "gemma2": "Gemma2Config",
-        "gemma3": "Gemma3TextConfig",
-        "phi3": "Phi3Config",
-        "granite": "GraniteConfig",
-        "olmo2": "Olmo2Config",
+        "llama": LlamaConfig,
+        "mistral": MistralConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+        "gemma": GemmaConfig,
+        "gemma2": Gemma2Config,
+        "gemma3": Gemma3TextConfig,
+        "phi3": Phi3Config,
+        "granite": GraniteConfig,
+        "olmo2": Olmo2Config,
     }
     if family in PRESETS:
         family, preset = PRESETS[family]
@@ -111,7 +122,7 @@ def tiny_config(family: str, vocab_size: int, **overrides) -> PretrainedConfig:
     )
     settings.update(FAMILY_SETTINGS.get(family, {}))
     settings.update(overrides)
-    return getattr(transformers, classes[family])(**settings)
+    return classes[family](**settings)
 
 
 def build_tiny_model(
