@@ -115,7 +115,6 @@ CASES = [
     Poisoned("k nan, varlen window", "varlen", window_size=(2, 6), poison=lambda q, k, v, m: k[30, 0, 1].fill_(NAN),
              masked_only=False),
 ]
-IDS = [c.name for c in CASES]
 
 
 # ---- the backends ---------------------------------------------------------------------------------
@@ -131,11 +130,21 @@ def cuda_emulated(emulator, deterministic: bool) -> Callable[[Case], tuple[Tenso
     return run
 
 
-@pytest.fixture(params=["reference", "triton"])
-def backend(request) -> Callable[[Case], tuple[Tensor, ...]]:
-    if request.param.startswith("cuda"):
-        return cuda_emulated(request.getfixturevalue("emulator"), request.param == "cuda-deterministic")
-    return public_api(request.param)
+BACKENDS = ("reference", "triton", "cuda-atomic-dq", "cuda-deterministic")
+
+
+def runner(name: str, request) -> Callable[[Case], tuple[Tensor, ...]]:
+    if name.startswith("cuda"):
+        return cuda_emulated(request.getfixturevalue("emulator"), name == "cuda-deterministic")
+    return public_api(name)
+
+
+def matrix(cases: list[Poisoned]) -> list:
+    """(backend, case) pairs. Known gap: the CUDA kernels do not yet keep a non-finite value in a
+    window-edge tile (causal diagonal included) away from the rows of that tile that do not see it
+    (0 * NaN inside the mma), so windowed and causal cases run on the reference and Triton only."""
+    return [pytest.param(name, case, id=f"{name}-{case.name}") for name in BACKENDS for case in cases
+            if not (name.startswith("cuda") and (case.causal or case.window_size != (-1, -1)))]
 
 
 # ---- the checks -------------------------------------------------------------------------------------
@@ -157,11 +166,11 @@ def assert_nan_or_clean(name: str, got: Tensor, clean: Tensor, nan_where: Tensor
         assert_close(got[kept], clean[kept], torch.float32 if name == "lse" else DTYPE, name)
 
 
-@pytest.mark.parametrize("poisoned", CASES, ids=IDS)
-def test_nonfinite_semantics(backend, poisoned):
+@pytest.mark.parametrize("backend_name,poisoned", matrix(CASES))
+def test_nonfinite_semantics(request, backend_name, poisoned):
     poisoned.build()
     clean = poisoned.clean.oracle(with_dlse=False)
-    got = backend(poisoned.case)
+    got = runner(backend_name, request)(poisoned.case)
     if poisoned.masked_only:
         expected_nan = [torch.zeros_like(t, dtype=torch.bool) for t in clean]
     else:
@@ -189,11 +198,11 @@ VALUE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("poisoned", VALUE_CASES, ids=[c.name for c in VALUE_CASES])
-def test_nonfinite_values_match_the_reference(backend, poisoned):
+@pytest.mark.parametrize("backend_name,poisoned", matrix(VALUE_CASES))
+def test_nonfinite_values_match_the_reference(request, backend_name, poisoned):
     poisoned.build()
     expected = public_api("reference")(poisoned.case)
-    for name, value, reference in zip(NAMES, backend(poisoned.case), expected):
+    for name, value, reference in zip(NAMES, runner(backend_name, request)(poisoned.case), expected):
         assert_nan_or_clean(name, value, reference, torch.isnan(reference))
 
 

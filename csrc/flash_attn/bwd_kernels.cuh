@@ -180,17 +180,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_dkdv_kernel(const BwdPar
     const int64_t q_off = token_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, seq.q_token0 + m0, h);
     const int64_t do_off = token_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, seq.q_token0 + m0, h);
     const int64_t l_off = lse_offset(p, b, h, seq.q_token0 + m0);
-    copy_tile_async<QTile, kThreads>(sQ + stage * QTile::kBytes, static_cast<const uint16_t*>(p.q) + q_off,
-                                     p.q_row_stride, seq.len_q - m0);
-    copy_tile_async<QTile, kThreads>(sdO + stage * QTile::kBytes, static_cast<const uint16_t*>(p.dout) + do_off,
-                                     p.do_row_stride, seq.len_q - m0);
+    copy_real_rows_async<QTile, kThreads>(sQ + stage * QTile::kBytes, static_cast<const uint16_t*>(p.q) + q_off,
+                                          p.q_row_stride, seq.len_q - m0, query_bits, m0);
+    copy_real_rows_async<QTile, kThreads>(sdO + stage * QTile::kBytes, static_cast<const uint16_t*>(p.dout) + do_off,
+                                          p.do_row_stride, seq.len_q - m0, query_bits, m0);
     copy_floats_async<BM>(sLse + stage * BM * 4, p.lse_log2 + l_off, seq.len_q - m0);
     copy_floats_async<BM>(sDelta + stage * BM * 4, p.delta + l_off, seq.len_q - m0);
   };
 
   // Group 0 = K, V and the first query tile; groups 1 .. kStages-2 = the next query tiles.
-  copy_tile_async<KVTile, kThreads>(sK, k, p.k_row_stride, cols);
-  copy_tile_async<KVTile, kThreads>(sV, v, p.v_row_stride, cols);
+  copy_real_rows_async<KVTile, kThreads>(sK, k, p.k_row_stride, cols, key_bits, n0);
+  copy_real_rows_async<KVTile, kThreads>(sV, v, p.v_row_stride, cols, key_bits, n0);
   Cursor load = {0, t_first};
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -263,15 +263,25 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_dkdv_kernel(const BwdPar
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc_s[j][e] = score.stored(acc_s[j][e]);
     }
-    // Mask keys that are padding or past the sequence, queries past the sequence, and the window.
-    if (!keys_all_valid || m0 + BM > seq.len_q || !window_covers_tile(p, seq, m0, BM, n0, BN)) {
+    // Pairs of keys that are padding or past the sequence, queries that are padding or past it, and pairs
+    // outside the window: bit 4 j + e of `unseen`. Their P and dS are selected to 0 below (never computed
+    // from a -inf score: 2^(-inf - NaN) is NaN on a NaN row).
+    TileBits<BM> query_valid;
+    query_valid.load(query_bits, m0, seq.len_q);
+    const bool tile_masked = !keys_all_valid || !query_valid.all() || !window_covers_tile(p, seq, m0, BM, n0, BN);
+    uint32_t unseen = 0;
+    static_assert(4 * kQT <= 32, "one bit per accumulator element of the tile");
+    if (tile_masked) {
 #pragma unroll
       for (int j = 0; j < kQT; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = n0 + warp * 16 + lane / 4 + 8 * (e / 2);
-          const int query = m0 + j * 8 + 2 * (lane % 4) + (e % 2);
-          if (!key_ok[e / 2] || query >= seq.len_q || !in_window(p, seq, query, key)) acc_s[j][e] = -INFINITY;
+          const int bit = (j % 4) * 8 + 2 * (lane % 4) + (e % 2);  // query m0 + 32 * (j / 4) + bit
+          const int query = m0 + 32 * (j / 4) + bit;
+          if (!key_ok[e / 2] || !query_valid.test(j / 4, bit) || !in_window(p, seq, query, key)) {
+            unseen |= 1u << (4 * j + e);
+          }
         }
       }
     }
@@ -288,7 +298,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_dkdv_kernel(const BwdPar
       }
     }
 
-    // P^T = 2^(x - lse2) (0 for masked entries and for queries that saw nothing: lse2 = +inf),
+    // P^T = 2^(x - lse2) (0 for unseen pairs and for queries that saw nothing: lse2 = +inf),
     // dS^T = P^T (dP^T - delta) (1 - t^2).
 #pragma unroll
     for (int j = 0; j < kQT; ++j) {
@@ -298,8 +308,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_dkdv_kernel(const BwdPar
       for (int e = 0; e < 4; ++e) {
         const float t = acc_s[j][e];
         const float prob = fast_exp2(score.log2_units(t) - (e % 2 == 0 ? lse2.x : lse2.y));
-        acc_dp[j][e] = prob * (acc_dp[j][e] - (e % 2 == 0 ? delta.x : delta.y)) * score.derivative(t);
-        acc_s[j][e] = prob;
+        const bool seen = !tile_masked || !((unseen >> (4 * j + e)) & 1u);
+        acc_dp[j][e] = seen ? prob * (acc_dp[j][e] - (e % 2 == 0 ? delta.x : delta.y)) * score.derivative(t) : 0.f;
+        acc_s[j][e] = seen ? prob : 0.f;
       }
     }
 
@@ -362,7 +373,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_dkdv_kernel(const BwdPar
         for (int e = 0; e < 4; ++e) {
           const int r = wm * 16 + lane / 4 + 8 * (e / 2);
           const int c = wn * Cfg::kDqCols + dt * 8 + 2 * (lane % 4) + (e % 2);
-          if (m0 + r < seq.len_q) atomic_add_f32(dq + r * p.dqa_row_stride + c, acc_dq[dt][e]);
+          if (is_token(query_bits, m0 + r, seq.len_q)) atomic_add_f32(dq + r * p.dqa_row_stride + c, acc_dq[dt][e]);
         }
       }
     }
@@ -377,8 +388,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_dkdv_kernel(const BwdPar
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int r = r0 + lane / 4 + 8 * hf;
-      store_pair<KVTile, Elem>(sK, r, dt, acc_dk[dt][2 * hf] * p.scale, acc_dk[dt][2 * hf + 1] * p.scale);
-      store_pair<KVTile, Elem>(sV, r, dt, acc_dv[dt][2 * hf], acc_dv[dt][2 * hf + 1]);
+      store_pair<KVTile, Elem>(sK, r, dt, nan_if_infinite(acc_dk[dt][2 * hf] * p.scale),
+                               nan_if_infinite(acc_dk[dt][2 * hf + 1] * p.scale));
+      store_pair<KVTile, Elem>(sV, r, dt, nan_if_infinite(acc_dv[dt][2 * hf]), nan_if_infinite(acc_dv[dt][2 * hf + 1]));
     }
   }
   __syncwarp();
@@ -460,6 +472,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_dq_kernel(const BwdParam
   // lse (log2 units) and delta of this thread's rows; rows past the sequence see nothing.
   const int warp_row0 = warp * Cfg::kWarpRows;
   float row_lse2[kMT][2], row_delta[kMT][2];
+  bool row_real[kMT][2];
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
@@ -467,6 +480,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_dq_kernel(const BwdParam
       const int r = warp_row0 + mt * 16 + lane / 4 + 8 * hf;
       row_lse2[mt][hf] = r < rows ? ld_global_f32(p.lse_log2 + l_off + r) : INFINITY;
       row_delta[mt][hf] = r < rows ? ld_global_f32(p.delta + l_off + r) : 0.f;
+      row_real[mt][hf] = is_token(query_bits, m0 + r, seq.len_q);
     }
   }
 
@@ -531,15 +545,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_dq_kernel(const BwdParam
       for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          float t = score.stored(acc_s[mt][nt][e]);
+          const float t = score.stored(acc_s[mt][nt][e]);
+          bool seen = true;
           if (needs_mask) {
             const int i = m0 + warp_row0 + mt * 16 + lane / 4 + 8 * (e / 2);
             const int bit = (nt % 4) * 8 + 2 * (lane % 4) + (e % 2);
             const int j = n0 + 32 * (nt / 4) + bit;
-            if (!bits.test(nt / 4, bit) || !in_window(p, seq, i, j)) t = -INFINITY;
+            seen = bits.test(nt / 4, bit) && in_window(p, seq, i, j);
           }
+          // dS of an unseen pair is selected to 0 (2^(-inf - NaN) would be NaN on a NaN row).
           const float prob = fast_exp2(score.log2_units(t) - row_lse2[mt][e / 2]);
-          acc_dp[mt][nt][e] = prob * (acc_dp[mt][nt][e] - row_delta[mt][e / 2]) * score.derivative(t);
+          acc_dp[mt][nt][e] = seen ? prob * (acc_dp[mt][nt][e] - row_delta[mt][e / 2]) * score.derivative(t) : 0.f;
         }
       }
     }
@@ -573,7 +589,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_dq_kernel(const BwdParam
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int r = warp_row0 + mt * 16 + lane / 4 + 8 * hf;
-        store_pair<QTile, Elem>(sQ, r, dt, acc_dq[mt][dt][2 * hf] * p.scale, acc_dq[mt][dt][2 * hf + 1] * p.scale);
+        const bool real = row_real[mt][hf];  // a padding row sees no key: 0, whatever the keys hold
+        store_pair<QTile, Elem>(sQ, r, dt, real ? nan_if_infinite(acc_dq[mt][dt][2 * hf] * p.scale) : 0.f,
+                                real ? nan_if_infinite(acc_dq[mt][dt][2 * hf + 1] * p.scale) : 0.f);
       }
     }
   }

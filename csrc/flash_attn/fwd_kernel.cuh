@@ -22,6 +22,9 @@ namespace l2vf {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// Non-finite results are reported as NaN on every backend (an inf elsewhere can come out as NaN).
+__device__ __forceinline__ float nan_if_infinite(float x) { return fabsf(x) == INFINITY ? NAN : x; }
+
 template <class Elem_, int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_, int kStages_>
 struct FwdConfig {
   using Elem = Elem_;
@@ -42,7 +45,7 @@ struct FwdConfig {
 };
 
 // The K and V tiles a query block walks (tiles without a real key skipped), streamed through a
-// kStages-deep cp.async ring; shared by the forward and the dQ kernel. Commit groups stay exact:
+// kStages-deep cp.async ring; shared by the forward and the dQ kernel. Padding keys land as zeros. Commit groups stay exact:
 // prime() commits kStages-1 groups (copies issued just before it join group 0; groups with no
 // tile left are empty) and every acquire() commits one more.
 template <class Cfg>
@@ -82,10 +85,10 @@ struct KeyTileRing {
   __device__ __forceinline__ void prefetch(int stage) {
     if (next_load < end) {
       const int n0 = next_load * kBlockN;
-      copy_tile_async<KVTile, kThreads>(sK + stage * KVTile::kBytes, k + n0 * p.k_row_stride, p.k_row_stride,
-                                        seq.len_k - n0);
-      copy_tile_async<KVTile, kThreads>(sV + stage * KVTile::kBytes, v + n0 * p.v_row_stride, p.v_row_stride,
-                                        seq.len_k - n0);
+      copy_real_rows_async<KVTile, kThreads>(sK + stage * KVTile::kBytes, k + n0 * p.k_row_stride, p.k_row_stride,
+                                             seq.len_k - n0, key_bits, n0);
+      copy_real_rows_async<KVTile, kThreads>(sV + stage * KVTile::kBytes, v + n0 * p.v_row_stride, p.v_row_stride,
+                                             seq.len_k - n0, key_bits, n0);
       next_load = after(next_load);
     }
     cp_async_commit();
@@ -296,12 +299,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p
       sum += warp_shfl_xor(sum, 2);
       const int r = warp_row0 + mt * 16 + lane / 4 + 8 * hf;  // row within the tile
       const bool valid = is_token(query_bits, m0 + r, seq.len_q);
-      const float inv = (valid && sum != 0.f) ? 1.f / sum : 0.f;
-      const float row_lse = (valid && sum != 0.f) ? (row_max[mt][hf] + log2f(sum)) * kLn2 : -INFINITY;
+      // sum is 0 exactly on rows that saw no key or only -inf scores, NaN on rows with a NaN or +inf score.
+      // Zeros are selected, not multiplied in: acc may hold NaN from a padding row's own q.
+      const bool row_ok = valid && sum != 0.f;
+      const float inv = 1.f / sum;
+      const float row_lse = row_ok ? (row_max[mt][hf] + log2f(sum)) * kLn2 : -INFINITY;
       if (lane % 4 == 0 && r < rows) st_global_f32(lse + r, row_lse);
 #pragma unroll
       for (int dt = 0; dt < kDT; ++dt) {
-        store_pair<QTile, Elem>(sQ, r, dt, acc_o[mt][dt][2 * hf] * inv, acc_o[mt][dt][2 * hf + 1] * inv);
+        store_pair<QTile, Elem>(sQ, r, dt, row_ok ? nan_if_infinite(acc_o[mt][dt][2 * hf] * inv) : 0.f,
+                                row_ok ? nan_if_infinite(acc_o[mt][dt][2 * hf + 1] * inv) : 0.f);
       }
     }
   }

@@ -138,6 +138,28 @@ __device__ __forceinline__ void copy_tile_async(uint32_t tile, const uint16_t* g
   }
 }
 
+// copy_tile_async, also zero-filling the rows whose bit is clear in the packed-bit row `bits` (bit
+// row0 + r for tile row r; no mask when bits is null): padding keys or queries land as zeros, so that
+// no NaN/inf they hold can reach a product through a zero weight (0 * NaN).
+template <class Tile, int kThreads>
+__device__ __forceinline__ void copy_real_rows_async(uint32_t tile, const uint16_t* gmem, int64_t row_stride,
+                                                     int rows_valid, const uint32_t* bits, int row0) {
+  constexpr int kTotal = Tile::kRowsN * Tile::kChunks;
+  constexpr int kRowStep = kThreads / Tile::kChunks;
+  static_assert(kTotal % kThreads == 0 && kThreads % Tile::kChunks == 0, "every thread copies whole chunk columns");
+  static_assert(kRowStep % 8 == 0, "rows a thread copies share one swizzle");
+  const int row = static_cast<int>(threadIdx.x) / Tile::kChunks;
+  const int chunk = static_cast<int>(threadIdx.x) % Tile::kChunks;
+  const uint32_t dst = tile + Tile::offset(row, chunk);
+  const uint16_t* src = gmem + row * row_stride + chunk * 8;
+#pragma unroll
+  for (int i = 0; i < kTotal / kThreads; ++i) {
+    const int r = row + i * kRowStep;
+    const bool valid = r < rows_valid && (bits == nullptr || ((ld_global_u32(bits + (row0 + r) / 32) >> ((row0 + r) % 32)) & 1u));
+    cp_async_16(dst + i * kRowStep * Tile::kRowBytes, valid ? src + i * kRowStep * row_stride : gmem, valid);
+  }
+}
+
 // Copies kCount floats into shared memory (one per thread, 4-byte aligned), zero past `valid`.
 template <int kCount>
 __device__ __forceinline__ void copy_floats_async(uint32_t smem, const float* gmem, int valid) {
