@@ -105,7 +105,12 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "hypothesis", "tokenizers", "sentence-transformers"],
+        # Both ends tested: sentence-transformers 5.4 (the first to hand prompts to preprocess apart from the
+        # texts) and 6.2; mteb 2.20 and 2.26. [train] brings datasets for SentenceTransformerTrainer.
+        "sentence-transformers": ["sentence-transformers[train]>=5.4,<7"],
+        "mteb": ["mteb>=2.20,<3"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "tokenizers", "sentence-transformers[train]>=5.4,<7",
+                 "mteb>=2.20,<3"],
     },
     entry_points={"console_scripts": ["llm2vec-fast=llm2vec_fast.cli:main"]},
     **_cuda_extension(),

@@ -10,8 +10,11 @@
 
 The vectors are the encoder's own (same tokenization, instruction handling, packing and pooling):
 a prompt given to ``encode`` is the LLM2Vec instruction (attended to, left out of mean pooling
-when ``skip_instruction``), and ``[instruction, text]`` pairs are accepted as inputs too.
-Works with sentence-transformers 5 (``tokenize``) and 6 (``preprocess``).
+when ``skip_instruction``), and ``[instruction, text]`` pairs are accepted as inputs too; named
+prompts (``prompts={"query": ...}``, ``prompt_name="query"``) are saved with the model.
+Training: ``forward`` runs under autograd in the module's mode (dropout in ``train()``), so
+``SentenceTransformerTrainer`` trains a LoRA put on the encoder with ``peft.get_peft_model``, and its
+training ``prompts`` are instructions too. Needs sentence-transformers >= 5.4 (``preprocess``).
 """
 from __future__ import annotations
 
@@ -28,10 +31,12 @@ from .hf import PackedBatch, pack_sequences
 PACKED_KEYS = ("input_ids", "position_ids", "cu_seqlens", "indices")
 """The :class:`~llm2vec_fast.hf.PackedBatch` tensors a batch's features carry (no padded tensor is built)."""
 
-try:  # sentence-transformers >= 6
+try:  # sentence-transformers >= 5.4: prompts reach preprocess() apart from the texts
     from sentence_transformers.base.modules import InputModule
-except ImportError:  # sentence-transformers 5
-    from sentence_transformers.models import InputModule
+except ImportError as error:  # older ones prepend the prompt to each text: it would be pooled as text
+    raise ImportError(
+        "llm2vec_fast.sentence_transformers needs sentence-transformers>=5.4 (pip install 'llm2vec-fast[sentence-transformers]')"
+    ) from error
 
 
 class LLM2VecModule(InputModule):
@@ -67,10 +72,6 @@ class LLM2VecModule(InputModule):
         features = {key: getattr(packed, key) for key in PACKED_KEYS}
         features["instruction_lengths"] = torch.tensor(instruction_lengths, dtype=torch.long)
         return features
-
-    def tokenize(self, texts: Sequence[Any], **kwargs: Any) -> dict[str, Tensor]:
-        """sentence-transformers 5 entry point (prompts arrive already prepended to the texts there)."""
-        return self.preprocess(texts)
 
     def forward(self, features: dict[str, Tensor], **kwargs: Any) -> dict[str, Tensor]:
         cu_seqlens = features["cu_seqlens"]
