@@ -2,7 +2,9 @@
 //
 // Inputs arrive validated by llm2vec_fast (shapes, dtypes, devices, masks); this layer checks what
 // the kernels themselves require (CUDA, sm_80+, fp16/bf16, a compiled head dim, 16-byte aligned
-// rows), allocates outputs and scratch, packs the key mask to bits, and launches. Parameters are
+// rows, packed key-mask rows), allocates outputs and scratch, and launches. The key mask arrives
+// packed to bits by pack_key_mask, which llm2vec_fast calls once per mask (llm2vec_fast/key_masks.py),
+// not once per layer. Parameters are
 // built by flash_attn/params_builder.h, shared with the CPU emulator tests.
 #include <Python.h>
 
@@ -83,14 +85,25 @@ cudaError_t dispatch(at::ScalarType dtype, int64_t head_dim, F&& f) {
   return half ? f(l2vf::Fp16{}, std::integral_constant<int, 128>{}) : f(l2vf::Bf16{}, std::integral_constant<int, 128>{});
 }
 
-// The key mask packed to bits (B, key_bits_words(Sk)), or an undefined tensor without a mask.
-Tensor pack_key_mask(const std::optional<Tensor>& key_mask, cudaStream_t stream) {
-  if (!key_mask.has_value()) return Tensor();
-  const Tensor& mask = *key_mask;
+// A (B, Sk) bool key-padding mask (any strides) packed to the bit rows (B, key_bits_words(Sk)) the kernels read.
+Tensor pack_key_mask(const Tensor& mask) {
+  TORCH_CHECK(mask.is_cuda(), "llm2vec_fast_cuda: key_mask must be a CUDA tensor");
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2, "llm2vec_fast_cuda: key_mask must be a 2-D bool tensor");
+  const c10::cuda::CUDAGuard guard(mask.device());
   Tensor bits = at::empty({mask.size(0), l2vf::key_bits_words(mask.size(1))}, mask.options().dtype(at::kInt));
   const l2vf::MaskParams p = l2vf::make_mask_params(view_of(mask), static_cast<uint32_t*>(bits.data_ptr()));
-  check_cuda(l2vf::run_pack_key_bits(p, stream), "packing the key mask");
+  check_cuda(l2vf::run_pack_key_bits(p, c10::cuda::getCurrentCUDAStream().stream()), "packing the key mask");
+  return bits;
+}
+
+// The packed mask rows of a padded (B, Sk, ...) k (undefined without a mask or for the varlen layout).
+Tensor checked_key_bits(const std::optional<Tensor>& key_bits, const Tensor& k, bool varlen) {
+  if (varlen || !key_bits.has_value()) return Tensor();
+  const Tensor& bits = *key_bits;
+  TORCH_CHECK(bits.scalar_type() == at::kInt && bits.dim() == 2 && bits.is_contiguous() && bits.device() == k.device() &&
+                  bits.size(0) == k.size(0) && bits.size(1) == l2vf::key_bits_words(k.size(1)),
+              "llm2vec_fast_cuda: key_bits must be the contiguous int32 (batch, key_bits_words(seqlen_k)) rows "
+              "that pack_key_mask returns");
   return bits;
 }
 
@@ -128,7 +141,7 @@ std::vector<int64_t> lse_shape(const Tensor& q, bool varlen) {
 }
 
 std::tuple<Tensor, Tensor> fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
-                               const std::optional<Tensor>& key_mask, const std::optional<Tensor>& cu_seqlens_q,
+                               const std::optional<Tensor>& key_bits, const std::optional<Tensor>& cu_seqlens_q,
                                const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                                bool causal, int64_t window_left, int64_t window_right, double softcap,
                                double softmax_scale) {
@@ -140,8 +153,8 @@ std::tuple<Tensor, Tensor> fwd(const Tensor& q_in, const Tensor& k_in, const Ten
 
   Tensor out = new_output(q.sizes(), q.options());
   Tensor lse = new_output(lse_shape(q, varlen), q.options().dtype(at::kFloat));
-  const Tensor key_bits = varlen ? Tensor() : pack_key_mask(key_mask, stream);
-  const l2vf::AttnArgs a = attn_args(q, k, v, key_bits, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+  const Tensor bits = checked_key_bits(key_bits, k, varlen);
+  const l2vf::AttnArgs a = attn_args(q, k, v, bits, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                      causal, window_left, window_right, softcap, softmax_scale);
   const l2vf::FwdParams p = l2vf::make_fwd_params(a, view_of(out), lse.data_ptr<float>());
   check_cuda(dispatch(q.scalar_type(), q.size(-1),
@@ -152,7 +165,7 @@ std::tuple<Tensor, Tensor> fwd(const Tensor& q_in, const Tensor& k_in, const Ten
 
 std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in,
                                        const Tensor& v_in, const Tensor& out_in, const Tensor& lse_in,
-                                       const std::optional<Tensor>& dlse, const std::optional<Tensor>& key_mask,
+                                       const std::optional<Tensor>& dlse, const std::optional<Tensor>& key_bits,
                                        const std::optional<Tensor>& cu_seqlens_q,
                                        const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
                                        int64_t max_seqlen_k, bool causal, int64_t window_left, int64_t window_right,
@@ -173,9 +186,9 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tensor& q_in
   Tensor dv = new_output(v.sizes(), v.options());
   // Fast path: dQ added with float atomics into a zeroed float32 buffer, scaled and cast after.
   Tensor dq_accum = deterministic ? Tensor() : at::zeros(q.sizes(), q.options().dtype(at::kFloat));
-  const Tensor key_bits = varlen ? Tensor() : pack_key_mask(key_mask, stream);
+  const Tensor bits = checked_key_bits(key_bits, k, varlen);
 
-  const l2vf::AttnArgs a = attn_args(q, k, v, key_bits, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+  const l2vf::AttnArgs a = attn_args(q, k, v, bits, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                      causal, window_left, window_right, softcap, softmax_scale);
   const l2vf::BwdParams p = l2vf::make_bwd_params(
       a, view_of(dout), view_of(out), lse.data_ptr<float>(), dlse_c.defined() ? dlse_c.data_ptr<float>() : nullptr,
@@ -203,14 +216,15 @@ bool has_kernels_for(int64_t device) {
 
 TORCH_LIBRARY(llm2vec_fast_cuda, m) {
   m.def(
-      "fwd(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "fwd(Tensor q, Tensor k, Tensor v, Tensor? key_bits, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, bool causal, int window_left, int window_right, float softcap, "
       "float softmax_scale) -> (Tensor out, Tensor lse)");
   m.def(
-      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, Tensor? key_mask, "
+      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, Tensor? key_bits, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, "
       "int window_left, int window_right, float softcap, float softmax_scale, bool deterministic) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def("pack_key_mask(Tensor key_mask) -> Tensor key_bits");
   m.def("smem_bytes(int head_dim) -> int", &smem_bytes);
   m.def("has_kernels_for(int device) -> bool", &has_kernels_for);
 }
@@ -218,6 +232,7 @@ TORCH_LIBRARY(llm2vec_fast_cuda, m) {
 TORCH_LIBRARY_IMPL(llm2vec_fast_cuda, CUDA, m) {
   m.impl("fwd", &fwd);
   m.impl("bwd", &bwd);
+  m.impl("pack_key_mask", &pack_key_mask);
 }
 
 // `import llm2vec_fast._cuda` loads this library, which registers the ops above.

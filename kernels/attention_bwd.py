@@ -14,25 +14,19 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import any_nonfinite, lse_strides, nan_if_infinite, score_scales, seen_product, token_strides
-from .common import (
-    INTERPRETING,
-    autotuned,
+from .launch import INTERPRETING, autotuned, dot_precision, launch_shape, mask_args, seqlen_bucket, unit_last_stride
+from .tiles import (
     capped_scores,
     clip_to_window,
     convert,
-    dot_precision,
-    launch_shape,
     load_tile,
-    mask_args,
     mma,
     query_rows,
     real_keys,
-    seqlen_bucket,
     sequence_bounds,
     span_bounds,
     span_count,
     tile_mask,
-    unit_last_stride,
     window_allowed,
 )
 
@@ -341,24 +335,18 @@ def attention_backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     dlse: torch.Tensor | None,
-    key_mask: torch.Tensor | None,
-    cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    causal: bool,
-    window_size: tuple[int, int],
-    softcap: float,
-    softmax_scale: float,
+    layout,
+    options,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch preprocess, dK/dV and dQ; returns contiguous (dq, dk, dv). Always deterministic.
+    """Launch preprocess, dK/dV and dQ on an ``llm2vec_fast`` AttentionLayout and AttentionOptions (as the
+    forward); returns contiguous (dq, dk, dv). Always deterministic (options.deterministic is moot).
 
     dlse is read with whatever strides it has; q, k, v, out and dout need a unit last stride (the
     all-zero-stride dout of ``out.sum()`` costs one head-dim row, see unit_last_stride) and lse a
     contiguous layout (what the forward returns; anything else is copied)."""
     q, k, v, out, dout = (unit_last_stride(t) for t in (q, k, v, out, dout))
     lse = lse.contiguous()
-    shape = launch_shape(q, k, key_mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal, window_size)
+    shape = launch_shape(q, k, layout, options)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -369,7 +357,7 @@ def attention_backward(
     delta = torch.empty_like(lse)
     placeholder = q
     block_d = triton.next_power_of_2(head_dim)
-    masks = mask_args(shape, cu_seqlens_q, cu_seqlens_k, placeholder)
+    masks = mask_args(shape, layout, placeholder)
     dout_strides = token_strides(dout, is_varlen)
     attention_bwd_preprocess_kernel[(triton.cdiv(shape.seqlen_q, _PREPROCESS_BLOCK_M), heads_q, shape.batch)](
         out, dout, placeholder if dlse is None else dlse, delta, masks[3],  # masks[3]: CuSeqlensQ
@@ -378,6 +366,7 @@ def attention_backward(
         HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=is_varlen, HAS_DLSE=dlse is not None,
         BLOCK_M=_PREPROCESS_BLOCK_M,
     )
+    softcap, softmax_scale = options.softcap, options.softmax_scale
     qk_scale, softcap_scale = score_scales(softmax_scale, softcap)
     common_strides = (*token_strides(q, is_varlen), *token_strides(k, is_varlen), *token_strides(v, is_varlen),
                       *dout_strides)

@@ -1,7 +1,7 @@
 """Forward flash attention: online softmax over key tiles, log-sum-exp saved for the backward.
 
 One program handles BLOCK_M query rows of one (sequence, query head). It walks the spans of keys
-(see ``common``); inside a span, key tiles fall in three groups: tiles at the window edges that
+(see ``tiles``); inside a span, key tiles fall in three groups: tiles at the window edges that
 need window masks, full tiles that need none (for bidirectional attention, all but the span's
 last partial tile), and the bounds-masked tail. Loads and dots sit in branch-free loops, so
 Triton software-pipelines them.
@@ -12,25 +12,27 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (
+from .launch import (
     INTERPRETING,
     LOG2E,
     autotuned,
+    dot_precision,
+    launch_shape,
+    mask_args,
+    seqlen_bucket,
+    unit_last_stride,
+)
+from .tiles import (
     capped_scores,
     clip_to_window,
     convert,
-    dot_precision,
-    launch_shape,
     load_tile,
-    mask_args,
     mma,
     query_rows,
     real_keys,
-    seqlen_bucket,
     sequence_bounds,
     span_bounds,
     tile_mask,
-    unit_last_stride,
     window_allowed,
 )
 
@@ -269,32 +271,22 @@ def lse_strides(lse: torch.Tensor, is_varlen: bool) -> tuple[int, int]:
 
 
 def attention_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_mask: torch.Tensor | None,
-    cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    causal: bool,
-    window_size: tuple[int, int],
-    softcap: float,
-    softmax_scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, options
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel; returns (out like q, float32 lse (B, Hq, Sq) or (Hq, Tq))."""
+    """Launch the forward kernel on an ``llm2vec_fast`` AttentionLayout (key mask as KeySpans) and
+    AttentionOptions; returns (out like q, float32 lse (B, Hq, Sq) or (Hq, Tq))."""
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
-    shape = launch_shape(q, k, key_mask, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal, window_size)
+    shape = launch_shape(q, k, layout, options)
     heads_q, head_dim = q.shape[-2], q.shape[-1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse_shape = (heads_q, q.shape[0]) if shape.is_varlen else (q.shape[0], heads_q, q.shape[1])
-    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    lse = torch.empty(layout.lse_shape(q), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or shape.seqlen_q == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    qk_scale, softcap_scale = score_scales(softmax_scale, softcap)
+    softcap = options.softcap
+    qk_scale, softcap_scale = score_scales(options.softmax_scale, softcap)
     grid = lambda meta: (triton.cdiv(shape.seqlen_q, meta["BLOCK_M"]), heads_q, shape.batch)  # noqa: E731
     attention_fwd_kernel[grid](
-        q, k, v, out, lse, *mask_args(shape, cu_seqlens_q, cu_seqlens_k, placeholder=q),
+        q, k, v, out, lse, *mask_args(shape, layout, placeholder=q),
         *token_strides(q, shape.is_varlen), *token_strides(k, shape.is_varlen), *token_strides(v, shape.is_varlen),
         *token_strides(out, shape.is_varlen), *lse_strides(lse, shape.is_varlen), shape.stride_mask, shape.stride_spans,
         shape.seqlen_q, shape.seqlen_k, shape.window_left, shape.window_right, qk_scale, softcap_scale,

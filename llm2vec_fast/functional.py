@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.llm2vec_fast)
+from .attention_options import AttentionLayout, AttentionOptions
 from .backends import resolve_backend
 from .validation import (
     check_qkv,
@@ -30,6 +31,29 @@ from .validation import (
     normalize_key_mask,
     softmax_scale_or_default,
 )
+
+
+def _attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: AttentionLayout,
+    causal: bool,
+    softmax_scale: float | None,
+    window_size: tuple[int, int],
+    softcap: float,
+    deterministic: bool,
+    backend: str | None,
+) -> tuple[Tensor, Tensor]:
+    """(out, lse) of inputs whose tensors are checked: validates the options and calls the op once."""
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
+    window_size, softcap = check_window_and_softcap(window_size, softcap)
+    options = AttentionOptions(bool(causal), window_size, softcap, scale, bool(deterministic))
+    name = resolve_backend(q, k, backend, options)
+    return torch.ops.llm2vec_fast.attention_forward(
+        q, k, v, layout.key_mask, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.max_seqlen_q, layout.max_seqlen_k,
+        *options.schema_args(), name,
+    )
 
 
 def flash_attn_func(
@@ -66,14 +90,8 @@ def flash_attn_func(
         ``out`` shaped like ``q``, or ``(out, lse)`` when ``return_lse``.
     """
     check_qkv(q, k, v, varlen=False)
-    key_mask = normalize_key_mask(attention_mask, q, k)
-    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
-    window_size, softcap = check_window_and_softcap(window_size, softcap)
-    name = resolve_backend(q, k, backend, window_size, softcap)
-    out, lse = torch.ops.llm2vec_fast.attention_forward(
-        q, k, v, key_mask, None, None, q.shape[1], k.shape[1],
-        bool(causal), *window_size, softcap, scale, bool(deterministic), name,
-    )
+    layout = AttentionLayout(normalize_key_mask(attention_mask, q, k), None, None, q.shape[1], k.shape[1])
+    out, lse = _attention(q, k, v, layout, causal, softmax_scale, window_size, softcap, deterministic, backend)
     return (out, lse) if return_lse else out
 
 
@@ -109,11 +127,6 @@ def flash_attn_varlen_func(
     """
     check_qkv(q, k, v, varlen=True)
     check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
-    window_size, softcap = check_window_and_softcap(window_size, softcap)
-    name = resolve_backend(q, k, backend, window_size, softcap)
-    out, lse = torch.ops.llm2vec_fast.attention_forward(
-        q, k, v, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        bool(causal), *window_size, softcap, scale, bool(deterministic), name,
-    )
+    layout = AttentionLayout(None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    out, lse = _attention(q, k, v, layout, causal, softmax_scale, window_size, softcap, deterministic, backend)
     return (out, lse) if return_lse else out

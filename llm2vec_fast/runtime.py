@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .backends import BACKENDS, get_backend
+from .attention_options import AttentionOptions
+from .backends import check_backend_name, get_backend
 
 
 def default_device() -> torch.device:
@@ -40,10 +41,8 @@ def check_device(device: str | torch.device | None) -> torch.device:
 
 def check_backend(backend: str | None, device: str | torch.device | None) -> None:
     """Raise ValueError if attention `backend` (None or "auto": any) cannot run on `device` on this machine."""
-    if backend is None or backend == "auto":
+    if backend is None or check_backend_name(backend) == "auto":
         return
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}: choose one of auto, {', '.join(BACKENDS)}")
     target = check_device(device)
     try:
         module = get_backend(backend)
@@ -52,6 +51,6 @@ def check_backend(backend: str | None, device: str | torch.device | None) -> Non
     if backend == "cuda" and target.type != "cuda":
         raise ValueError(f"attention backend 'cuda' runs on CUDA devices, not on {target}")
     probe = torch.empty(0, 1, 64, device=target)  # the triton backend only looks at the device
-    reason = module.unsupported_reason(probe, probe, (-1, -1), 0.0) if backend == "triton" else None
+    reason = module.unsupported_reason(probe, probe, AttentionOptions()) if backend == "triton" else None
     if reason is not None:
         raise ValueError(f"attention backend {backend!r} cannot run on {target}: {reason}")

@@ -84,7 +84,7 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
     return ((actual - expected).norm() / max(expected.norm().item(), floor)).item()
 
 
-# bf16: kernels round every bf16 conversion to nearest even (the interpreter too, see kernels.common.convert);
+# bf16: kernels round every bf16 conversion to nearest even (the interpreter too, see kernels.tiles.convert);
 # measured worst case 2.7e-3 (Triton interpreter and the CUDA emulator), 6.7e-3 with the interpreter's truncation.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 5e-3}
 

@@ -24,6 +24,7 @@ import llm2vec_fast.backends as backends
 import llm2vec_fast.backends.cuda as cuda_backend
 from attention_cases import MASK_KINDS, Case, check, padded_case, run_public_api, varlen_case
 from llm2vec_fast import flash_attn_func, resolve_backend
+from llm2vec_fast.attention_options import AttentionOptions
 from oracle import TOLERANCE, relative_error
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +60,7 @@ def test_auto_never_picks_cuda_for_cpu_tensors(monkeypatch):
 ])
 def test_unsupported_inputs_are_named(dtype, head_dim, expected):
     q = torch.randn(1, 4, 2, head_dim, dtype=dtype)
-    assert expected in cuda_backend.unsupported_reason(q, q, (-1, -1), 0.0)
+    assert expected in cuda_backend.unsupported_reason(q, q, AttentionOptions())
 
 
 # ---- the kernels (GPU) --------------------------------------------------------------------------

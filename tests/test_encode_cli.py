@@ -150,7 +150,7 @@ def test_output_directory_is_refused_before_encoding(tmp_path: Path, capsys, mon
 
 
 def test_triton_backend_without_a_gpu_is_refused(tmp_path: Path, capsys, monkeypatch) -> None:
-    from llm2vec_fast.backends import triton as triton_backend
+    from llm2vec_fast.kernels import backend as triton_backend
 
     monkeypatch.setattr(triton_backend, "INTERPRETING", False)  # as outside the tests: no CPU interpreter
     (tmp_path / "in.txt").write_text("hello\n")

@@ -22,7 +22,8 @@ import llm2vec_fast.ops  # noqa: F401  (registers torch.ops.llm2vec_fast)
 import llm2vec_fast.validation as validation
 from attention_cases import check, padded_case, varlen_case
 from llm2vec_fast import flash_attn_func, flash_attn_varlen_func, pad_input, unpad_input
-from llm2vec_fast.kernels.common import unit_last_stride
+from llm2vec_fast.attention_options import AttentionLayout, AttentionOptions
+from llm2vec_fast.kernels.launch import unit_last_stride
 from llm2vec_fast.tensor_cache import TensorCache
 from oracle import assert_close, attention_oracle, varlen_oracle
 
@@ -242,9 +243,9 @@ def test_cuda_backend_hands_the_binding_contiguous_offsets(monkeypatch):
                         raising=False)
     case = varlen_case([3, 5], [3, 5], 2, 1, 64, torch.float16)
     offsets = torch.stack([case.cu_seqlens_q, case.cu_seqlens_q], dim=1)[:, 0]
-    cuda_backend.forward(case.q, case.k, case.v, None, offsets, offsets, 5, 5, False, (-1, -1), 0.0, 0.125)
-    cuda_backend.backward(case.q, case.q, case.k, case.v, case.q, case.dlse, None, None, offsets, offsets, 5, 5,
-                          False, (-1, -1), 0.0, 0.125, True)
+    layout, options = AttentionLayout(None, offsets, offsets, 5, 5), AttentionOptions(softmax_scale=0.125)
+    cuda_backend.forward(case.q, case.k, case.v, layout, options)
+    cuda_backend.backward(case.q, case.q, case.k, case.v, case.q, case.dlse, None, layout, options)
     for name, position in (("fwd", 4), ("bwd", 8)):
         for cu in seen[name][position:position + 2]:
             assert cu.is_contiguous() and torch.equal(cu, case.cu_seqlens_q), name

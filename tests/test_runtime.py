@@ -45,7 +45,7 @@ def test_check_backend_cuda_without_gpu() -> None:
 
 
 def test_check_backend_triton_on_cpu_follows_the_interpreter(monkeypatch) -> None:
-    from llm2vec_fast.backends import triton as triton_backend
+    from llm2vec_fast.kernels import backend as triton_backend
 
     monkeypatch.setattr(triton_backend, "INTERPRETING", True)
     check_backend("triton", "cpu")  # the CPU interpreter runs CPU tensors

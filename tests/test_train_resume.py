@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import llm2vec_fast.backends.triton as triton_backend
+import llm2vec_fast.kernels.backend as triton_backend
 import llm2vec_fast.training.checkpoint as checkpoint
 from llm2vec_fast.training import load_config, train
 from llm2vec_fast.training.cli import main

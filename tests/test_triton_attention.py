@@ -10,7 +10,8 @@ import triton.language as tl
 
 from attention_cases import MASK_KINDS, check, key_padding_mask, padded_case, run_public_api, varlen_case
 from llm2vec_fast import flash_attn_func, flash_attn_varlen_func
-from llm2vec_fast.kernels.common import INTERPRETING, convert
+from llm2vec_fast.kernels.launch import INTERPRETING
+from llm2vec_fast.kernels.tiles import convert
 from oracle import assert_close, attention_oracle
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")

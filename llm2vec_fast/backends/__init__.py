@@ -1,9 +1,13 @@
 """Attention backends and the choice between them.
 
 A backend is a module exposing the contract that `reference` defines:
-``NAME``, ``unavailable_reason()``, ``unsupported_reason(q, k, window_size, softcap)``, ``forward(...)`` and
-``backward(...)``. The choice is, in order: an explicit ``backend=`` argument, the environment
-variable ``LLM2VEC_FAST_BACKEND``, then "auto" (CUDA extension > Triton on CUDA tensors; the exact
+``NAME``, ``KEY_MASK_FORM`` (what it reads of a key mask, see `key_masks`), ``unavailable_reason()``,
+``unsupported_reason(q, k, options)``, ``forward(q, k, v, layout, options)`` and
+``backward(dout, q, k, v, out, lse, dlse, layout, options)`` (see `attention_options`). The Triton
+backend is the kernels' entry point, ``llm2vec_fast.kernels.backend``.
+
+The choice is, in order: an explicit ``backend=`` argument, the environment variable
+``LLM2VEC_FAST_BACKEND``, then "auto" (CUDA extension > Triton on CUDA tensors; the exact
 PyTorch reference on any other device).
 """
 from __future__ import annotations
@@ -14,20 +18,30 @@ from types import ModuleType
 
 from torch import Tensor
 
+from ..attention_options import AttentionOptions
+
 BACKEND_ENV_VAR = "LLM2VEC_FAST_BACKEND"
-BACKENDS = ("cuda", "triton", "reference")
+MODULES = {"cuda": f"{__name__}.cuda", "triton": "llm2vec_fast.kernels.backend", "reference": f"{__name__}.reference"}
+BACKENDS = tuple(MODULES)
 _GPU_PRIORITY = ("cuda", "triton")
 
 _loaded: dict[str, ModuleType | ImportError] = {}
 
 
+def check_backend_name(name: str) -> str:
+    """`name` if it names a backend or "auto", else a ValueError listing the choices."""
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}: choose one of auto, {', '.join(BACKENDS)}")
+    return name
+
+
 def get_backend(name: str) -> ModuleType:
     """The backend module `name`, raising RuntimeError if it cannot be used on this machine."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}: choose one of auto, {', '.join(BACKENDS)}")
+    if check_backend_name(name) == "auto":
+        raise ValueError("get_backend takes a backend's name; resolve 'auto' with resolve_backend")
     if name not in _loaded:
         try:
-            _loaded[name] = importlib.import_module(f"{__name__}.{name}")
+            _loaded[name] = importlib.import_module(MODULES[name])
         except ImportError as error:
             _loaded[name] = error
     module = _loaded[name]
@@ -55,8 +69,7 @@ def resolve_backend(
     q: Tensor,
     k: Tensor,
     requested: str | None = None,
-    window_size: tuple[int, int] = (-1, -1),
-    softcap: float = 0.0,
+    options: AttentionOptions = AttentionOptions(),
 ) -> str:
     """Name of the backend that will run attention on these inputs.
 
@@ -65,9 +78,9 @@ def resolve_backend(
     """
     if requested is not None and not isinstance(requested, str):
         raise TypeError(f"backend must be a string ({', '.join(('auto',) + BACKENDS)}) or None, got {requested!r}")
-    name = (requested or os.environ.get(BACKEND_ENV_VAR) or "auto").lower()
+    name = check_backend_name((requested or os.environ.get(BACKEND_ENV_VAR) or "auto").lower())
     if name != "auto":
-        reason = get_backend(name).unsupported_reason(q, k, window_size, softcap)
+        reason = get_backend(name).unsupported_reason(q, k, options)
         if reason is not None:
             raise ValueError(f"attention backend {name!r} cannot run these inputs: {reason}")
         return name
@@ -77,6 +90,6 @@ def resolve_backend(
                 module = get_backend(candidate)
             except RuntimeError:
                 continue
-            if module.unsupported_reason(q, k, window_size, softcap) is None:
+            if module.unsupported_reason(q, k, options) is None:
                 return candidate
     return "reference"

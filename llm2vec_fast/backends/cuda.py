@@ -14,7 +14,10 @@ import importlib
 import torch
 from torch import Tensor
 
+from ..attention_options import AttentionLayout, AttentionOptions
+
 NAME = "cuda"
+KEY_MASK_FORM = "bits"  # packed by the extension once per mask (key_masks), not once per call
 EXTENSION = "llm2vec_fast._cuda"
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
@@ -56,7 +59,7 @@ def _shared_memory_needed(head_dim: int) -> int:
     return torch.ops.llm2vec_fast_cuda.smem_bytes(head_dim)
 
 
-def unsupported_reason(q: Tensor, k: Tensor, window_size: tuple[int, int], softcap: float) -> str | None:
+def unsupported_reason(q: Tensor, k: Tensor, options: AttentionOptions) -> str | None:
     if q.dtype not in DTYPES:
         return f"it supports float16 and bfloat16, got {q.dtype}"
     head_dim = q.shape[-1]
@@ -76,28 +79,27 @@ def unsupported_reason(q: Tensor, k: Tensor, window_size: tuple[int, int], softc
     return None  # sliding windows and soft caps are supported
 
 
-def _contiguous(offsets: Tensor | None) -> Tensor | None:
-    """The binding reads cu_seqlens with unit stride (it refuses views); every other argument it takes
-    with its strides (the key mask) or copies itself where the kernels need it (q/k/v/out/dout
-    without a unit last stride or 16-byte rows, lse and dlse not contiguous)."""
-    return None if offsets is None else offsets.contiguous()
+def _layout_args(layout: AttentionLayout) -> tuple:
+    """(key_bits, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) as the binding takes them: the mask
+    as packed bits, the offsets with unit stride (it refuses views); every other argument it copies itself
+    where the kernels need it (q/k/v/out/dout without a unit last stride or 16-byte rows, lse and dlse not
+    contiguous)."""
+    offsets = (None if cu is None else cu.contiguous() for cu in (layout.cu_seqlens_q, layout.cu_seqlens_k))
+    return (layout.key_mask_state, *offsets, layout.max_seqlen_q, layout.max_seqlen_k)
 
 
-def forward(q, k, v, key_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window_size,
-            softcap, softmax_scale) -> tuple[Tensor, Tensor]:
-    cu_seqlens_q, cu_seqlens_k = _contiguous(cu_seqlens_q), _contiguous(cu_seqlens_k)
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, options: AttentionOptions
+) -> tuple[Tensor, Tensor]:
     return torch.ops.llm2vec_fast_cuda.fwd(
-        q, k, v, key_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        causal, window_size[0], window_size[1], softcap, softmax_scale,
+        q, k, v, *_layout_args(layout), options.causal, *options.window, options.softcap, options.softmax_scale
     )
 
 
-def backward(dout, q, k, v, out, lse, dlse, key_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-             causal, window_size, softcap, softmax_scale, deterministic) -> tuple[Tensor, Tensor, Tensor]:
-    cu_seqlens_q, cu_seqlens_k = _contiguous(cu_seqlens_q), _contiguous(cu_seqlens_k)
+def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None,
+             layout: AttentionLayout, options: AttentionOptions) -> tuple[Tensor, Tensor, Tensor]:
     return torch.ops.llm2vec_fast_cuda.bwd(
-        dout, q, k, v, out, lse, dlse, key_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        causal, window_size[0], window_size[1], softcap, softmax_scale, deterministic,
+        dout, q, k, v, out, lse, dlse, *_layout_args(layout), *options.schema_args()
     )
 
 
@@ -105,13 +107,15 @@ def _register_fakes() -> None:
     """Shapes and dtypes of the extension's outputs, for tracing without running the kernels."""
 
     @torch.library.register_fake("llm2vec_fast_cuda::fwd")
-    def _fwd_fake(q, k, v, key_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                  window_left, window_right, softcap, softmax_scale):
-        varlen = cu_seqlens_q is not None
-        lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
-        return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+    def _fwd_fake(q, k, v, key_bits, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *options):
+        layout = AttentionLayout(None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        return q.new_empty(q.shape), q.new_empty(layout.lse_shape(q), dtype=torch.float32)
 
     @torch.library.register_fake("llm2vec_fast_cuda::bwd")
-    def _bwd_fake(dout, q, k, v, out, lse, dlse, key_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                  max_seqlen_k, causal, window_left, window_right, softcap, softmax_scale, deterministic):
+    def _bwd_fake(dout, q, k, v, *rest):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    @torch.library.register_fake("llm2vec_fast_cuda::pack_key_mask")
+    def _pack_fake(key_mask):
+        words = (key_mask.shape[1] + 127) // 128 * 4  # key_bits_words in csrc/flash_attn/params_builder.h
+        return key_mask.new_empty((key_mask.shape[0], words), dtype=torch.int32)

@@ -15,14 +15,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..attention_options import AttentionLayout, AttentionOptions
+
 NAME = "reference"
+KEY_MASK_FORM = "bool"
 
 
 def unavailable_reason() -> str | None:
     return None
 
 
-def unsupported_reason(q: Tensor, k: Tensor, window_size: tuple[int, int], softcap: float) -> str | None:
+def unsupported_reason(q: Tensor, k: Tensor, options: AttentionOptions) -> str | None:
     return None
 
 
@@ -144,24 +147,14 @@ def _sequence_bounds(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor) -> list[tuple[i
 
 
 def forward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    key_mask: Tensor | None,
-    cu_seqlens_q: Tensor | None,
-    cu_seqlens_k: Tensor | None,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    causal: bool,
-    window_size: tuple[int, int],
-    softcap: float,
-    softmax_scale: float,
+    q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, options: AttentionOptions
 ) -> tuple[Tensor, Tensor]:
-    if cu_seqlens_q is None:
-        return _forward_padded(q, k, v, key_mask, causal, window_size, softcap, softmax_scale)
+    causal, window_size, softcap, softmax_scale = options.causal, options.window, options.softcap, options.softmax_scale
+    if not layout.is_packed:
+        return _forward_padded(q, k, v, layout.key_mask, causal, window_size, softcap, softmax_scale)
     out = q.new_zeros(q.shape)
-    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
-    for q0, q1, k0, k1 in _sequence_bounds(cu_seqlens_q, cu_seqlens_k):
+    lse = torch.full(layout.lse_shape(q), float("-inf"), dtype=torch.float32, device=q.device)
+    for q0, q1, k0, k1 in _sequence_bounds(layout.cu_seqlens_q, layout.cu_seqlens_k):
         if q1 == q0:
             continue
         seq_out, seq_lse = _forward_padded(
@@ -180,23 +173,16 @@ def backward(
     out: Tensor,
     lse: Tensor,
     dlse: Tensor | None,
-    key_mask: Tensor | None,
-    cu_seqlens_q: Tensor | None,
-    cu_seqlens_k: Tensor | None,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    causal: bool,
-    window_size: tuple[int, int],
-    softcap: float,
-    softmax_scale: float,
-    deterministic: bool,
+    layout: AttentionLayout,
+    options: AttentionOptions,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if cu_seqlens_q is None:
+    causal, window_size, softcap, softmax_scale = options.causal, options.window, options.softcap, options.softmax_scale
+    if not layout.is_packed:
         return _backward_padded(
-            dout, q, k, v, out, lse, dlse, key_mask, causal, window_size, softcap, softmax_scale
+            dout, q, k, v, out, lse, dlse, layout.key_mask, causal, window_size, softcap, softmax_scale
         )
     dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
-    for q0, q1, k0, k1 in _sequence_bounds(cu_seqlens_q, cu_seqlens_k):
+    for q0, q1, k0, k1 in _sequence_bounds(layout.cu_seqlens_q, layout.cu_seqlens_k):
         if q1 == q0 or k1 == k0:
             continue
         seq_dlse = None if dlse is None else dlse[None, :, q0:q1]

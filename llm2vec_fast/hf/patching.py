@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from ..backends import BACKENDS
+from ..backends import check_backend_name
 from .attention import ATTENTION_NAME, BACKEND_ATTRIBUTE, register
 
 SUPPORTED_MODEL_TYPES = (
@@ -53,11 +53,6 @@ def check_supported_model(config: Any) -> str:
     return model_type
 
 
-def _check_backend(backend: str | None) -> None:
-    if backend is not None and backend not in ("auto", *BACKENDS):
-        raise ValueError(f"unknown attention backend {backend!r}: choose one of auto, {', '.join(BACKENDS)}")
-
-
 def attention_layers(model: nn.Module) -> list[nn.Module]:
     """The self-attention modules of a supported model (those holding ``o_proj`` and an ``is_causal`` flag)."""
     return [m for m in model.modules() if hasattr(m, "o_proj") and hasattr(m, "is_causal")]
@@ -65,7 +60,8 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
 
 def route_attention(model: ModelT, *, causal: bool, backend: str | None = None) -> ModelT:
     """Point `model`'s attention at our ops, causal or bidirectional; `backend` forces a kernel backend."""
-    _check_backend(backend)
+    if backend is not None:
+        check_backend_name(backend)
     inner = transformers_model(model)
     check_supported_model(inner.config)
     register()

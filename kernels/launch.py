@@ -1,0 +1,107 @@
+"""Host-side launch configuration shared by the attention launchers: tile tables and their pruning,
+the launch shape of a batch layout, and the argument forms the kernels index."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+LOG2E = 1.4426950408889634
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+TileSpec = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
+INTERPRETER_TILES: TileSpec = (32, 32, 4, 1)
+
+
+def input_class(dtype: torch.dtype, block_d: int) -> str:
+    """Inputs that want different tiles: 16-bit up to head dim 128, 16-bit wider, and fp32
+    (exact fp32 dots run on CUDA cores and need far more registers per tile)."""
+    if dtype == torch.float32:
+        return "fp32"
+    return "half_wide" if block_d > 128 else "half"
+
+
+def autotuned(table: dict[str, list[TileSpec]]) -> dict:
+    """``triton.autotune`` arguments (configs and a prune picking the inputs' class) from a table
+    class -> tile specs. Every spec in the tables compiles for sm_80 and sm_90a without register
+    spills (tests/test_triton_compile.py checks it). The interpreter gets one small fixed tile."""
+    specs = [INTERPRETER_TILES] if INTERPRETING else list(dict.fromkeys(s for row in table.values() for s in row))
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in specs]
+
+    def prune(configs, named_args, **kwargs):
+        if INTERPRETING:
+            return configs
+        allowed = set(table[input_class(named_args["Q"].dtype, kwargs["BLOCK_D"])])
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+
+    return dict(configs=configs, prune_configs_by={"early_config_prune": prune})
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow torch's matmul precision setting ("highest" = exact fp32, else tf32)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+@dataclass(frozen=True)
+class LaunchShape:
+    """What a launch needs to know about the batch layout, derived once per call."""
+
+    batch: int
+    seqlen_q: int  # padded length, or max_seqlen_q for varlen
+    seqlen_k: int
+    is_varlen: bool
+    key_mask: torch.Tensor | None  # uint8 (B, Sk), contiguous, 1 = real key
+    key_spans: torch.Tensor | None  # int32 (B, R, 2): [start, end) of each span of keys
+    num_spans: torch.Tensor | None  # int32 (B,)
+    mask_queries: bool  # padded self-attention: the key mask also marks query rows
+    window_left: int
+    window_right: int
+
+    @property
+    def stride_mask(self) -> int:
+        return 0 if self.key_mask is None else self.key_mask.stride(0)
+
+    @property
+    def stride_spans(self) -> int:
+        return 0 if self.key_spans is None else self.key_spans.stride(0)
+
+
+def unit_last_stride(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` with the unit last stride the kernels read head-dim rows with, copying only what needs it:
+    dims of stride 0 (broadcast) stay so, so the expanded gradient of ``out.sum()`` (every stride 0)
+    costs one head-dim row, not a full write (its other strides are read as they are)."""
+    if tensor.stride(-1) == 1:
+        return tensor
+    kept = tuple(slice(0, 1) if stride == 0 else slice(None) for stride in tensor.stride()[:-1])
+    return tensor[kept].contiguous().expand(tensor.shape)
+
+
+def launch_shape(q: torch.Tensor, k: torch.Tensor, layout, options) -> LaunchShape:
+    """The launch shape of an ``llm2vec_fast`` AttentionLayout (its key mask as KeySpans) and AttentionOptions."""
+    left, right = options.key_window
+    if layout.is_packed:
+        return LaunchShape(layout.cu_seqlens_q.numel() - 1, layout.max_seqlen_q, layout.max_seqlen_k, True,
+                           None, None, None, False, left, right)
+    batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+    mask_bytes, spans, num_spans = layout.key_mask_state or (None, None, None)
+    mask_queries = mask_bytes is not None and seqlen_q == seqlen_k
+    return LaunchShape(batch, seqlen_q, seqlen_k, False, mask_bytes, spans, num_spans, mask_queries, left, right)
+
+
+def mask_args(shape: LaunchShape, layout, placeholder: torch.Tensor) -> tuple:
+    """(KeyMask, KeySpans, NumSpans, CuSeqlensQ, CuSeqlensK) kernel arguments, contiguous (the kernels
+    index them with unit strides; a view of offsets is copied); absent ones point at a placeholder that
+    the kernel never dereferences (its constexpr flags compile those loads away)."""
+    return tuple(placeholder if t is None else t.contiguous() for t in
+                 (shape.key_mask, shape.key_spans, shape.num_spans, layout.cu_seqlens_q, layout.cu_seqlens_k))
+
+
+def seqlen_bucket(seqlen: int) -> int:
+    """Autotuning key: sequences within a factor of two share tuned block sizes."""
+    return 1 << max(4, math.ceil(math.log2(max(seqlen, 1))))
