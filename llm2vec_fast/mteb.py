@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_implementations.llm2vec_models import llm2vec_instruction
 from mteb.models.model_meta import ModelMeta, ScoringFunction
@@ -53,7 +54,7 @@ class LLM2VecMTEB(AbsEncoder):
         name = name or getattr(encoder.model, "name_or_path", "") or "model"
         self.mteb_model_meta = model_meta(encoder, name, revision, loader_kwargs)
 
-    def instruction(self, task_metadata: Any, prompt_type: PromptType | None) -> str:
+    def instruction(self, task_metadata: TaskMetadata, prompt_type: PromptType | None) -> str:
         """The LLM2Vec instruction for this task's inputs of `prompt_type` ("" for documents)."""
         if prompt_type == PromptType.document:
             return ""
@@ -63,7 +64,7 @@ class LLM2VecMTEB(AbsEncoder):
         self,
         inputs: Iterable[Mapping[str, Any]],
         *,
-        task_metadata: Any,
+        task_metadata: TaskMetadata,
         hf_split: str,
         hf_subset: str,
         prompt_type: PromptType | None = None,

@@ -35,7 +35,8 @@ try:  # sentence-transformers >= 5.4: prompts reach preprocess() apart from the 
     from sentence_transformers.base.modules import InputModule
 except ImportError as error:  # older ones prepend the prompt to each text: it would be pooled as text
     raise ImportError(
-        "llm2vec_fast.sentence_transformers needs sentence-transformers>=5.4 (pip install 'llm2vec-fast[sentence-transformers]')"
+        "llm2vec_fast.sentence_transformers needs sentence-transformers>=5.4: "
+        "pip install 'llm2vec-fast[sentence-transformers]'"
     ) from error
 
 

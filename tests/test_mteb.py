@@ -46,7 +46,8 @@ class LocalSTS(MockSTSTask):
 
     def load_data(self, num_proc: int | None = None, **kwargs) -> None:
         first, second, scores = map(list, zip(*STS_PAIRS))
-        self.dataset = DatasetDict({"test": Dataset.from_dict({"sentence1": first, "sentence2": second, "score": scores})})
+        pairs = Dataset.from_dict({"sentence1": first, "sentence2": second, "score": scores})
+        self.dataset = DatasetDict({"test": pairs})
         self.data_loaded = True
 
 

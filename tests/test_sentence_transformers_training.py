@@ -19,7 +19,7 @@ QUERY = "Given a question, retrieve the answer:"
 TOPICS = ["rain", "guitar", "protein", "paris", "attention", "football", "ovens", "stocks"]
 QUESTIONS = [f"what about {topic} today" for topic in TOPICS] + [f"tell me of {topic}" for topic in TOPICS]
 ANSWERS = [f"{topic} is the answer" for topic in TOPICS] + [f"all on {topic} here" for topic in TOPICS]
-CLOSE = dict(rtol=1e-5, atol=1e-6)
+CLOSE = {"rtol": 1e-5, "atol": 1e-6}
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,22 @@ def test_trainer_trains_the_lora_and_the_saved_model_reloads(model_dir: Path, tm
                                                                            "adapter_model.safetensors"]
     reloaded = SentenceTransformer(str(tmp_path / "st"), trust_remote_code=True)
     assert reloaded.prompts["query"] == QUERY
-    torch.testing.assert_close(reloaded.encode(QUESTIONS, prompt_name="query", convert_to_tensor=True), trained, **CLOSE)
+    again = reloaded.encode(QUESTIONS, prompt_name="query", convert_to_tensor=True)
+    torch.testing.assert_close(again, trained, **CLOSE)
     adapter = LLM2Vec.from_pretrained(str(model_dir), peft_model_name_or_path=str(tmp_path / "st"))
     torch.testing.assert_close(_encode(adapter, QUESTIONS), trained, **CLOSE)
+
+
+def test_older_sentence_transformers_are_refused_in_one_line() -> None:
+    """Before 5.4 the prompt is prepended to the texts (and would be pooled as text): no silent wrong vectors."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['sentence_transformers.base.modules'] = None  # as on 5.3, which lacks it\n"
+            "import llm2vec_fast.sentence_transformers")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "ImportError: llm2vec_fast.sentence_transformers needs sentence-transformers>=5.4: "
+        "pip install 'llm2vec-fast[sentence-transformers]'"
+    )
