@@ -182,3 +182,22 @@ def test_bfloat16_cuda_training_tracks_hf_sdpa(files, tmp_path, objective):
     sdpa = train(_config(objective, files, tmp_path / "sdpa", attn_implementation="sdpa", **settings))
     assert all(np.isfinite(ours.losses))
     assert np.allclose(ours.losses, sdpa.losses, rtol=3e-2, atol=1e-3), (ours.losses, sdpa.losses)
+
+
+def test_default_lora_targets_reach_fused_projections():
+    """Phi-3 fuses q/k/v and gate/up: the default targets train the fused modules instead of failing."""
+    from llm2vec_fast.tiny import build_tiny_model
+    from llm2vec_fast.training.config import LORA_TARGETS
+    from llm2vec_fast.training.modeling import add_lora, lora_targets
+
+    decoder = build_tiny_model("phi3")[0].model
+    assert sorted(lora_targets(decoder, LORA_TARGETS)) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    llama = build_tiny_model("llama")[0].model
+    assert lora_targets(llama, LORA_TARGETS) == sorted(LORA_TARGETS)  # separate projections stay as named
+    with pytest.raises(ValueError, match=r"\['qkv_proj'\] match no module of LlamaModel"):
+        lora_targets(llama, ["qkv_proj"])
+    from peft import LoraConfig
+
+    adapter = add_lora(decoder, LoraConfig(r=2, target_modules=list(LORA_TARGETS)), gradient_checkpointing=False)
+    trained = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name, p in adapter.named_parameters() if p.requires_grad}
+    assert trained == {"qkv_proj", "gate_up_proj", "o_proj", "down_proj"}

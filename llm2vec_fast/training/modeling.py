@@ -13,6 +13,8 @@ LoRA wraps the base decoder (not the ``*ForCausalLM``), so adapters load with
 """
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,12 +128,36 @@ def merge_adapter(model: Any, adapter: str) -> Any:
     return merged
 
 
-def add_lora(model: Any, lora: LoraConfig, gradient_checkpointing: bool) -> PeftModel:
-    """Wrap `model` with a fresh `lora` adapter (everything else frozen), with activation checkpointing or not."""
+# Projections some families fuse (Phi-3: qkv_proj, gate_up_proj): a target naming one part of a fused
+# projection trains the fused module where the model has no separate one.
+FUSED_PROJECTIONS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                     "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def lora_targets(model: nn.Module, targets: Iterable[str]) -> list[str]:
+    """`targets` as module names of `model`: parts of a fused projection mapped to it, a ValueError for the rest."""
     names = [name for name, _ in model.named_modules()]
-    missing = sorted(target for target in lora.target_modules if not any(n.endswith(f".{target}") for n in names))
+
+    def present(target: str) -> bool:
+        return any(name.endswith(f".{target}") for name in names)
+
+    resolved: list[str] = []
+    for target in sorted(targets):
+        fused = FUSED_PROJECTIONS.get(target)
+        if not present(target) and fused is not None and present(fused):
+            target = fused
+        if target not in resolved:
+            resolved.append(target)
+    missing = [target for target in resolved if not present(target)]
     if missing:
         raise ValueError(f"lora_target_modules {missing} match no module of {type(model).__name__}")
+    return resolved
+
+
+def add_lora(model: Any, lora: LoraConfig, gradient_checkpointing: bool) -> PeftModel:
+    """Wrap `model` with a fresh `lora` adapter (everything else frozen), with activation checkpointing or not."""
+    lora = copy.copy(lora)
+    lora.target_modules = set(lora_targets(model, lora.target_modules))
     peft_model = get_peft_model(model, lora)
     if gradient_checkpointing:
         _enable_checkpointing(transformers_model(peft_model))
