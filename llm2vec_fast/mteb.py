@@ -35,7 +35,7 @@ class LLM2VecMTEB(AbsEncoder):
     """mteb's ``EncoderProtocol`` over an :class:`~llm2vec_fast.LLM2Vec` (cosine similarity, float32 embeddings).
 
     `instructions` (task name, task type or prompt type -> instruction) take precedence over the tasks' own
-    prompts, as a ``prompts_dict`` does for mteb's wrappers.
+    prompts, as a ``prompts_dict`` does for mteb's wrappers; documents stay plain texts.
     """
 
     def __init__(
