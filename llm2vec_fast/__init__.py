@@ -1,4 +1,5 @@
 """llm2vec-fast: fused bidirectional flash attention for turning decoder LLMs into text encoders."""
+
 from .backends import BACKEND_ENV_VAR, available_backends, resolve_backend
 from .functional import flash_attn_func, flash_attn_varlen_func
 from .padding import pad_input, unpad_input

@@ -1,4 +1,5 @@
 """The ``llm2vec-fast`` command: ``demo``, ``encode`` and ``train {mntp,simcse,supervised}``."""
+
 from __future__ import annotations
 
 import argparse

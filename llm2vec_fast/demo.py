@@ -5,6 +5,7 @@ Builds a tiny random decoder (``llm2vec_fast.tiny``) in a temporary directory, l
 without instructions, and prints the cosine similarity matrix, the attention backend that ran and
 the encoding speed. The weights are random, so the similarities only show the plumbing works.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,4 +89,3 @@ def add_demo_command(subparsers: Any) -> None:
     parser.add_argument("--pooling", default="mean", choices=POOLING_MODES)
     parser.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
     parser.set_defaults(func=run_demo)
-

@@ -8,6 +8,7 @@ The output is written to ``OUTPUT.partial`` and renamed when complete.
 
 Lines end at ``\n`` only (a ``\r\n`` ending is removed too; a ``\r`` inside a line is part of the text).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,7 +80,7 @@ def _jsonl_item(value: Any, where: str) -> str | list[str]:
         if instruction is None:
             return value["text"]
         if not isinstance(instruction, str):
-            raise UsageError(f"{where}: \"instruction\" must be a string")
+            raise UsageError(f'{where}: "instruction" must be a string')
         return [instruction, value["text"]]
     raise UsageError(f'{where}: expected a string, an [instruction, text] pair or an object with a "text" string')
 

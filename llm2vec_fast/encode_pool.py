@@ -1,5 +1,6 @@
 """``EncodePool``: one encoding process per device, for multi-GPU encoding (``LLM2Vec.encode(device=[...])``
 and ``LLM2Vec.encode_stream(devices=...)``)."""
+
 from __future__ import annotations
 
 import queue

@@ -18,6 +18,7 @@ pooling, same saved format. Differences, all deliberate:
 - encoding runs without dropout whatever the module's mode, and never changes that mode, so calls
   from several threads at once give the same vectors as one after another.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -192,8 +193,13 @@ class LLM2Vec(nn.Module):
             skip_instruction=skip_instruction,
         )
         model, tokenizer, settings = load_encoder_parts(
-            base_model_name_or_path, peft_model_name_or_path, merge_peft, enable_bidirectional, explicit,
-            attention_backend, hf_kwargs,
+            base_model_name_or_path,
+            peft_model_name_or_path,
+            merge_peft,
+            enable_bidirectional,
+            explicit,
+            attention_backend,
+            hf_kwargs,
         )
         return cls(model=model, tokenizer=tokenizer, **settings)
 
@@ -319,8 +325,12 @@ class LLM2Vec(nn.Module):
         pairs = to_pairs(sentences, instruction)
         if isinstance(device, (list, tuple)):
             blocks = self.encode_stream(
-                pairs, chunk_size=1024, devices=device, batch_size=batch_size,
-                max_batch_tokens=max_batch_tokens, show_progress_bar=show_progress_bar,
+                pairs,
+                chunk_size=1024,
+                devices=device,
+                batch_size=batch_size,
+                max_batch_tokens=max_batch_tokens,
+                show_progress_bar=show_progress_bar,
             )
             embeddings = torch.cat([torch.zeros(0, self.model.config.hidden_size), *blocks])
         else:
@@ -348,9 +358,10 @@ class LLM2Vec(nn.Module):
         batches = plan_batches([len(x) for x in ids], batch_size, max_batch_tokens)
         target = self._device(device)
         result = torch.empty(len(pairs), hidden_size)
-        with without_dropout(self.model), tqdm(
-            total=len(pairs), desc="Encoding", unit="text", disable=not show_progress_bar
-        ) as progress:
+        with (
+            without_dropout(self.model),
+            tqdm(total=len(pairs), desc="Encoding", unit="text", disable=not show_progress_bar) as progress,
+        ):
             for batch in batches:
                 packed = pack_sequences([ids[i] for i in batch], device=target)
                 lengths = torch.tensor([instruction_lengths[i] for i in batch], device=target)
@@ -402,4 +413,3 @@ class LLM2Vec(nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-

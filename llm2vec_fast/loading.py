@@ -15,6 +15,7 @@ which is kept apart as a ``peft_model_name_or_path`` is. The base's weights are 
 through transformers' PEFT integration, so that the model saves again with any peft release.
 ``save`` writes what ``from_pretrained`` reloads to identical embeddings.
 """
+
 from __future__ import annotations
 
 import json

@@ -12,6 +12,7 @@ type, else its task type's default, ending in ":"), and given as LLM2Vec instruc
 symmetric inputs are encoded as ``[instruction, text]``, documents as plain texts (LLM2Vec's evaluation).
 ``mteb.evaluate(l2v, task)`` on a bare ``LLM2Vec`` has no model implementation; wrap it in :class:`LLM2VecMTEB`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping

@@ -3,6 +3,7 @@
 Both directions are differentiable index operations, so a model can unpad once, run every layer
 on real tokens only, and pad back (or pool) at the end.
 """
+
 from __future__ import annotations
 
 import torch

@@ -14,6 +14,7 @@ Pooling accumulates in float32 and returns float32, whatever the hidden states' 
 sequence is reduced on its own (segment reductions), so its embedding does not depend on what
 else is in the batch.
 """
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 Shared by the commands (``encode``, ``train``) and the encoder so that a missing GPU or an unusable
 backend is one ``ValueError`` naming the problem, not an assertion deep inside torch or a kernel.
 """
+
 from __future__ import annotations
 
 import torch

@@ -16,6 +16,7 @@ Training: ``forward`` runs under autograd in the module's mode (dropout in ``tra
 ``SentenceTransformerTrainer`` trains a LoRA put on the encoder with ``peft.get_peft_model``, and its
 training ``prompts`` are instructions too. Needs sentence-transformers >= 5.4 (``preprocess``).
 """
+
 from __future__ import annotations
 
 import os

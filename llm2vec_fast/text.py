@@ -8,6 +8,7 @@ tokenizer, then a template prefix and the instruction), ``tail`` the text and wh
 template suffix, EOS). The model reads ``head + tail``; pooling skips the tokens of ``head``. So a
 text (or instruction) that itself contains the separator keeps its characters and its boundary.
 """
+
 from __future__ import annotations
 
 import threading
@@ -104,8 +105,10 @@ def trim_to_tokens(tokenizer: Any, texts: list[str], budget: int, max_length: in
     at `max_length`); a text that whole words cannot trim (no whitespace: CJK, URLs, code) keeps its first
     `budget` tokens instead of becoming empty."""
     counts = token_counts(tokenizer, texts, max_length)
-    return [text if count <= budget else _trim(tokenizer, text, count, budget, max_length)
-            for text, count in zip(texts, counts)]
+    return [
+        text if count <= budget else _trim(tokenizer, text, count, budget, max_length)
+        for text, count in zip(texts, counts)
+    ]
 
 
 def _trim(tokenizer: Any, text: str, count: int, budget: int, max_length: int) -> str:

@@ -3,6 +3,7 @@
 Used by the tests, the demo command and functional benchmarks. Weights are random (seeded), the
 tokenizer is a byte-level BPE trained in milliseconds on a built-in corpus, so every text encodes.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,11 +15,20 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "granite", "olmo2")
 
 PRESETS = {
-    "llama3.2": ("llama", dict(  # Llama 3.1/3.2: llama3 rope scaling; 3.2 1B/3B tie their embeddings
-        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
-                             high_freq_factor=4.0, original_max_position_embeddings=8),
-        tie_word_embeddings=True,
-    )),
+    "llama3.2": (
+        "llama",
+        dict(  # Llama 3.1/3.2: llama3 rope scaling; 3.2 1B/3B tie their embeddings
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=32.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8,
+            ),
+            tie_word_embeddings=True,
+        ),
+    ),
     "qwen2.5": ("qwen2", dict(tie_word_embeddings=True)),  # Qwen2.5 0.5B-3B
     "qwen3-tied": ("qwen3", dict(tie_word_embeddings=True)),  # Qwen3 0.6B-4B
     "embeddinggemma": ("gemma3", dict(use_bidirectional_attention=True, sliding_window=6)),  # window |i - j| < 4

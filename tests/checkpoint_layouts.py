@@ -5,6 +5,7 @@ hub base, an ``auto_map`` to custom encoder code), the tokenizer and a LoRA adap
 weights; ``-supervised`` and ``-unsup-simcse`` repositories hold only an adapter. Used by the tests and
 by ``tests/data/llm2vec_oracle/make_oracle.py``.
 """
+
 from __future__ import annotations
 
 import json

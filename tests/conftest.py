@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before any module defining a @triton.jit function is imported,
 hence at the very top of this file.
 """
+
 import os
 
 import torch

@@ -3,6 +3,7 @@
 The layouts are local replicas built from a tiny Llama (tests/checkpoint_layouts.py); parity of their
 numbers with the official llm2vec 0.2.3 is in tests/test_encoder_parity.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from checkpoint_layouts import write_adapter, write_mntp_repository
 from peft import PeftModel
 
-from checkpoint_layouts import write_adapter, write_mntp_repository
 from llm2vec_fast.encoder import LLM2Vec
 from llm2vec_fast.hf import enable_bidirectional
 from llm2vec_fast.tiny import build_tiny_model
@@ -125,8 +126,9 @@ def test_corrupt_files_are_named(layouts: Path, tmp_path: Path) -> None:
         LLM2Vec.from_pretrained(str(tmp_path / "saved"))
 
 
-@pytest.mark.parametrize("path", ["/no/such/model", "./no-such-model", "../no-such-model", "~/no-such-model",
-                                  "existing/no-such-model"])
+@pytest.mark.parametrize(
+    "path", ["/no/such/model", "./no-such-model", "../no-such-model", "~/no-such-model", "existing/no-such-model"]
+)
 def test_missing_local_path_is_not_looked_up_on_the_hub(tmp_path: Path, monkeypatch, path: str) -> None:
     import huggingface_hub
     import transformers.utils.hub
@@ -160,8 +162,9 @@ def test_encode_command_takes_an_mntp_directory_and_a_second_adapter(layouts: Pa
     assert main([*argv, "--no-progress"]) == 0, capsys.readouterr().err
     expected = LLM2Vec.from_pretrained(str(layouts / model), peft_model_name_or_path=str(layouts / "supervised"))
     lines = source.read_text().splitlines()
-    np.testing.assert_allclose(np.load(target), expected.encode(lines, convert_to_numpy=True, show_progress_bar=False),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.load(target), expected.encode(lines, convert_to_numpy=True, show_progress_bar=False), rtol=1e-5, atol=1e-6
+    )
     assert main(["encode", str(tmp_path), str(source), str(target), "--no-progress"]) == 2
     assert "config.json" in capsys.readouterr().err
 

@@ -1,4 +1,5 @@
 """``llm2vec-fast encode`` and ``llm2vec-fast demo`` end to end on a tiny model directory."""
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,21 @@ def test_jsonl_to_safetensors_with_instructions(tmp_path: Path) -> None:
     source.write_text("\n".join(rows) + "\n")
     target = tmp_path / "out.safetensors"
     code = _run(
-        "encode", str(MODEL), str(source), str(target), "--instruction", "Represent:", "--pooling", "weighted_mean",
-        "--max-batch-tokens", "16", "--chunk-size", "2", "--dtype", "float32", "--no-progress",
+        "encode",
+        str(MODEL),
+        str(source),
+        str(target),
+        "--instruction",
+        "Represent:",
+        "--pooling",
+        "weighted_mean",
+        "--max-batch-tokens",
+        "16",
+        "--chunk-size",
+        "2",
+        "--dtype",
+        "float32",
+        "--no-progress",
     )
     assert code == 0
     embeddings = load_file(str(target))["embeddings"]

@@ -1,4 +1,5 @@
 """LLM2Vec encoder: invariances, formats, save/load, PEFT, streaming, one process per device, sentence-transformers."""
+
 from __future__ import annotations
 
 import json

@@ -2,6 +2,7 @@
 
 The fixtures were made by tests/data/llm2vec_oracle/make_oracle.py (see its docstring to rerun).
 """
+
 from __future__ import annotations
 
 import json

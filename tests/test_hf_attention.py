@@ -1,4 +1,5 @@
 """HF integration: every supported family, bidirectional and causal, padded and packed, vs HF eager attention."""
+
 from __future__ import annotations
 
 import copy
@@ -256,12 +257,16 @@ def test_registration_and_from_pretrained_option(tmp_path) -> None:
     reference.set_attn_implementation("eager")
     with torch.no_grad():
         causal = AutoModel.from_pretrained(tmp_path, attn_implementation=ATTENTION_NAME)
-        _assert_close(causal(input_ids=ids, attention_mask=mask).last_hidden_state[real],
-                      reference(input_ids=ids, attention_mask=mask).last_hidden_state[real])
+        _assert_close(
+            causal(input_ids=ids, attention_mask=mask).last_hidden_state[real],
+            reference(input_ids=ids, attention_mask=mask).last_hidden_state[real],
+        )
         bidirectional = load_bidirectional(str(tmp_path), backend="reference")
         reference.config.is_causal = False
-        _assert_close(bidirectional(input_ids=ids, attention_mask=mask).last_hidden_state[real],
-                      reference(input_ids=ids, attention_mask=mask).last_hidden_state[real])
+        _assert_close(
+            bidirectional(input_ids=ids, attention_mask=mask).last_hidden_state[real],
+            reference(input_ids=ids, attention_mask=mask).last_hidden_state[real],
+        )
     assert is_bidirectional(bidirectional)
     with pytest.raises(ValueError, match="attn_implementation"):
         load_bidirectional(str(tmp_path), attn_implementation="sdpa")

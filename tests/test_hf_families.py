@@ -1,5 +1,6 @@
 """The families and presets added after the first six, through the encoder: saved and reloaded (tied embeddings
 included), pooled like HF eager attention pools, and independent of batch size and company."""
+
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
 """GPU: the HF integration in bf16 at real widths (a few layers of 7B/8B/Gemma-2-shaped models) vs SDPA/eager."""
+
 from __future__ import annotations
 
 import copy
@@ -12,8 +13,15 @@ from llm2vec_fast.tiny import build_tokenizer, tiny_config
 
 pytestmark = pytest.mark.gpu
 
-WIDE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-            max_position_embeddings=4096, vocab_size=1024)
+WIDE = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=4096,
+    vocab_size=1024,
+)
 LENGTHS = [300, 17, 120, 64, 1]
 
 
@@ -93,8 +101,15 @@ def test_bf16_lora_gradients_match_fp32_sdpa() -> None:
 
 def test_gemma2_shaped_softcap_matches_fp32_eager() -> None:
     model = _model(
-        "gemma2", layers=2, hidden_size=3584, intermediate_size=14336, num_attention_heads=16, num_key_value_heads=8,
-        head_dim=256, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+        "gemma2",
+        layers=2,
+        hidden_size=3584,
+        intermediate_size=14336,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        attn_logit_softcapping=50.0,
     )
     ids, mask = _batch(model.config.vocab_size)
     real = mask.bool()

@@ -1,4 +1,5 @@
 """pack_batch / pack_sequences: unpad once, positions per sequence, exact round trips."""
+
 from __future__ import annotations
 
 import pytest
@@ -64,8 +65,9 @@ def test_packed_offsets_work_under_inference_mode() -> None:
         for packed in (pack_batch(ids, mask), pack_sequences([[1, 2], [3]])):
             q = torch.randn(packed.num_tokens, 2, 16)
             for _ in range(2):  # the second call reuses the offsets' cached check
-                out = flash_attn_varlen_func(q, q, q, packed.cu_seqlens, packed.cu_seqlens,
-                                             packed.max_seqlen, packed.max_seqlen)
+                out = flash_attn_varlen_func(
+                    q, q, q, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen
+                )
                 assert out.shape == q.shape and torch.isfinite(out).all()
         bad = torch.tensor([0, 3, 2], dtype=torch.int32)
         with pytest.raises(ValueError, match="non-decreasing"):
@@ -108,7 +110,9 @@ def test_offsets_made_under_inference_mode_are_checked_once_per_forward(pack, mo
         if pack == "sequences":
             packed = pack_sequences([[5, 6, 7], [8, 9]])
         else:
-            packed = pack_batch(torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]]), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+            packed = pack_batch(
+                torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]]), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+            )
         assert not packed.cu_seqlens.is_inference()
         decoder(**packed.model_inputs())
     assert decoder.config.num_hidden_layers > 1 and len(checks) == 1

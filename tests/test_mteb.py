@@ -1,4 +1,5 @@
 """MTEB 2.x: mteb.evaluate runs our encoder on in-memory tasks, with mteb's LLM2Vec instructions, offline."""
+
 from __future__ import annotations
 
 import socket
@@ -59,8 +60,12 @@ class RecordingModel(LLM2VecMTEB):
     def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs):
         texts = [text for batch in inputs for text in batch["text"]]
         embeddings = super().encode(
-            [{"text": texts}], task_metadata=task_metadata, hf_split=hf_split, hf_subset=hf_subset,
-            prompt_type=prompt_type, **kwargs,
+            [{"text": texts}],
+            task_metadata=task_metadata,
+            hf_split=hf_split,
+            hf_subset=hf_subset,
+            prompt_type=prompt_type,
+            **kwargs,
         )
         self.calls.append((task_metadata.name, prompt_type, texts, embeddings))
         return embeddings
@@ -91,8 +96,13 @@ def _recording(model_dir: Path, **kwargs) -> RecordingModel:
 def test_evaluate_encodes_like_llm2vec_with_mteb_instructions(model_dir: Path, offline: None) -> None:
     model = _recording(model_dir)
     assert isinstance(model, EncoderProtocol)
-    results = mteb.evaluate(model, [RetrievalWithQueryPrompt(), LocalSTS()], cache=None, show_progress_bar=False,
-                            encode_kwargs={"batch_size": 4})
+    results = mteb.evaluate(
+        model,
+        [RetrievalWithQueryPrompt(), LocalSTS()],
+        cache=None,
+        show_progress_bar=False,
+        encode_kwargs={"batch_size": 4},
+    )
     encoder = LLM2Vec.from_pretrained(str(model_dir), pooling_mode="mean")
     sts_instruction = "Retrieve semantically similar text:"  # ended with ":" as mteb's LLM2Vec wrapper does
     expected_inputs = {
@@ -106,8 +116,9 @@ def test_evaluate_encodes_like_llm2vec_with_mteb_instructions(model_dir: Path, o
         seen.add(key)
         inputs = [expected_inputs[key](text) for text in texts]
         assert isinstance(embeddings, np.ndarray) and embeddings.dtype == np.float32
-        np.testing.assert_allclose(embeddings, encoder.encode(inputs, batch_size=4, show_progress_bar=False).numpy(),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            embeddings, encoder.encode(inputs, batch_size=4, show_progress_bar=False).numpy(), rtol=1e-5, atol=1e-6
+        )
     assert seen == set(expected_inputs)
 
     scores = {result.task_name: result.get_score() for result in results.task_results}

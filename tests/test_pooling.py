@@ -1,4 +1,5 @@
 """Pooling of packed and padded hidden states vs a per-sequence loop written from the definitions."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """The README's promises: its Python examples run as written, and CI runs its test command."""
+
 import re
 import subprocess
 from pathlib import Path
@@ -26,7 +27,10 @@ def test_ci_runs_the_readme_test_command():
     assert "pytest" in command and command.startswith("pip install torch==2.13.0")
     extracted = subprocess.run(
         ["bash", "-c", "grep -m1 -A1 '^# install and run the test suite' README.md | tail -n 1"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     assert extracted == command
     assert "install and run the test suite" in (ROOT / ".ci" / "run").read_text()

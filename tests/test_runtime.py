@@ -1,4 +1,5 @@
 """Device and backend availability checks (``llm2vec_fast.runtime``): one ValueError naming the problem."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """sentence-transformers training through LLM2VecModule: gradients in the module's mode, only the LoRA trains,
 SentenceTransformerTrainer lowers a contrastive loss, and the saved model and adapter reload to the same vectors."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +31,9 @@ def model_dir(tmp_path_factory) -> Path:
 def _with_lora(model_dir: Path, **lora: object) -> LLM2Vec:
     """The converted tiny model with a fresh LoRA on q/v (peft's own way: base frozen, adapter trainable)."""
     encoder = LLM2Vec.from_pretrained(str(model_dir), pooling_mode="mean")
-    encoder.model = get_peft_model(encoder.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                             **lora))
+    encoder.model = get_peft_model(
+        encoder.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **lora)
+    )
     return encoder
 
 
@@ -70,12 +72,20 @@ def test_trainer_trains_the_lora_and_the_saved_model_reloads(model_dir: Path, tm
     model = to_sentence_transformer(encoder, prompts={"query": QUERY})
     frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
     arguments = SentenceTransformerTrainingArguments(
-        output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, num_train_epochs=3, learning_rate=5e-3,
-        logging_steps=1, save_strategy="no", report_to="none", seed=0, prompts={"anchor": QUERY},
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=8,
+        num_train_epochs=3,
+        learning_rate=5e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        prompts={"anchor": QUERY},
     )
     dataset = Dataset.from_dict({"anchor": QUESTIONS, "positive": ANSWERS})
-    trainer = SentenceTransformerTrainer(model=model, args=arguments, train_dataset=dataset,
-                                         loss=MultipleNegativesRankingLoss(model))
+    trainer = SentenceTransformerTrainer(
+        model=model, args=arguments, train_dataset=dataset, loss=MultipleNegativesRankingLoss(model)
+    )
     trainer.train()
 
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
@@ -89,8 +99,10 @@ def test_trainer_trains_the_lora_and_the_saved_model_reloads(model_dir: Path, tm
     trained = model.encode(QUESTIONS, prompt_name="query", convert_to_tensor=True)
     torch.testing.assert_close(trained, _encode(encoder, QUESTIONS), **CLOSE)
     model.save(str(tmp_path / "st"))
-    assert sorted(p.name for p in (tmp_path / "st").glob("adapter_*")) == ["adapter_config.json",
-                                                                           "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "st").glob("adapter_*")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     reloaded = SentenceTransformer(str(tmp_path / "st"), trust_remote_code=True)
     assert reloaded.prompts["query"] == QUERY
     again = reloaded.encode(QUESTIONS, prompt_name="query", convert_to_tensor=True)
@@ -104,8 +116,10 @@ def test_older_sentence_transformers_are_refused_in_one_line() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; sys.modules['sentence_transformers.base.modules'] = None  # as on 5.3, which lacks it\n"
-            "import llm2vec_fast.sentence_transformers")
+    code = (
+        "import sys; sys.modules['sentence_transformers.base.modules'] = None  # as on 5.3, which lacks it\n"
+        "import llm2vec_fast.sentence_transformers"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (

@@ -1,4 +1,5 @@
 """Text preparation (``llm2vec_fast.text``): instruction boundary, official trimming, thread-safe tokenizer calls."""
+
 from __future__ import annotations
 
 import threading
@@ -37,7 +38,10 @@ def _official_trim(tokenizer, text: str, budget: int, max_length: int) -> str:
 
 def test_split_at_instruction_keeps_separators_inside_the_parts() -> None:
     template = CHAT_TEMPLATES["mistralai/Mistral-7B-Instruct-v0.2"]
-    wrap = lambda s: template.format(s.strip())
+
+    def wrap(string: str) -> str:
+        return template.format(string.strip())
+
     assert split_at_instruction("Find: ", "plain", wrap) == ("[INST] Find: ", "plain [/INST]")
     head, tail = f"Say {SEP}: ", f"a{SEP}b "
     assert split_at_instruction(head, tail, wrap) == (f"[INST] {head}", f"a{SEP}b [/INST]")

@@ -1,15 +1,25 @@
 """benchmarks/bench_train.py on CPU at toy width: both methods compute the same loss and train; no GPU, no numbers."""
+
 import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
-SPEC = importlib.util.spec_from_file_location("bench_train", Path(__file__).parents[1] / "benchmarks" / "bench_train.py")
+SPEC = importlib.util.spec_from_file_location(
+    "bench_train", Path(__file__).parents[1] / "benchmarks" / "bench_train.py"
+)
 bench = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(bench)
-TOY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-           vocab_size=500, sliding_window=None)
+TOY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=500,
+    sliding_window=None,
+)
 
 
 def _lora_b(stepper):

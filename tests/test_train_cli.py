@@ -1,5 +1,6 @@
 """The CLI end to end on a tiny model: MNTP -> SimCSE -> encode, and supervised -> encode, with the adapters
 loaded by ``LLM2Vec.from_pretrained`` and embedding exactly as the trained model did."""
+
 import json
 
 import pytest
@@ -7,25 +8,38 @@ import torch
 from peft import PeftModel
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
+from training_files import write_training_files
 
 from llm2vec_fast.encoder import LLM2Vec
-from training_files import write_training_files
 from llm2vec_fast.training import load_config
 from llm2vec_fast.training.cli import main
 from llm2vec_fast.training.data.batches import ContrastiveBatch
 from llm2vec_fast.training.data.sources import tokenize_for_embedding
 from llm2vec_fast.training.modeling import build_embedder, decoder_spec, load_tokenizer
+
 TEXTS = ["A man is playing a guitar.", "Paris is the capital of France.", "Padding tokens should cost nothing."]
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    return write_training_files(tmp_path_factory.mktemp("cli"), "qwen2", seed=3, text_lines=40, sentences_per_line=2,
-                                datasets={"fever": 16})
+    return write_training_files(
+        tmp_path_factory.mktemp("cli"), "qwen2", seed=3, text_lines=40, sentences_per_line=2, datasets={"fever": 16}
+    )
 
 
-COMMON = ["--max-steps", "3", "--save-steps", "2", "--max-seq-length", "32", "--learning-rate", "1e-3",
-          "--torch-dtype", "float32", "--disable-tqdm"]
+COMMON = [
+    "--max-steps",
+    "3",
+    "--save-steps",
+    "2",
+    "--max-seq-length",
+    "32",
+    "--learning-rate",
+    "1e-3",
+    "--torch-dtype",
+    "float32",
+    "--disable-tqdm",
+]
 
 
 def _encode(model, texts):
@@ -35,12 +49,50 @@ def _encode(model, texts):
 def test_mntp_then_simcse_then_encode(files, tmp_path):
     model = str(files / "model")
     mntp, simcse = tmp_path / "mntp", tmp_path / "simcse"
-    assert main(["mntp", "--config", "mntp-llama", "--model", model, "--data", str(files / "text.txt"), "--output", str(mntp),
-                 "--per-device-train-batch-size", "4", *COMMON]) == 0
-    assert (mntp / "adapter_model.safetensors").is_file() and (mntp / "checkpoint-2").is_dir() and (mntp / "loss.png").is_file()
+    assert (
+        main(
+            [
+                "mntp",
+                "--config",
+                "mntp-llama",
+                "--model",
+                model,
+                "--data",
+                str(files / "text.txt"),
+                "--output",
+                str(mntp),
+                "--per-device-train-batch-size",
+                "4",
+                *COMMON,
+            ]
+        )
+        == 0
+    )
+    assert (
+        (mntp / "adapter_model.safetensors").is_file()
+        and (mntp / "checkpoint-2").is_dir()
+        and (mntp / "loss.png").is_file()
+    )
     assert len((mntp / "loss_log.csv").read_text().splitlines()) == 4
-    assert main(["simcse", "--model", model, "--peft-model-name-or-path", str(mntp), "--data", str(files / "text.txt"),
-                 "--output", str(simcse), "--per-device-train-batch-size", "4", *COMMON]) == 0
+    assert (
+        main(
+            [
+                "simcse",
+                "--model",
+                model,
+                "--peft-model-name-or-path",
+                str(mntp),
+                "--data",
+                str(files / "text.txt"),
+                "--output",
+                str(simcse),
+                "--per-device-train-batch-size",
+                "4",
+                *COMMON,
+            ]
+        )
+        == 0
+    )
     settings = json.loads((simcse / "llm2vec_config.json").read_text())
     assert settings["pooling_mode"] == "mean" and settings["max_length"] == 32
 
@@ -57,12 +109,25 @@ def test_mntp_then_simcse_then_encode(files, tmp_path):
     torch.testing.assert_close(_encode(LLM2Vec.from_pretrained(str(simcse)), TEXTS), embeddings, rtol=1e-5, atol=1e-6)
 
     # The trained model itself (base + merged MNTP + SimCSE LoRA) embeds the same texts identically.
-    config = load_config("simcse", None, dict(model_name_or_path=model, peft_model_name_or_path=str(mntp),
-                                               train_files=["unused"], output_dir=str(tmp_path / "unused"),
-                                               torch_dtype="float32", simcse_dropout=0.0))
+    config = load_config(
+        "simcse",
+        None,
+        dict(
+            model_name_or_path=model,
+            peft_model_name_or_path=str(mntp),
+            train_files=["unused"],
+            output_dir=str(tmp_path / "unused"),
+            torch_dtype="float32",
+            simcse_dropout=0.0,
+        ),
+    )
     tokenizer = load_tokenizer(model)
-    trained = build_embedder(decoder_spec(config, torch.device("cpu")), tokenizer, pooling_mode=config.pooling_mode,
-                             skip_instruction=config.skip_instruction)
+    trained = build_embedder(
+        decoder_spec(config, torch.device("cpu")),
+        tokenizer,
+        pooling_mode=config.pooling_mode,
+        skip_instruction=config.skip_instruction,
+    )
     set_peft_model_state_dict(trained.decoder, load_file(str(simcse / "adapter_model.safetensors")))
     ids, instruction_lengths = tokenize_for_embedding(tokenizer, [("", t) for t in TEXTS], max_length=32)
     with torch.no_grad():
@@ -73,9 +138,29 @@ def test_mntp_then_simcse_then_encode(files, tmp_path):
 
 def test_supervised_then_encode_with_instructions(files, tmp_path):
     model, output = str(files / "model"), tmp_path / "supervised"
-    assert main(["supervised", "--model", model, "--data", str(files / "sup"), "--output", str(output),
-                 "--per-device-train-batch-size", "4", "--warmup-steps", "0", "--pooling-mode", "weighted_mean",
-                 "--instructions", json.dumps({"fever": "Given a claim, retrieve documents"}), *COMMON]) == 0
+    assert (
+        main(
+            [
+                "supervised",
+                "--model",
+                model,
+                "--data",
+                str(files / "sup"),
+                "--output",
+                str(output),
+                "--per-device-train-batch-size",
+                "4",
+                "--warmup-steps",
+                "0",
+                "--pooling-mode",
+                "weighted_mean",
+                "--instructions",
+                json.dumps({"fever": "Given a claim, retrieve documents"}),
+                *COMMON,
+            ]
+        )
+        == 0
+    )
     loaded = LLM2Vec.from_pretrained(model, peft_model_name_or_path=str(output))
     assert loaded.pooling_mode == "weighted_mean"
     pairs = [["Given a claim, retrieve documents", TEXTS[0]], ["", TEXTS[1]]]
@@ -88,7 +173,20 @@ def test_cli_reports_bad_data_before_training(files, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "nq.jsonl").write_text('{"query": "q", "positive": "p"}\n{"query": "q"\n')
-    assert main(["supervised", "--model", str(files / "model"), "--data", str(bad), "--output", str(tmp_path / "o"),
-                 *COMMON]) == 2
+    assert (
+        main(
+            [
+                "supervised",
+                "--model",
+                str(files / "model"),
+                "--data",
+                str(bad),
+                "--output",
+                str(tmp_path / "o"),
+                *COMMON,
+            ]
+        )
+        == 2
+    )
     assert f"error: {bad / 'nq.jsonl'}:2: invalid JSON" in capsys.readouterr().err
     assert not (tmp_path / "o" / "loss_log.csv").exists()

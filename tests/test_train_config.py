@@ -1,4 +1,5 @@
 """Training configs: paper defaults, presets, and clear errors for bad files, keys and values; the CLI's flags."""
+
 import argparse
 import dataclasses
 import json
@@ -13,19 +14,31 @@ REQUIRED = {"model_name_or_path": "m", "train_files": ["data.txt"], "output_dir"
 
 def test_defaults_are_the_papers():
     mntp = load_config("mntp", None, REQUIRED)
-    assert (mntp.per_device_train_batch_size, mntp.max_seq_length, mntp.learning_rate, mntp.max_steps) == (32, 512, 5e-5, 1000)
+    assert (mntp.per_device_train_batch_size, mntp.max_seq_length, mntp.learning_rate, mntp.max_steps) == (
+        32,
+        512,
+        5e-5,
+        1000,
+    )
     assert (mntp.lora_r, mntp.lora_alpha, mntp.lora_dropout) == (16, 32, 0.05)
     assert mntp.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert mntp.mask_token_type == "blank" and mntp.lm_head == "freeze" and mntp.data_layout == "concat"
     simcse = load_config("simcse", None, REQUIRED)
-    assert (simcse.loss_scale, simcse.simcse_dropout, simcse.per_device_train_batch_size, simcse.max_seq_length) == (20.0, 0.3, 128, 128)
+    assert (simcse.loss_scale, simcse.simcse_dropout, simcse.per_device_train_batch_size, simcse.max_seq_length) == (
+        20.0,
+        0.3,
+        128,
+        128,
+    )
     assert simcse.learning_rate == 3e-5
     supervised = load_config("supervised", None, REQUIRED)
     assert (supervised.loss_scale, supervised.per_device_train_batch_size, supervised.learning_rate) == (50.0, 64, 2e-4)
     assert supervised.warmup_steps == 300 and supervised.pooling_mode == "mean"
 
 
-@pytest.mark.parametrize("model_type, expected", [("mistral", (0.8, "all_mask")), ("llama", (0.2, "default")), ("qwen2", (0.2, "default"))])
+@pytest.mark.parametrize(
+    "model_type, expected", [("mistral", (0.8, "all_mask")), ("llama", (0.2, "default")), ("qwen2", (0.2, "default"))]
+)
 def test_mntp_masking_defaults_follow_the_model_family(model_type, expected):
     assert load_config("mntp", None, REQUIRED).masking_for(model_type) == expected
     explicit = load_config("mntp", None, {**REQUIRED, "mlm_probability": 0.3, "data_collator_type": "default"})
@@ -61,7 +74,7 @@ def test_yaml_configs(tmp_path):
     "content, message",
     [
         ('{"learning_rate": 1e-4,}', r"invalid JSON at line 1"),
-        ('[1, 2]', r"must be a mapping"),
+        ("[1, 2]", r"must be a mapping"),
         ('{"lerning_rate": 1e-4}', r"unknown setting 'lerning_rate'.*did you mean 'learning_rate'"),
         ('{"max_steps": "ten"}', r"'max_steps' must be an integer, got 'ten'"),
         ('{"max_steps": 0}', r"'max_steps' must be positive"),
@@ -90,13 +103,48 @@ def test_missing_required_settings_and_files():
 
 
 def test_cli_flags_mirror_the_config(capsys):
-    assert main(["mntp", "--model", "m", "--data", "a.txt", "b.txt", "--output", "o", "--no-gradient-checkpointing",
-                 "--max-tokens-per-batch", "4096", "--lora-target-modules", "q_proj", "v_proj", "--print-config"]) == 0
+    assert (
+        main(
+            [
+                "mntp",
+                "--model",
+                "m",
+                "--data",
+                "a.txt",
+                "b.txt",
+                "--output",
+                "o",
+                "--no-gradient-checkpointing",
+                "--max-tokens-per-batch",
+                "4096",
+                "--lora-target-modules",
+                "q_proj",
+                "v_proj",
+                "--print-config",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["train_files"] == ["a.txt", "b.txt"] and printed["gradient_checkpointing"] is False
     assert printed["max_tokens_per_batch"] == 4096 and printed["lora_target_modules"] == ["q_proj", "v_proj"]
-    assert main(["supervised", "--model", "m", "--data", "d", "--output", "o", "--instructions", '{"nq": "Find it"}',
-                 "--print-config"]) == 0
+    assert (
+        main(
+            [
+                "supervised",
+                "--model",
+                "m",
+                "--data",
+                "d",
+                "--output",
+                "o",
+                "--instructions",
+                '{"nq": "Find it"}',
+                "--print-config",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["instructions"] == {"nq": "Find it"}
     assert main(["simcse", "--model", "m", "--data", "d", "--output", "o", "--loss-scale", "-1"]) == 2
     assert "'loss_scale' must be positive" in capsys.readouterr().err
@@ -125,13 +173,28 @@ def test_cli_help_comes_from_each_fields_metadata(objective, capsys):
 def test_cli_none_clears_a_file_value_and_bad_choices_are_one_line_errors(tmp_path, capsys):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({**REQUIRED, "stop_after_steps": 5, "data_collator_type": "all_mask", "max_steps": 9}))
-    assert main(["mntp", "--config", str(path), "--stop-after-steps", "none", "--data-collator-type", "null",
-                 "--print-config"]) == 0
+    assert (
+        main(
+            [
+                "mntp",
+                "--config",
+                str(path),
+                "--stop-after-steps",
+                "none",
+                "--data-collator-type",
+                "null",
+                "--print-config",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["stop_after_steps"] is None and printed["data_collator_type"] is None and printed["max_steps"] == 9
     assert main(["mntp", "--config", str(path), "--lr-scheduler", "step"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == "error: command line: 'lr_scheduler' must be one of 'constant', 'linear', 'cosine', got 'step'"
+    assert (
+        err.strip() == "error: command line: 'lr_scheduler' must be one of 'constant', 'linear', 'cosine', got 'step'"
+    )
 
 
 def test_add_train_command_builds_the_subcommands():

@@ -1,4 +1,5 @@
 """Training data: indexed text/JSONL files, malformed input errors, reproducible sharded orders, resumable sources."""
+
 import json
 import random
 
@@ -25,7 +26,7 @@ def test_line_index_matches_a_plain_reading_across_chunk_boundaries(tmp_path, mo
     path.write_bytes(("\ufeff" + raw).encode())
     monkeypatch.setattr(line_index, "_CHUNK_BYTES", 37)  # many chunks, boundaries everywhere
     index = LineIndex(path)
-    expected = [l.rstrip("\r") for l in raw.split("\n") if l.strip()]
+    expected = [line.rstrip("\r") for line in raw.split("\n") if line.strip()]
     assert [index.read(i) for i in range(len(index))] == expected
     assert index.location(0) == f"{path}:1"
 
@@ -70,8 +71,13 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, line, message):
 def test_jsonl_records_and_instructions(tmp_path):
     directory = tmp_path / "e5"
     directory.mkdir()
-    _write_jsonl(directory / "nq.jsonl", [{"query": "q1", "positive": "p1", "negative": "n1"},
-                                          {"query": "q2", "positive": "p2", "negatives": ["n2", "n3"], "instruction": "Own"}])
+    _write_jsonl(
+        directory / "nq.jsonl",
+        [
+            {"query": "q1", "positive": "p1", "negative": "n1"},
+            {"query": "q2", "positive": "p2", "negatives": ["n2", "n3"], "instruction": "Own"},
+        ],
+    )
     _write_jsonl(directory / "allnli.jsonl", [{"query": f"q{i}", "positive": "p"} for i in range(3)])
     sets = contrastive_files([str(directory)], {"nq": "Find passages", "allnli": ["A", "B"]}, validate=True)
     by_name = {s.name: s for s in sets}
@@ -132,8 +138,16 @@ def text_file(tmp_path):
 def test_mntp_source_resumes_exactly(tokenizer, text_file, layout, budget):
     def make():
         rule = masking_rule(tokenizer, 0.3, "default")
-        return MNTPSource(TextLines([text_file]), tokenizer, rule, layout=layout, max_seq_length=32, batch_size=3,
-                          max_tokens_per_batch=budget, seed=7)
+        return MNTPSource(
+            TextLines([text_file]),
+            tokenizer,
+            rule,
+            layout=layout,
+            max_seq_length=32,
+            batch_size=3,
+            max_tokens_per_batch=budget,
+            seed=7,
+        )
 
     straight = make()
     first = [straight.next_batch() for _ in range(5)]
@@ -159,10 +173,10 @@ def test_instruction_tokens_are_counted_in_instruction_lengths(tokenizer):
     ids, instruction_lengths = tokenize_for_embedding(tokenizer, pairs, max_length=64)
     own = tokenizer("the quick brown fox", add_special_tokens=False)["input_ids"]
     # LLM2Vec's rule (and the encoder's): pool the last len(tokens of the text alone) tokens
-    assert ids[1][instruction_lengths[1]:] == own and len(ids[0]) - instruction_lengths[0] == len(own)
+    assert ids[1][instruction_lengths[1] :] == own and len(ids[0]) - instruction_lengths[0] == len(own)
     assert tokenizer.decode(ids[0]) == "<s>Retrieve passages; the quick brown fox"
     assert ids[1][0] == tokenizer.bos_token_id and instruction_lengths[1] == 1
-    assert tokenizer.decode(ids[0][1:instruction_lengths[0]]).startswith("Retrieve passages")
+    assert tokenizer.decode(ids[0][1 : instruction_lengths[0]]).startswith("Retrieve passages")
     templated, lead_t = tokenize_for_embedding(tokenizer, pairs[1:], 64, template="[INST] {} [/INST]", append_eos=True)
     assert tokenizer.decode(templated[0]) == "<s>[INST] the quick brown fox [/INST]</s>"
     own_templated = tokenizer("the quick brown fox [/INST]", add_special_tokens=False)["input_ids"]
@@ -170,17 +184,30 @@ def test_instruction_tokens_are_counted_in_instruction_lengths(tokenizer):
 
 
 def test_contrastive_sources_lay_out_queries_positives_negatives(tokenizer, text_file, tmp_path):
-    simcse = SimCSESource(TextLines([text_file]), tokenizer, max_seq_length=16, batch_size=4, append_eos=False,
-                          template=None, seed=0)
+    simcse = SimCSESource(
+        TextLines([text_file]), tokenizer, max_seq_length=16, batch_size=4, append_eos=False, template=None, seed=0
+    )
     batch = simcse.next_batch()
     assert batch.num_queries == 4 and batch.sequences[:4] == batch.sequences[4:] and max(batch.lengths) <= 16
-    data = _write_jsonl(tmp_path / "nq.jsonl", [{"query": f"q {i}", "positive": f"p {i}", "negatives": [f"n {i}", f"m {i}"]}
-                                                for i in range(6)])
-    supervised = SupervisedSource([ContrastiveFile(data, "Find")], tokenizer, max_seq_length=16, batch_size=3,
-                                  append_eos=False, template=None, seed=0)
+    data = _write_jsonl(
+        tmp_path / "nq.jsonl",
+        [{"query": f"q {i}", "positive": f"p {i}", "negatives": [f"n {i}", f"m {i}"]} for i in range(6)],
+    )
+    supervised = SupervisedSource(
+        [ContrastiveFile(data, "Find")],
+        tokenizer,
+        max_seq_length=16,
+        batch_size=3,
+        append_eos=False,
+        template=None,
+        seed=0,
+    )
     batch = supervised.next_batch()
     texts = [tokenizer.decode(s[lead:]).strip() for s, lead in zip(batch.sequences, batch.instruction_lengths)]
     queries = [t.split()[1] for t in texts[:3]]
     assert [t.split()[0] for t in texts] == ["q"] * 3 + ["p"] * 3 + ["n", "m"] * 3
     assert [t.split()[1] for t in texts[3:6]] == queries and [t.split()[1] for t in texts[6::2]] == queries
-    assert all(tokenizer.decode(s[:lead]).strip().endswith("Find;") for s, lead in zip(batch.sequences[:3], batch.instruction_lengths))
+    assert all(
+        tokenizer.decode(s[:lead]).strip().endswith("Find;")
+        for s, lead in zip(batch.sequences[:3], batch.instruction_lengths)
+    )

@@ -5,6 +5,7 @@ One torchrun launch per objective runs every distributed training of that object
 (process start-up dominates the cost): DDP; FSDP with gradient checkpointing; FSDP stopped after
 one step, resumed, and resumed again from the same checkpoint under DDP.
 """
+
 import json
 import os
 import subprocess
@@ -14,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from training_files import write_training_files
 
 from llm2vec_fast.encoder import LLM2Vec
 from llm2vec_fast.training import load_config, train
 from llm2vec_fast.training.loss_log import read_log
-from training_files import write_training_files
 
 # Records what FSDP shards (class, local and full parameter counts) and counts the attention calls
 # of the sharded layers (gradient checkpointing runs each layer's forward again in backward).
@@ -60,18 +61,36 @@ STEPS, LAYERS = 3, 2
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = write_training_files(tmp_path_factory.mktemp("distributed"), "mistral", seed=2, text_lines=50,
-                                sentences_per_line=2, datasets={"a": 17, "b": 30}, negatives=2)
+    root = write_training_files(
+        tmp_path_factory.mktemp("distributed"),
+        "mistral",
+        seed=2,
+        text_lines=50,
+        sentences_per_line=2,
+        datasets={"a": 17, "b": 30},
+        negatives=2,
+    )
     (root / "worker.py").write_text(WORKER)
     return root
 
 
 def _settings(objective, files, output, batch, **changes):
     data = files / ("sup" if objective == "supervised" else "text.txt")
-    settings = dict(model_name_or_path=str(files / "model"), train_files=[str(data)], output_dir=str(output),
-                    per_device_train_batch_size=batch, max_steps=STEPS, save_steps=100, max_seq_length=40,
-                    learning_rate=1e-3, lora_dropout=0.0, torch_dtype="float32", gradient_checkpointing=False,
-                    disable_tqdm=True, max_grad_norm=0.05)
+    settings = dict(
+        model_name_or_path=str(files / "model"),
+        train_files=[str(data)],
+        output_dir=str(output),
+        per_device_train_batch_size=batch,
+        max_steps=STEPS,
+        save_steps=100,
+        max_seq_length=40,
+        learning_rate=1e-3,
+        lora_dropout=0.0,
+        torch_dtype="float32",
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        max_grad_norm=0.05,
+    )
     if objective == "mntp":  # also a trained LM head (a root-level FSDP weight) and two micro-batches per step
         settings.update(data_layout="lines", lm_head="train", gradient_accumulation_steps=2)
     return {**settings, **changes}
@@ -80,8 +99,16 @@ def _settings(objective, files, output, batch, **changes):
 def _launch(runs, files, processes=2):
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     environment.pop("WORLD_SIZE", None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
-               str(files / "worker.py"), json.dumps(runs)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(processes),
+        str(files / "worker.py"),
+        json.dumps(runs),
+    ]
     run = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
 
@@ -109,20 +136,35 @@ def test_ddp_and_fsdp_on_two_processes_equal_one_process_on_the_concatenated_bat
         (objective, _settings(objective, files, tmp_path / "fsdp", 2, **fsdp)),
         (objective, _settings(objective, files, tmp_path / "split", 2, stop_after_steps=1, **fsdp)),
         (objective, _settings(objective, files, tmp_path / "split", 2, resume_from_checkpoint="latest", **fsdp)),
-        (objective, _settings(objective, files, tmp_path / "split", 2, gradient_checkpointing=True,
-                              resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-1"))),
+        (
+            objective,
+            _settings(
+                objective,
+                files,
+                tmp_path / "split",
+                2,
+                gradient_checkpointing=True,
+                resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-1"),
+            ),
+        ),
     ]
     _launch(runs, files)
     # One process, global batch: the reference. "fsdp" without a process group trains unsharded, and says so.
     with pytest.warns(UserWarning, match="nothing to shard"):
-        single = train(load_config(objective, None, _settings(objective, files, tmp_path / "single", 4,
-                                                              distributed_strategy="fsdp")))
+        single = train(
+            load_config(
+                objective, None, _settings(objective, files, tmp_path / "single", 4, distributed_strategy="fsdp")
+            )
+        )
     ddp, sharded = _report(tmp_path / "ddp", 0), _report(tmp_path / "fsdp", 1)
     assert len(single.losses) == STEPS and all(np.isfinite(single.losses))
     assert np.allclose(ddp["losses"], single.losses, rtol=1e-5, atol=0), (ddp["losses"], single.losses)
     assert np.allclose(sharded["losses"], ddp["losses"], rtol=1e-6, atol=0), (sharded["losses"], ddp["losses"])
     # The same gradients: their global norm (logged before clipping, which it exceeds) agrees too.
-    norms = {run: [row["grad_norm"] for row in read_log(tmp_path / run / "loss_log.jsonl")] for run in ("single", "ddp", "fsdp")}
+    norms = {
+        run: [row["grad_norm"] for row in read_log(tmp_path / run / "loss_log.jsonl")]
+        for run in ("single", "ddp", "fsdp")
+    }
     assert np.allclose(norms["ddp"], norms["single"], rtol=1e-5, atol=0), norms
     assert np.allclose(norms["fsdp"], norms["ddp"], rtol=1e-5, atol=0), norms
     assert len(norms["fsdp"]) == STEPS and max(norms["fsdp"]) > 0.05
@@ -148,7 +190,9 @@ def test_ddp_and_fsdp_on_two_processes_equal_one_process_on_the_concatenated_bat
     reference = load_file(str(tmp_path / "single" / adapter))
     # Adam divides by sqrt(v): float32 reduction-order differences in near-zero gradients grow a little
     _assert_close_weights(load_file(str(tmp_path / "ddp" / adapter)), reference, rtol=1e-3)
-    _assert_close_weights(load_file(str(tmp_path / "fsdp" / adapter)), load_file(str(tmp_path / "ddp" / adapter)), rtol=1e-5)
+    _assert_close_weights(
+        load_file(str(tmp_path / "fsdp" / adapter)), load_file(str(tmp_path / "ddp" / adapter)), rtol=1e-5
+    )
     assert any("lora_B" in name and tensor.abs().max() > 0 for name, tensor in reference.items())  # it trained
     if objective == "mntp":
         heads = [load_file(str(tmp_path / run / "lm_head.safetensors")) for run in ("ddp", "fsdp")]
@@ -164,15 +208,33 @@ def test_ddp_and_fsdp_on_two_processes_equal_one_process_on_the_concatenated_bat
 
     # A run of two processes cannot resume in one.
     with pytest.raises(ValueError, match=r"written by 2 process\(es\) but this run has 1"):
-        train(load_config(objective, None, _settings(objective, files, tmp_path / "split", 2, **fsdp,
-                                                     resume_from_checkpoint="latest", max_steps=STEPS + 1)))
+        train(
+            load_config(
+                objective,
+                None,
+                _settings(
+                    objective,
+                    files,
+                    tmp_path / "split",
+                    2,
+                    **fsdp,
+                    resume_from_checkpoint="latest",
+                    max_steps=STEPS + 1,
+                ),
+            )
+        )
 
 
-@pytest.mark.parametrize("variable, strategy, message", [
-    ("ACCELERATE_USE_FSDP", "ddp", "configured for FSDP but distributed_strategy is 'ddp'"),
-    ("ACCELERATE_USE_DEEPSPEED", "fsdp", "configured for DeepSpeed"),
-])
-def test_accelerate_settings_the_trainer_would_ignore_are_refused(files, tmp_path, monkeypatch, variable, strategy, message):
+@pytest.mark.parametrize(
+    "variable, strategy, message",
+    [
+        ("ACCELERATE_USE_FSDP", "ddp", "configured for FSDP but distributed_strategy is 'ddp'"),
+        ("ACCELERATE_USE_DEEPSPEED", "fsdp", "configured for DeepSpeed"),
+    ],
+)
+def test_accelerate_settings_the_trainer_would_ignore_are_refused(
+    files, tmp_path, monkeypatch, variable, strategy, message
+):
     monkeypatch.setenv(variable, "true")
     with pytest.raises(ValueError, match=message):
         train(load_config("mntp", None, _settings("mntp", files, tmp_path, 2, distributed_strategy=strategy)))
@@ -188,10 +250,15 @@ def test_fsdp_in_bfloat16_on_cuda_tracks_unsharded_training_and_resumes(files, t
     processes = min(2, torch.cuda.device_count())
     gpu = dict(device="cuda", torch_dtype="bfloat16", gradient_checkpointing=True, max_steps=4)
     fsdp = dict(distributed_strategy="fsdp", **gpu)
-    _launch([("mntp", _settings("mntp", files, tmp_path / "fsdp", 2, **fsdp)),
-             ("mntp", _settings("mntp", files, tmp_path / "split", 2, stop_after_steps=2, **fsdp)),
-             ("mntp", _settings("mntp", files, tmp_path / "split", 2, resume_from_checkpoint="latest", **fsdp))],
-            files, processes)
+    _launch(
+        [
+            ("mntp", _settings("mntp", files, tmp_path / "fsdp", 2, **fsdp)),
+            ("mntp", _settings("mntp", files, tmp_path / "split", 2, stop_after_steps=2, **fsdp)),
+            ("mntp", _settings("mntp", files, tmp_path / "split", 2, resume_from_checkpoint="latest", **fsdp)),
+        ],
+        files,
+        processes,
+    )
     reference = train(load_config("mntp", None, _settings("mntp", files, tmp_path / "single", 2 * processes, **gpu)))
     sharded = _report(tmp_path / "fsdp", 0)
     assert len(sharded["sharded"]) == LAYERS + 1 and all(np.isfinite(sharded["losses"]))

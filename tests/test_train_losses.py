@@ -1,4 +1,6 @@
-"""The MNTP and contrastive losses against straightforward float64 references; masking rates and label shift, counted."""
+"""The MNTP and contrastive losses against straightforward float64 references; masking rates and label shift,
+counted."""
+
 import numpy as np
 import pytest
 import torch
@@ -69,7 +71,11 @@ def _official_hard_negative_nll(q, d_pos, d_neg, scale):
 @pytest.mark.parametrize("negatives", [0, 6])
 def test_contrastive_loss_is_the_official_loss_times_batch(negatives):
     torch.manual_seed(negatives)
-    q, p, n = torch.randn(6, 24, requires_grad=True), torch.randn(6, 24, requires_grad=True), torch.randn(negatives, 24, requires_grad=True)
+    q, p, n = (
+        torch.randn(6, 24, requires_grad=True),
+        torch.randn(6, 24, requires_grad=True),
+        torch.randn(negatives, 24, requires_grad=True),
+    )
     loss = contrastive_loss_sum(q, p, n, scale=50.0)
     loss.backward()
     q64, p64, n64 = (t.detach().double().requires_grad_() for t in (q, p, n))

@@ -1,5 +1,6 @@
 """Each objective on a tiny model: loss vs a straightforward Hugging Face reference, kernel-vs-eager
 convergence parity, exact resume, and the errors of bad runs."""
+
 import copy
 import json
 
@@ -7,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from training_files import write_training_files
 from transformers import AutoModel, AutoModelForCausalLM
 
-from training_files import write_training_files
 from llm2vec_fast.training import load_config, train
 from llm2vec_fast.training.data.masking import add_mask_token, masking_rule
 from llm2vec_fast.training.data.records import TextLines, contrastive_files
@@ -22,17 +23,34 @@ EXACT = dict(lora_dropout=0.0, torch_dtype="float32", disable_tqdm=True)
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    return write_training_files(tmp_path_factory.mktemp("train"), "llama", seed=1, text_lines=80, sentences_per_line=3,
-                                datasets={"fever": 24, "nq": 24})
+    return write_training_files(
+        tmp_path_factory.mktemp("train"),
+        "llama",
+        seed=1,
+        text_lines=80,
+        sentences_per_line=3,
+        datasets={"fever": 24, "nq": 24},
+    )
 
 
 def _config(objective, files, tmp_path, **settings):
     data = {"mntp": files / "text.txt", "simcse": files / "text.txt", "supervised": files / "sup"}[objective]
-    base = dict(model_name_or_path=str(files / "model"), train_files=[str(data)], output_dir=str(tmp_path / "out"),
-                max_seq_length=48, per_device_train_batch_size=4, max_steps=4, save_steps=100, learning_rate=1e-3,
-                gradient_checkpointing=False, **EXACT)
+    base = dict(
+        model_name_or_path=str(files / "model"),
+        train_files=[str(data)],
+        output_dir=str(tmp_path / "out"),
+        max_seq_length=48,
+        per_device_train_batch_size=4,
+        max_steps=4,
+        save_steps=100,
+        learning_rate=1e-3,
+        gradient_checkpointing=False,
+        **EXACT,
+    )
     if objective == "supervised":
-        base.update(warmup_steps=0, instructions={"fever": "Given a claim, retrieve documents", "nq": "Answer the question"})
+        base.update(
+            warmup_steps=0, instructions={"fever": "Given a claim, retrieve documents", "nq": "Answer the question"}
+        )
     if objective == "simcse":
         base.update(simcse_dropout=0.0)
     return load_config(objective, None, {**base, **settings})
@@ -86,17 +104,32 @@ def test_mntp_loss_equals_hf_causal_lm_loss_with_masked_labels(files, tmp_path, 
     config = _config("mntp", files, tmp_path, data_layout=layout, mlm_probability=0.3)
     tokenizer = load_tokenizer(config.model_name_or_path)
     add_mask_token(tokenizer, "blank")
-    source = MNTPSource(TextLines(config.train_files), tokenizer, masking_rule(tokenizer, 0.3, "default"), layout=layout,
-                        max_seq_length=48, batch_size=5, max_tokens_per_batch=None, seed=0)
-    model = build_mntp_model(decoder_spec(config, torch.device("cpu")), tokenizer, vocabulary_grew=False,
-                             train_lm_head=False, chunk_size=config.loss_chunk_size)
+    source = MNTPSource(
+        TextLines(config.train_files),
+        tokenizer,
+        masking_rule(tokenizer, 0.3, "default"),
+        layout=layout,
+        max_seq_length=48,
+        batch_size=5,
+        max_tokens_per_batch=None,
+        seed=0,
+    )
+    model = build_mntp_model(
+        decoder_spec(config, torch.device("cpu")),
+        tokenizer,
+        vocabulary_grew=False,
+        train_lm_head=False,
+        chunk_size=config.loss_chunk_size,
+    )
     _perturb_lora(model)
     batch = source.next_batch()
     ours = model(batch) / batch.num_loss_terms
     reference = _merged_reference(model.decoder, files / "model", AutoModelForCausalLM)
     input_ids, attention_mask = _right_padded(batch.sequences)
     labels = torch.full_like(input_ids, -100)
-    labels[torch.from_numpy(batch.target_rows), torch.from_numpy(batch.target_cols)] = torch.from_numpy(batch.target_ids)
+    labels[torch.from_numpy(batch.target_rows), torch.from_numpy(batch.target_cols)] = torch.from_numpy(
+        batch.target_ids
+    )
     expected = reference(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
     assert batch.num_loss_terms > 10
     assert abs(float(ours.detach()) - float(expected.detach())) / float(expected.detach()) < 1e-5
@@ -106,10 +139,21 @@ def test_mntp_loss_equals_hf_causal_lm_loss_with_masked_labels(files, tmp_path, 
 def test_supervised_loss_equals_official_formula_on_hf_embeddings(files, tmp_path, pooling_mode):
     config = _config("supervised", files, tmp_path, pooling_mode=pooling_mode)
     tokenizer = load_tokenizer(config.model_name_or_path)
-    source = SupervisedSource(contrastive_files(config.train_files, config.instructions, True), tokenizer,
-                              max_seq_length=48, batch_size=4, append_eos=pooling_mode == "eos_token", template=None, seed=0)
-    model = build_embedder(decoder_spec(config, torch.device("cpu")), tokenizer, pooling_mode=pooling_mode,
-                           skip_instruction=config.skip_instruction)
+    source = SupervisedSource(
+        contrastive_files(config.train_files, config.instructions, True),
+        tokenizer,
+        max_seq_length=48,
+        batch_size=4,
+        append_eos=pooling_mode == "eos_token",
+        template=None,
+        seed=0,
+    )
+    model = build_embedder(
+        decoder_spec(config, torch.device("cpu")),
+        tokenizer,
+        pooling_mode=pooling_mode,
+        skip_instruction=config.skip_instruction,
+    )
     _perturb_lora(model)
     batch = source.next_batch()
     ours = contrastive_batch_loss(model, batch, scale=50.0) / batch.num_queries
@@ -130,7 +174,9 @@ def test_supervised_loss_equals_official_formula_on_hf_embeddings(files, tmp_pat
     q, documents = pooled[:4], pooled[4:]
     scores = 50.0 * F.normalize(q, dim=1) @ F.normalize(documents, dim=1).t()
     expected = F.cross_entropy(scores, torch.arange(4))
-    assert len(batch.sequences) == 12 and min(batch.instruction_lengths[:4]) > 1  # BOS + instruction skipped for queries
+    assert (
+        len(batch.sequences) == 12 and min(batch.instruction_lengths[:4]) > 1
+    )  # BOS + instruction skipped for queries
     assert abs(float(ours.detach()) - float(expected.detach())) / float(expected.detach()) < 1e-5
 
 
@@ -142,16 +188,24 @@ def test_loss_curves_match_hf_eager_attention(files, tmp_path, objective):
     assert np.allclose(ours.losses, eager.losses, rtol=2e-4, atol=0), (ours.losses, eager.losses)
 
 
-@pytest.mark.parametrize("objective, settings", [
-    ("mntp", dict(data_layout="concat", lora_dropout=0.1, gradient_accumulation_steps=2)),
-    ("simcse", dict(simcse_dropout=0.3, lora_dropout=0.05, gradient_checkpointing=True)),
-    ("supervised", dict(lr_scheduler="linear", warmup_steps=2)),
-])
+@pytest.mark.parametrize(
+    "objective, settings",
+    [
+        ("mntp", dict(data_layout="concat", lora_dropout=0.1, gradient_accumulation_steps=2)),
+        ("simcse", dict(simcse_dropout=0.3, lora_dropout=0.05, gradient_checkpointing=True)),
+        ("supervised", dict(lr_scheduler="linear", warmup_steps=2)),
+    ],
+)
 def test_resume_continues_with_identical_losses(files, tmp_path, objective, settings):
     straight = train(_config(objective, files, tmp_path / "straight", max_steps=6, save_steps=3, **settings))
-    first = train(_config(objective, files, tmp_path / "split", max_steps=6, stop_after_steps=3, save_steps=100, **settings))
-    resumed = train(_config(objective, files, tmp_path / "split", max_steps=6, save_steps=3,
-                            resume_from_checkpoint="latest", **settings))
+    first = train(
+        _config(objective, files, tmp_path / "split", max_steps=6, stop_after_steps=3, save_steps=100, **settings)
+    )
+    resumed = train(
+        _config(
+            objective, files, tmp_path / "split", max_steps=6, save_steps=3, resume_from_checkpoint="latest", **settings
+        )
+    )
     assert first.losses + resumed.losses == straight.losses
     log = [json.loads(line) for line in (tmp_path / "split" / "out" / "loss_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == list(range(1, 7)) and [row["loss"] for row in log] == straight.losses

@@ -1,5 +1,6 @@
 """Resume and fault safety: paths compared resolved, damaged checkpoints named and skipped, crashes and kill -9
 mid-save leave the previous checkpoint usable, finished outputs never silently overwritten, Ctrl-C reported."""
+
 import json
 import os
 import re
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_files import write_training_files
 
 import llm2vec_fast.kernels.backend as triton_backend
 import llm2vec_fast.training.checkpoint as checkpoint
@@ -17,22 +19,35 @@ from llm2vec_fast.training import load_config, train
 from llm2vec_fast.training.cli import main
 from llm2vec_fast.training.loop import Trainer
 from llm2vec_fast.training.loss_log import read_log
-from training_files import write_training_files
 
 STEPS = 6
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    return write_training_files(tmp_path_factory.mktemp("resume"), "llama", seed=4, text_lines=40, sentences_per_line=2,
-                                datasets={})
+    return write_training_files(
+        tmp_path_factory.mktemp("resume"), "llama", seed=4, text_lines=40, sentences_per_line=2, datasets={}
+    )
 
 
 def _settings(files, output_dir, **settings):
-    return {**dict(model_name_or_path=str(files / "model"), train_files=[str(files / "text.txt")],
-                   output_dir=str(output_dir), max_seq_length=32, per_device_train_batch_size=4, max_steps=STEPS,
-                   save_steps=2, learning_rate=1e-3, gradient_checkpointing=False, lora_dropout=0.0,
-                   torch_dtype="float32", disable_tqdm=True), **settings}
+    return {
+        **dict(
+            model_name_or_path=str(files / "model"),
+            train_files=[str(files / "text.txt")],
+            output_dir=str(output_dir),
+            max_seq_length=32,
+            per_device_train_batch_size=4,
+            max_steps=STEPS,
+            save_steps=2,
+            learning_rate=1e-3,
+            gradient_checkpointing=False,
+            lora_dropout=0.0,
+            torch_dtype="float32",
+            disable_tqdm=True,
+        ),
+        **settings,
+    }
 
 
 def _train(files, output_dir, **settings):
@@ -67,14 +82,24 @@ def test_resume_accepts_the_output_dir_spelled_differently_or_moved(files, strai
     shutil.copy(files / "text.txt", "text.txt")
 
     def config(output_dir, **settings):
-        return load_config("mntp", None, {**_settings(files, output_dir), "model_name_or_path": "model",
-                                          "train_files": ["text.txt"], **settings})
+        return load_config(
+            "mntp",
+            None,
+            {**_settings(files, output_dir), "model_name_or_path": "model", "train_files": ["text.txt"], **settings},
+        )
 
     train(config("rp", stop_after_steps=2))
     spellings = {3: "./rp", 4: "rp/", 5: str(tmp_path / "rp")}
     for step, spelling in spellings.items():
-        resumed = train(config(spelling, stop_after_steps=step, resume_from_checkpoint="latest",
-                               model_name_or_path="./model/", train_files=[str(tmp_path / "text.txt")]))
+        resumed = train(
+            config(
+                spelling,
+                stop_after_steps=step,
+                resume_from_checkpoint="latest",
+                model_name_or_path="./model/",
+                train_files=[str(tmp_path / "text.txt")],
+            )
+        )
         assert resumed.losses == straight[step - 1 : step], spelling
     (tmp_path / "elsewhere").mkdir()
     shutil.move("rp", "elsewhere/moved")
@@ -84,8 +109,13 @@ def test_resume_accepts_the_output_dir_spelled_differently_or_moved(files, strai
 def test_written_paths_are_absolute_for_local_files_and_as_given_for_hub_names(files, tmp_path, monkeypatch):
     monkeypatch.chdir(files)
     output = tmp_path / "out"
-    train(load_config("mntp", None, {**_settings(files, output, max_steps=2), "model_name_or_path": "model",
-                                     "train_files": ["text.txt"]}))
+    train(
+        load_config(
+            "mntp",
+            None,
+            {**_settings(files, output, max_steps=2), "model_name_or_path": "model", "train_files": ["text.txt"]},
+        )
+    )
     base = json.loads((output / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert base == str((files / "model").resolve())
     for written in (output / "train_config.json", output / "checkpoint-2" / "trainer_state.json"):
@@ -112,17 +142,21 @@ def _flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("name, damage", [
-    ("adapter_model.safetensors", _truncate),
-    ("adapter_model.safetensors", _flip_a_byte),
-    ("optimizer.pt", _empty),
-    ("rank0.pt", _truncate),
-    ("scheduler.pt", _flip_a_byte),
-    ("trainer_state.json", _truncate),
-    ("trainer_state.json", _empty),
-])
-def test_a_damaged_checkpoint_is_named_and_the_newest_complete_one_resumes(files, straight, stopped, tmp_path, name,
-                                                                           damage):
+@pytest.mark.parametrize(
+    "name, damage",
+    [
+        ("adapter_model.safetensors", _truncate),
+        ("adapter_model.safetensors", _flip_a_byte),
+        ("optimizer.pt", _empty),
+        ("rank0.pt", _truncate),
+        ("scheduler.pt", _flip_a_byte),
+        ("trainer_state.json", _truncate),
+        ("trainer_state.json", _empty),
+    ],
+)
+def test_a_damaged_checkpoint_is_named_and_the_newest_complete_one_resumes(
+    files, straight, stopped, tmp_path, name, damage
+):
     run = _copy(stopped, tmp_path)
     damage(run / "checkpoint-4" / name)
     with pytest.warns(UserWarning, match=rf"skipping {re.escape(str(run / 'checkpoint-4'))}: .*{name}"):
@@ -188,11 +222,19 @@ def _named(path, name: str) -> bool:
 
 # Where the save of checkpoint 4 (checkpoint 2 existing, save_total_limit=1) is cut short; which checkpoint survives.
 CRASH_POINTS = {
-    "writing the optimizer": ("torch", "save", lambda run, args: Path(args[1]).name == "optimizer.pt"
-                              and _named(Path(args[1]).parent, "checkpoint-4.tmp"), 2),
+    "writing the optimizer": (
+        "torch",
+        "save",
+        lambda run, args: Path(args[1]).name == "optimizer.pt" and _named(Path(args[1]).parent, "checkpoint-4.tmp"),
+        2,
+    ),
     "publishing": ("os", "replace", lambda run, args: _named(args[1], "checkpoint-4"), 2),
-    "pruning": ("shutil", "rmtree", lambda run, args: Path(args[0]).name.startswith("checkpoint-2")
-                and (run / "checkpoint-4").is_dir(), 4),
+    "pruning": (
+        "shutil",
+        "rmtree",
+        lambda run, args: Path(args[0]).name.startswith("checkpoint-2") and (run / "checkpoint-4").is_dir(),
+        4,
+    ),
 }
 
 
@@ -219,8 +261,14 @@ def test_a_crash_during_a_checkpoint_save_leaves_the_previous_one_usable(files, 
 
 
 def test_only_leftovers_of_interrupted_saves_are_removed(tmp_path):
-    names = ["checkpoint-4.tmp", "checkpoint-2.old", "checkpoint-6.deleting", "checkpoint-8", "checkpoint-best",
-             "checkpoint-best.tmp"]
+    names = [
+        "checkpoint-4.tmp",
+        "checkpoint-2.old",
+        "checkpoint-6.deleting",
+        "checkpoint-8",
+        "checkpoint-best",
+        "checkpoint-best.tmp",
+    ]
     for name in names:
         (tmp_path / name).mkdir()
         (tmp_path / name / "file").write_text("x")
@@ -253,21 +301,40 @@ def test_kill_9_in_the_middle_of_a_checkpoint_write_leaves_the_previous_one_usab
     run = tmp_path / "run"
     settings = _settings(files, run, stop_after_steps=4)
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    killed = subprocess.run([sys.executable, "-c", KILLED_MID_SAVE, json.dumps(settings)], env=environment,
-                            capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_SAVE, json.dumps(settings)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert [p.name for p in checkpoint.list_checkpoints(run)] == ["checkpoint-2"]
     assert _train(files, run, resume_from_checkpoint="latest").losses == straight[2:]
     assert _logged_steps(run) == list(range(1, STEPS + 1))
 
 
-CLI = ["mntp", "--max-steps", "4", "--save-steps", "2", "--max-seq-length", "32", "--per-device-train-batch-size", "4",
-       "--torch-dtype", "float32", "--no-gradient-checkpointing", "--disable-tqdm"]
+CLI = [
+    "mntp",
+    "--max-steps",
+    "4",
+    "--save-steps",
+    "2",
+    "--max-seq-length",
+    "32",
+    "--per-device-train-batch-size",
+    "4",
+    "--torch-dtype",
+    "float32",
+    "--no-gradient-checkpointing",
+    "--disable-tqdm",
+]
 
 
 def _cli(files, output, *flags):
-    return main([*CLI, "--model", str(files / "model"), "--data", str(files / "text.txt"), "--output", str(output),
-                 *flags])
+    return main(
+        [*CLI, "--model", str(files / "model"), "--data", str(files / "text.txt"), "--output", str(output), *flags]
+    )
 
 
 def test_ctrl_c_says_where_to_resume_and_exits_130(files, tmp_path, monkeypatch, capsys):
@@ -291,8 +358,9 @@ def test_ctrl_c_says_where_to_resume_and_exits_130(files, tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize("steps_done, rerun", [(0, []), (1, ["--overwrite-output-dir"])])
-def test_ctrl_c_before_the_first_checkpoint_says_how_to_start_again(files, tmp_path, monkeypatch, capsys, steps_done,
-                                                                    rerun):
+def test_ctrl_c_before_the_first_checkpoint_says_how_to_start_again(
+    files, tmp_path, monkeypatch, capsys, steps_done, rerun
+):
     step = Trainer._step
     calls = []
 
@@ -312,10 +380,13 @@ def test_ctrl_c_before_the_first_checkpoint_says_how_to_start_again(files, tmp_p
     assert _cli(files, tmp_path / "out", *rerun) == 0
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--device", "cuda"], "no CUDA device is available"),
-    (["--backend", "triton"], "attention backend 'triton' is not available: no CUDA device"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--device", "cuda"], "no CUDA device is available"),
+        (["--backend", "triton"], "attention backend 'triton' is not available: no CUDA device"),
+    ],
+)
 def test_cli_refuses_devices_and_backends_this_machine_lacks(files, tmp_path, monkeypatch, capsys, flags, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(triton_backend, "INTERPRETING", False)

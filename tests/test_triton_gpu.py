@@ -3,12 +3,13 @@
 References: SDPA-math in float64 (exact) and SDPA with a boolean mask in the input dtype (what
 users switch from). Autotuning runs here, so every tuned configuration is exercised.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
+from oracle import TOLERANCE, relative_error
 
 from llm2vec_fast import flash_attn_func, flash_attn_varlen_func
-from oracle import TOLERANCE, relative_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned_outputs")]
 
@@ -76,8 +77,10 @@ def test_varlen_at_scale(causal):
     torch.manual_seed(1)
     lengths = torch.randint(1, 2049, (24,)).tolist()
     cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
-    q, k, v = (torch.randn(sum(lengths), heads, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for heads in (32, 8, 8))
+    q, k, v = (
+        torch.randn(sum(lengths), heads, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for heads in (32, 8, 8)
+    )
     out = flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=causal, backend="triton")
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)

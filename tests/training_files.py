@@ -1,4 +1,5 @@
 """A tiny model and small text / contrastive JSONL files for the training tests (no downloads)."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,15 @@ from pathlib import Path
 from llm2vec_fast.tiny import CORPUS, save_tiny_model
 
 
-def write_training_files(root: Path, family: str, seed: int, text_lines: int, sentences_per_line: int,
-                         datasets: dict[str, int], negatives: int = 1) -> Path:
+def write_training_files(
+    root: Path,
+    family: str,
+    seed: int,
+    text_lines: int,
+    sentences_per_line: int,
+    datasets: dict[str, int],
+    negatives: int = 1,
+) -> Path:
     """root/model (a tiny `family` model), root/text.txt (lines of 1..sentences_per_line corpus
     sentences) and root/sup/<name>.jsonl (`count` query/positive/negative records per data set)."""
     save_tiny_model(root / "model", family, seed=seed)
@@ -21,7 +29,12 @@ def write_training_files(root: Path, family: str, seed: int, text_lines: int, se
         rows = []
         for _ in range(count):
             query, positive, *others = rng.sample(CORPUS, 2 + negatives)
-            rows.append({"query": query, "positive": positive,
-                         **({"negative": others[0]} if negatives == 1 else {"negatives": others})})
+            rows.append(
+                {
+                    "query": query,
+                    "positive": positive,
+                    **({"negative": others[0]} if negatives == 1 else {"negatives": others}),
+                }
+            )
         (root / "sup" / f"{name}.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     return root

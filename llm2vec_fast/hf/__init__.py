@@ -1,12 +1,13 @@
 """Hugging Face integration: bidirectional Llama/Mistral/Qwen2/Qwen3/Gemma/Gemma2 on llm2vec_fast attention.
 
-    from llm2vec_fast.hf import enable_bidirectional, pack_batch
-    model = enable_bidirectional(AutoModel.from_pretrained(path))
-    packed = pack_batch(batch["input_ids"], batch["attention_mask"])   # unpad once
-    hidden = model(**packed.model_inputs()).last_hidden_state           # (1, T, H): real tokens only
+from llm2vec_fast.hf import enable_bidirectional, pack_batch
+model = enable_bidirectional(AutoModel.from_pretrained(path))
+packed = pack_batch(batch["input_ids"], batch["attention_mask"])   # unpad once
+hidden = model(**packed.model_inputs()).last_hidden_state           # (1, T, H): real tokens only
 """
-from .dropout import dropout_disabled, without_dropout
+
 from .attention import ATTENTION_NAME, llm2vec_fast_attention, llm2vec_fast_mask, register
+from .dropout import dropout_disabled, without_dropout
 from .packing import PackedBatch, pack_batch, pack_sequences
 from .patching import (
     SUPPORTED_MODEL_TYPES,

@@ -6,6 +6,7 @@ thread inside :func:`without_dropout`, where they hand the module's input throug
 attention function reads :func:`dropout_disabled` to ignore the attention dropout HF passes in
 train mode.
 """
+
 from __future__ import annotations
 
 import threading

@@ -5,6 +5,7 @@ A padded ``(B, S)`` batch becomes one row of ``T`` real tokens with per-sequence
 attention call, where our attention picks the variable-length op; projections, MLPs and norms are
 per-token and simply see ``T`` tokens instead of ``B * S``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

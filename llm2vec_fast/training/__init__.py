@@ -9,6 +9,7 @@ masked positions, runs resume exactly from checkpoints, and several processes (`
 train data-parallel, replicated (DDP) or sharded (``distributed_strategy="fsdp"``, FSDP2), with
 contrastive negatives gathered across processes.
 """
+
 from .config import MNTPConfig, SimCSEConfig, SupervisedConfig, TrainConfig, load_config, preset_names
 from .loop import TrainingInterrupted, TrainingResult
 from .objectives import train

@@ -5,6 +5,7 @@ writes goes to a temporary name beside its destination, is flushed to disk, and 
 place (`os.replace` is atomic on POSIX and Windows). Checksums let a reader tell a complete file
 from one truncated or damaged after the fact (a copy cut short, a bad disk).
 """
+
 from __future__ import annotations
 
 import hashlib

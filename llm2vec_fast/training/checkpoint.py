@@ -12,6 +12,7 @@ A checkpoint is written to ``checkpoint-<step>.tmp`` and renamed when complete, 
 kill -9 mid-save leaves the previous checkpoints as they were. On resume every file is checked
 against its checksum: a damaged checkpoint is named and skipped for the newest intact one.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,7 +65,8 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 
 def save_weights(directory: Path, adapter: PeftModel, weights: TrainedWeights) -> None:
-    """The adapter as peft saves it (``adapter_model.safetensors`` + config) and the trained LM head, from full tensors."""
+    """The adapter as peft saves it (``adapter_model.safetensors`` + config) and the trained LM head, from full
+    tensors."""
     adapter.save_pretrained(directory, save_embedding_layers=False, state_dict=weights.adapter)
     if weights.lm_head is not None:
         save_file({"weight": weights.lm_head.contiguous()}, str(directory / LM_HEAD_FILE))
@@ -115,10 +117,11 @@ def _write_state(directory: Path, state: TrainingState) -> None:
 
 
 def remove_unfinished_saves(output_dir: Path) -> None:
-    """Delete what saves cut short by a crash left behind (``checkpoint-<step>.tmp`` and the like), never a checkpoint."""
+    """Delete what saves cut short by a crash left behind (``checkpoint-<step>.tmp`` and the like), never a
+    checkpoint."""
     for path in Path(output_dir).glob(f"{PREFIX}*"):
         stem, suffix = os.path.splitext(path.name)
-        if path.is_dir() and suffix in LEFTOVER_SUFFIXES and stem[len(PREFIX):].isdigit():
+        if path.is_dir() and suffix in LEFTOVER_SUFFIXES and stem[len(PREFIX) :].isdigit():
             remove_directory(path)
 
 
@@ -126,7 +129,7 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints in `output_dir`, oldest first."""
     found = []
     for path in Path(output_dir).glob(f"{PREFIX}*"):
-        suffix = path.name[len(PREFIX):]
+        suffix = path.name[len(PREFIX) :]
         if suffix.isdigit() and (path / STATE_FILE).is_file():
             found.append((int(suffix), path))
     return [path for _, path in sorted(found)]
@@ -193,7 +196,9 @@ def load_checkpoint(
     Returns this process's data position. Weights come first, with `load_weights`; the directory
     comes from `find_checkpoint`, which has checked its files.
     """
-    load_optimizer_state(model, optimizer, torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
+    load_optimizer_state(
+        model, optimizer, torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+    )
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
     rank_state = torch.load(directory / f"rank{topology.rank}.pt", weights_only=True)
     _restore_rng(rank_state["rng"])

@@ -11,6 +11,7 @@ help text and aliases from each field), so they always match what a config file 
 checked by `config.load_config`, which names the bad one.
 ``--print-config`` shows the resolved settings without training.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,7 @@ _HELP = {
 
 def _nullable(convert: Any) -> Any:
     """`convert`, except that ``none``/``null`` give None (clearing a value a config file set)."""
+
     def parse(text: str) -> Any:
         return None if text.lower() in ("none", "null") else convert(text)
 
@@ -70,10 +72,14 @@ def _add_objective(subparsers: Any, objective: str) -> None:
     cls = CONFIG_CLASSES[objective]
     defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
     epilog = ("defaults: " + ", ".join(f"{name}={value}" for name, value in defaults.items())).replace("%", "%%")
-    parser = subparsers.add_parser(objective, help=_HELP[objective], description=_HELP[objective], epilog=epilog,
-                                   parents=[_setting_flags(cls)])
-    parser.add_argument("--config", metavar="FILE_OR_PRESET",
-                        help=f"JSON/YAML config file, or a shipped preset: {', '.join(preset_names())}")
+    parser = subparsers.add_parser(
+        objective, help=_HELP[objective], description=_HELP[objective], epilog=epilog, parents=[_setting_flags(cls)]
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE_OR_PRESET",
+        help=f"JSON/YAML config file, or a shipped preset: {', '.join(preset_names())}",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     parser.set_defaults(func=_run, objective=objective)
 
@@ -110,9 +116,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_train_command(subparsers: Any) -> None:
-    """Add ``train`` with the ``mntp``, ``simcse`` and ``supervised`` sub-commands to an argparse `subparsers` object."""
-    train_parser = subparsers.add_parser("train", help="LLM2Vec conversion training (MNTP, SimCSE, supervised)",
-                                         description="LLM2Vec conversion training on llm2vec_fast kernels")
+    """Add ``train`` with the ``mntp``, ``simcse`` and ``supervised`` sub-commands to argparse `subparsers`."""
+    train_parser = subparsers.add_parser(
+        "train",
+        help="LLM2Vec conversion training (MNTP, SimCSE, supervised)",
+        description="LLM2Vec conversion training on llm2vec_fast kernels",
+    )
     objectives = train_parser.add_subparsers(dest="objective", metavar="{mntp,simcse,supervised}", required=True)
     for objective in CONFIG_CLASSES:
         _add_objective(objectives, objective)

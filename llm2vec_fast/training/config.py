@@ -6,6 +6,7 @@ defaults below. Field names follow the official ``llm2vec`` experiment scripts w
 (``per_device_train_batch_size``, ``mlm_probability``, ``mask_token_type``, ``loss_scale``, ...), so
 its ``train_configs/*.json`` read naturally. Every bad value is reported with the file and key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,9 @@ MNTP_FAMILY_MASKING = {"mistral": (0.8, "all_mask")}
 MNTP_DEFAULT_MASKING = (0.2, "default")
 
 
-def setting(default: Any = dataclasses.MISSING, *, help: str, aliases: tuple[str, ...] = (),
-            factory: Any = dataclasses.MISSING) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING, *, help: str, aliases: tuple[str, ...] = (), factory: Any = dataclasses.MISSING
+) -> Any:
     """A config field with its help text (and extra command-line flags) in its metadata, where the CLI reads them."""
     metadata = {"help": help, **({"aliases": list(aliases)} if aliases else {})}
     return field(default=default, default_factory=factory, metadata=metadata)
@@ -51,43 +53,58 @@ class TrainConfig:
     """Settings shared by every objective."""
 
     model_name_or_path: str = setting(help="base model (local directory or Hugging Face name)", aliases=("--model",))
-    train_files: list[str] = setting(help="text files (mntp, simcse: one example per line) or JSONL files/directories "
-                                          "(supervised: one data set per file)", aliases=("--data",))
+    train_files: list[str] = setting(
+        help="text files (mntp, simcse: one example per line) or JSONL files/directories "
+        "(supervised: one data set per file)",
+        aliases=("--data",),
+    )
     output_dir: str = setting(help="where the adapter, logs and checkpoints go", aliases=("--output",))
     peft_model_name_or_path: str | None = setting(
-        None, help="adapter merged into the base before training (the MNTP output for simcse/supervised)")
+        None, help="adapter merged into the base before training (the MNTP output for simcse/supervised)"
+    )
     max_seq_length: int = setting(
-        512, help="tokens per sequence (longer texts are truncated; mntp 'concat' blocks have exactly this length)")
+        512, help="tokens per sequence (longer texts are truncated; mntp 'concat' blocks have exactly this length)"
+    )
     per_device_train_batch_size: int = setting(
-        32, help="sequences (mntp) or examples (contrastive) per process and micro-batch")
+        32, help="sequences (mntp) or examples (contrastive) per process and micro-batch"
+    )
     gradient_accumulation_steps: int = setting(
-        1, help="micro-batches per optimizer step (contrastive negatives stay within a micro-batch)")
+        1, help="micro-batches per optimizer step (contrastive negatives stay within a micro-batch)"
+    )
     max_steps: int = setting(1000, help="optimizer steps of the run (the learning-rate schedule spans them)")
     stop_after_steps: int | None = setting(
-        None, help="end this invocation at this step, e.g. to split a long job; resume later with --resume latest")
+        None, help="end this invocation at this step, e.g. to split a long job; resume later with --resume latest"
+    )
     learning_rate: float = 5e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
     lr_scheduler: Literal["constant", "linear", "cosine"] = setting(
-        "constant", help="after warmup: constant (closest to the official runs, which stop long before their decay "
-                         "ends), linear or cosine")
+        "constant",
+        help="after warmup: constant (closest to the official runs, which stop long before their decay "
+        "ends), linear or cosine",
+    )
     max_grad_norm: float = 1.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     seed: int = 42
     torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = setting(
-        "auto", help="weights dtype; auto = bfloat16 on CUDA, float32 on CPU (LoRA weights stay float32)")
+        "auto", help="weights dtype; auto = bfloat16 on CUDA, float32 on CPU (LoRA weights stay float32)"
+    )
     gradient_checkpointing: bool = True
     attn_implementation: Literal["llm2vec_fast", "sdpa", "eager"] = setting(
-        "llm2vec_fast", help="llm2vec_fast = packed batches on our kernels; "
-                             "sdpa/eager = HF attention on padded batches (reference)")
+        "llm2vec_fast",
+        help="llm2vec_fast = packed batches on our kernels; sdpa/eager = HF attention on padded batches (reference)",
+    )
     attention_backend: Literal["auto", "cuda", "triton", "reference"] = setting(
-        "auto", help="force one llm2vec_fast kernel backend", aliases=("--backend",))
+        "auto", help="force one llm2vec_fast kernel backend", aliases=("--backend",)
+    )
     distributed_strategy: Literal["ddp", "fsdp"] = setting(
-        "ddp", help="with several processes: ddp = a full model per process, fsdp = weights, gradients and optimizer "
-                    "state sharded across processes (FSDP2; 16-bit weights compute in their dtype, gradients reduce "
-                    "in float32)")
+        "ddp",
+        help="with several processes: ddp = a full model per process, fsdp = weights, gradients and optimizer "
+        "state sharded across processes (FSDP2; 16-bit weights compute in their dtype, gradients reduce "
+        "in float32)",
+    )
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -95,15 +112,19 @@ class TrainConfig:
     save_steps: int = 200
     save_total_limit: int | None = setting(None, help="keep only this many checkpoints")
     resume_from_checkpoint: str | None = setting(
-        None, help="'latest' (newest intact checkpoint in output_dir) or a checkpoint directory", aliases=("--resume",))
+        None, help="'latest' (newest intact checkpoint in output_dir) or a checkpoint directory", aliases=("--resume",)
+    )
     overwrite_output_dir: bool = setting(
-        False, help="let a fresh run replace an earlier run's checkpoints, adapter and logs in output_dir "
-                    "(refused otherwise)")
+        False,
+        help="let a fresh run replace an earlier run's checkpoints, adapter and logs in output_dir (refused otherwise)",
+    )
     validate_data: bool = setting(
-        True, help="parse every JSONL record before training starts (errors name file and line)")
+        True, help="parse every JSONL record before training starts (errors name file and line)"
+    )
     disable_tqdm: bool = False
     device: str | None = setting(
-        None, help="cpu, cuda or cuda:N (default: CUDA when available; under torchrun, GPU LOCAL_RANK)")
+        None, help="cpu, cuda or cuda:N (default: CUDA when available; under torchrun, GPU LOCAL_RANK)"
+    )
 
     objective: typing.ClassVar[str] = ""
 
@@ -125,21 +146,27 @@ class MNTPConfig(TrainConfig):
     """Masked next-token prediction (paper: 1000 steps, batch 32, 512 tokens, lr 5e-5)."""
 
     mlm_probability: float | None = setting(
-        None, help="masking probability (default per family: mistral 0.8, others 0.2)")
+        None, help="masking probability (default per family: mistral 0.8, others 0.2)"
+    )
     data_collator_type: Literal["default", "all_mask"] | None = setting(
-        None, help="default = 80/10/10 mask/random/keep, all_mask = 100% mask token (default per family)")
+        None, help="default = 80/10/10 mask/random/keep, all_mask = 100% mask token (default per family)"
+    )
     mask_token_type: Literal["blank", "eos", "mask"] = setting(
-        "blank", help="blank = '_', eos = the EOS token, mask = a new '<mask>' token (its embedding stays untrained)")
+        "blank", help="blank = '_', eos = the EOS token, mask = a new '<mask>' token (its embedding stays untrained)"
+    )
     data_layout: Literal["concat", "lines"] = setting(
-        "concat", help="concat = lines concatenated and cut into max_seq_length blocks (LLM2Vec), "
-                       "lines = one sequence per line")
+        "concat",
+        help="concat = lines concatenated and cut into max_seq_length blocks (LLM2Vec), lines = one sequence per line",
+    )
     max_tokens_per_batch: int | None = setting(
-        None, help="token budget per micro-batch instead of a sequence count (mntp)")
+        None, help="token budget per micro-batch instead of a sequence count (mntp)"
+    )
     lm_head: Literal["freeze", "train"] = setting(
-        "freeze", help="freeze (default) or train it too, saved as lm_head.safetensors (the official script trains "
-                       "it and discards it)")
-    loss_chunk_size: int = setting(
-        4096, help="masked positions per LM-head chunk (memory: chunk x vocabulary floats)")
+        "freeze",
+        help="freeze (default) or train it too, saved as lm_head.safetensors (the official script trains "
+        "it and discards it)",
+    )
+    loss_chunk_size: int = setting(4096, help="masked positions per LM-head chunk (memory: chunk x vocabulary floats)")
 
     objective: typing.ClassVar[str] = "mntp"
 
@@ -157,11 +184,14 @@ class ContrastiveConfig(TrainConfig):
     """Settings of both contrastive objectives."""
 
     pooling_mode: Literal["mean", "weighted_mean", "eos_token", "last_token", "bos_token"] = setting(
-        "mean", help="how token states become the sequence embedding (saved to llm2vec_config.json)")
+        "mean", help="how token states become the sequence embedding (saved to llm2vec_config.json)"
+    )
     skip_instruction: bool = setting(True, help="leave BOS and the instruction out of pooling (LLM2Vec's embed_mask)")
     text_template: str | None = setting(
-        None, help="chat template applied to every text, e.g. '[INST] {} [/INST]' as the official run for "
-                   "Mistral-7B-Instruct")
+        None,
+        help="chat template applied to every text, e.g. '[INST] {} [/INST]' as the official run for "
+        "Mistral-7B-Instruct",
+    )
     loss_scale: float = setting(50.0, help="inverse temperature of the contrastive loss (simcse 20, supervised 50)")
 
 
@@ -174,8 +204,10 @@ class SimCSEConfig(ContrastiveConfig):
     learning_rate: float = 3e-5
     loss_scale: float = overriding(ContrastiveConfig, "loss_scale", 20.0)
     simcse_dropout: float = setting(
-        0.3, help="dropout making the two views differ (on the attention output with llm2vec_fast, "
-                  "on the attention probabilities with sdpa/eager)")
+        0.3,
+        help="dropout making the two views differ (on the attention output with llm2vec_fast, "
+        "on the attention probabilities with sdpa/eager)",
+    )
 
     objective: typing.ClassVar[str] = "simcse"
 
@@ -187,22 +219,45 @@ class SupervisedConfig(ContrastiveConfig):
     per_device_train_batch_size: int = overriding(TrainConfig, "per_device_train_batch_size", 64)
     learning_rate: float = 2e-4
     warmup_steps: int = 300
-    instructions: dict[str, Union[str, list[str]]] = setting(
-        help="data set (file stem) -> instruction, or a list cycled through by line", factory=dict)
+    instructions: dict[str, str | list[str]] = setting(
+        help="data set (file stem) -> instruction, or a list cycled through by line", factory=dict
+    )
 
     objective: typing.ClassVar[str] = "supervised"
 
 
-CONFIG_CLASSES: dict[str, type[TrainConfig]] = {"mntp": MNTPConfig, "simcse": SimCSEConfig, "supervised": SupervisedConfig}
+CONFIG_CLASSES: dict[str, type[TrainConfig]] = {
+    "mntp": MNTPConfig,
+    "simcse": SimCSEConfig,
+    "supervised": SupervisedConfig,
+}
 
 
-_POSITIVE = ("max_seq_length", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "save_steps",
-             "lora_r", "lora_alpha", "loss_chunk_size", "max_tokens_per_batch", "save_total_limit", "stop_after_steps",
-             "learning_rate", "loss_scale")
+_POSITIVE = (
+    "max_seq_length",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_steps",
+    "save_steps",
+    "lora_r",
+    "lora_alpha",
+    "loss_chunk_size",
+    "max_tokens_per_batch",
+    "save_total_limit",
+    "stop_after_steps",
+    "learning_rate",
+    "loss_scale",
+)
 _RANGES: dict[str, tuple[Any, str]] = {
     **{name: (lambda v: v > 0, "positive") for name in _POSITIVE},
-    **{name: (lambda v: v >= 0, ">= 0") for name in ("warmup_steps", "weight_decay", "max_grad_norm", "adam_epsilon", "seed")},
-    **{name: (lambda v: 0 <= v < 1, "in [0, 1)") for name in ("lora_dropout", "simcse_dropout", "adam_beta1", "adam_beta2")},
+    **{
+        name: (lambda v: v >= 0, ">= 0")
+        for name in ("warmup_steps", "weight_decay", "max_grad_norm", "adam_epsilon", "seed")
+    },
+    **{
+        name: (lambda v: 0 <= v < 1, "in [0, 1)")
+        for name in ("lora_dropout", "simcse_dropout", "adam_beta1", "adam_beta2")
+    },
     "mlm_probability": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "text_template": (lambda v: v.count("{}") == 1, "a string holding '{}' (where the text goes) exactly once"),
     "train_files": (lambda v: len(v) > 0, "at least one file"),
@@ -299,7 +354,9 @@ def _read_mapping(path: Path) -> dict[str, Any]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from error
+            raise ValueError(
+                f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
+            ) from error
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config must be a mapping of settings, got {type(data).__name__}")
     return data
@@ -341,8 +398,11 @@ def build_config(objective: str, sources: list[tuple[str, dict[str, Any]]]) -> T
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ValueError(f"{source}: unknown setting {key!r} for objective {objective!r}{hint}")
             values[key] = _check_value(cls, key, value, source)
-    missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING and f.name not in values]
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values
+    ]
     if missing:
         raise ValueError(f"missing required setting(s) for {objective}: {', '.join(missing)}")
     return cls(**values)

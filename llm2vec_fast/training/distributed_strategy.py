@@ -10,6 +10,7 @@ Both reduce gradients as a mean over processes, so the loop's loss scaling is th
 Checkpoints use one format for both: the trainable weights and the optimizer state gathered to
 full tensors on rank 0 (`torch.distributed.checkpoint.state_dict`), keyed by parameter name.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,13 +43,18 @@ _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen
 
 
 def check_launcher(strategy: Strategy) -> None:
-    """Refuse ``accelerate launch`` settings this trainer would otherwise ignore: it only takes the processes from accelerate."""
+    """Refuse ``accelerate launch`` settings this trainer would otherwise ignore: it only takes the processes from
+    accelerate."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise ValueError("accelerate launch is configured for DeepSpeed, which this trainer does not use; launch without it "
-                         "and choose distributed_strategy 'ddp' or 'fsdp'")
+        raise ValueError(
+            "accelerate launch is configured for DeepSpeed, which this trainer does not use; launch without it "
+            "and choose distributed_strategy 'ddp' or 'fsdp'"
+        )
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and strategy != "fsdp":
-        raise ValueError(f"accelerate launch is configured for FSDP but distributed_strategy is {strategy!r}: pass "
-                         "--distributed-strategy fsdp (the trainer shards the model itself; accelerate's FSDP options are not read)")
+        raise ValueError(
+            f"accelerate launch is configured for FSDP but distributed_strategy is {strategy!r}: pass "
+            "--distributed-strategy fsdp (the trainer shards the model itself; accelerate's FSDP options are not read)"
+        )
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -86,8 +92,11 @@ def wrap_model(model: nn.Module, strategy: Strategy, topology: Topology, weights
     if strategy == "fsdp":
         if dist.is_available() and dist.is_initialized():
             return shard_model(model, topology.device, weights_dtype)
-        warnings.warn("distributed_strategy='fsdp' in a single process (no torchrun/accelerate launch): "
-                      "nothing to shard, the model trains unsharded", stacklevel=2)
+        warnings.warn(
+            "distributed_strategy='fsdp' in a single process (no torchrun/accelerate launch): "
+            "nothing to shard, the model trains unsharded",
+            stacklevel=2,
+        )
         return model
     if strategy != "ddp":
         raise ValueError(f"distributed_strategy must be 'ddp' or 'fsdp', got {strategy!r}")
@@ -96,7 +105,8 @@ def wrap_model(model: nn.Module, strategy: Strategy, topology: Topology, weights
 
 @contextlib.contextmanager
 def gradient_sync(wrapped: nn.Module, enabled: bool) -> Iterator[None]:
-    """Reduce gradients across processes in this backward pass only if `enabled` (off for all but the last micro-batch)."""
+    """Reduce gradients across processes in this backward pass only if `enabled` (off for all but the last
+    micro-batch)."""
     if isinstance(wrapped, FSDPModule):
         wrapped.set_requires_gradient_sync(enabled)
         yield
@@ -111,7 +121,9 @@ def gradient_sync(wrapped: nn.Module, enabled: bool) -> Iterator[None]:
 class TrainedWeights:
     """The trainable weights as full CPU tensors (on rank 0; empty elsewhere when several processes run)."""
 
-    adapter: dict[str, Tensor]  # named as in the peft model's own state_dict (``base_model.model....lora_A.default.weight``)
+    adapter: dict[
+        str, Tensor
+    ]  # named as in the peft model's own state_dict (``base_model.model....lora_A.default.weight``)
     lm_head: Tensor | None
 
 
@@ -125,11 +137,12 @@ def _prefix(root: nn.Module, module: nn.Module) -> str:
 
 
 def gather_trained_weights(model: nn.Module, adapter: nn.Module, lm_head: nn.Module | None) -> TrainedWeights:
-    """Unsharded trainable weights of `model` split into `adapter`'s and `lm_head`'s (collective: every process calls it)."""
+    """Unsharded trainable weights of `model` split into `adapter`'s and `lm_head`'s (collective: every process
+    calls it)."""
     state = get_model_state_dict(model, options=_GATHER)
     adapter_prefix = _prefix(model, adapter)
     head = state.get(_prefix(model, lm_head) + "weight") if lm_head is not None else None
-    weights = {name[len(adapter_prefix):]: tensor for name, tensor in state.items() if name.startswith(adapter_prefix)}
+    weights = {name[len(adapter_prefix) :]: tensor for name, tensor in state.items() if name.startswith(adapter_prefix)}
     return TrainedWeights(weights, head)
 
 

@@ -5,6 +5,7 @@ Each objective supplies a model, a batch source and a function returning a micro
 processes (known before any forward pass), so the update equals that of one process holding the
 whole global batch, and the logged loss is that global mean.
 """
+
 from __future__ import annotations
 
 import time
@@ -23,7 +24,13 @@ from transformers import get_scheduler
 from .checkpoint import TrainingState, list_checkpoints, load_checkpoint, load_weights, save_checkpoint
 from .config import TrainConfig
 from .data.batches import TokenBatch
-from .distributed_strategy import TrainedWeights, gather_optimizer_state, gather_trained_weights, gradient_sync, wrap_model
+from .distributed_strategy import (
+    TrainedWeights,
+    gather_optimizer_state,
+    gather_trained_weights,
+    gradient_sync,
+    wrap_model,
+)
 from .loss_log import LossLog
 from .process_group import Topology, all_reduce_sum
 from .run_directory import ResumePoint
@@ -74,9 +81,19 @@ class Trainer:
         lm_head: a trained LM head to checkpoint alongside the adapter (MNTP with ``lm_head="train"``).
     """
 
-    def __init__(self, config: TrainConfig, topology: Topology, *, model: nn.Module, adapter: PeftModel,
-                 source: BatchSource, loss_sum: LossFunction, weights_dtype: torch.dtype, resume: ResumePoint | None,
-                 lm_head: nn.Module | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        topology: Topology,
+        *,
+        model: nn.Module,
+        adapter: PeftModel,
+        source: BatchSource,
+        loss_sum: LossFunction,
+        weights_dtype: torch.dtype,
+        resume: ResumePoint | None,
+        lm_head: nn.Module | None = None,
+    ):
         self.config, self.topology, self.source, self.loss_sum = config, topology, source, loss_sum
         self.model, self.adapter, self.lm_head = model.train(), adapter, lm_head
         self.output_dir = Path(config.output_dir)
@@ -89,29 +106,43 @@ class Trainer:
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_epsilon, weight_decay=config.weight_decay,
+            self.params,
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon,
+            weight_decay=config.weight_decay,
         )
-        self.scheduler = get_scheduler(_SCHEDULERS[config.lr_scheduler], self.optimizer,
-                                       num_warmup_steps=config.warmup_steps, num_training_steps=config.max_steps)
+        self.scheduler = get_scheduler(
+            _SCHEDULERS[config.lr_scheduler],
+            self.optimizer,
+            num_warmup_steps=config.warmup_steps,
+            num_training_steps=config.max_steps,
+        )
         if resume is not None:
             self._resume(resume)
         resumed_at = self.state.step if resume is not None else None
         self.log = LossLog(self.output_dir, resume_after_step=resumed_at) if topology.is_main else None
 
     def _resume(self, resume: ResumePoint) -> None:
-        data_state = load_checkpoint(resume.directory, self.topology, model=self.model, optimizer=self.optimizer,
-                                     scheduler=self.scheduler)
+        data_state = load_checkpoint(
+            resume.directory, self.topology, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
+        )
         self.state = resume.state
         self.state.config = self.config.to_dict()
         self.source.load_state_dict(data_state)
 
     def _step(self) -> tuple[float, float, int, int]:
-        """One optimizer step: ``(global mean loss, gradient norm before clipping, global loss terms, global tokens)``."""
+        """One optimizer step: ``(global mean loss, gradient norm before clipping, global loss terms, global
+        tokens)``."""
         batches = [self.source.next_batch() for _ in range(self.config.gradient_accumulation_steps)]
         device = self.topology.device
-        counts = all_reduce_sum(torch.tensor([sum(b.num_loss_terms for b in batches), sum(b.num_tokens for b in batches)],
-                                             dtype=torch.float64, device=device))
+        counts = all_reduce_sum(
+            torch.tensor(
+                [sum(b.num_loss_terms for b in batches), sum(b.num_tokens for b in batches)],
+                dtype=torch.float64,
+                device=device,
+            )
+        )
         terms, tokens = int(counts[0]), int(counts[1])
         scale = self.topology.world_size / max(terms, 1)
         total = torch.zeros((), dtype=torch.float32, device=device)
@@ -133,16 +164,28 @@ class Trainer:
         return gather_trained_weights(self.model, self.adapter, self.lm_head)
 
     def save(self) -> Path:
-        return save_checkpoint(self.output_dir, self.state, self.topology, adapter=self.adapter,
-                               weights=self.gather_weights(), optimizer_state=gather_optimizer_state(self.model, self.optimizer),
-                               scheduler=self.scheduler, data_state=self.source.state_dict(),
-                               keep=self.config.save_total_limit)
+        return save_checkpoint(
+            self.output_dir,
+            self.state,
+            self.topology,
+            adapter=self.adapter,
+            weights=self.gather_weights(),
+            optimizer_state=gather_optimizer_state(self.model, self.optimizer),
+            scheduler=self.scheduler,
+            data_state=self.source.state_dict(),
+            keep=self.config.save_total_limit,
+        )
 
     def train(self) -> TrainingResult:
         """Run to ``last_step``; Ctrl-C raises `TrainingInterrupted`, leaving every completed checkpoint intact."""
         config = self.config
-        progress = tqdm(total=config.max_steps, initial=self.state.step, desc=f"{config.objective} training",
-                        disable=config.disable_tqdm or not self.topology.is_main, dynamic_ncols=True)
+        progress = tqdm(
+            total=config.max_steps,
+            initial=self.state.step,
+            desc=f"{config.objective} training",
+            disable=config.disable_tqdm or not self.topology.is_main,
+            dynamic_ncols=True,
+        )
         started = time.perf_counter()
         try:
             losses, last_checkpoint = self._run_steps(progress)
@@ -170,11 +213,21 @@ class Trainer:
             losses.append(loss)
             seconds = time.perf_counter() - step_started
             if self.log is not None:
-                self.log.append({"step": self.state.step, "loss": loss, "grad_norm": grad_norm,
-                                 "learning_rate": learning_rate, "loss_terms": terms, "tokens": tokens,
-                                 "seconds": round(seconds, 4)})
+                self.log.append(
+                    {
+                        "step": self.state.step,
+                        "loss": loss,
+                        "grad_norm": grad_norm,
+                        "learning_rate": learning_rate,
+                        "loss_terms": terms,
+                        "tokens": tokens,
+                        "seconds": round(seconds, 4),
+                    }
+                )
             progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+            progress.set_postfix(
+                loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}"
+            )
             if self.state.step % config.save_steps == 0 or self.state.step == self.last_step:
                 last_checkpoint = self.save()
                 if self.log is not None:

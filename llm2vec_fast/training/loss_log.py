@@ -4,6 +4,7 @@ Rows are flushed as they are written, so the files are current even if a run die
 run first drops rows after its checkpoint (and a last row cut short by a crash), rewriting both
 files atomically, so the log never shows a step twice.
 """
+
 from __future__ import annotations
 
 import csv
@@ -54,7 +55,9 @@ class LossLog:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.csv_path, self.jsonl_path = self.directory / CSV_FILE, self.directory / JSONL_FILE
-        kept = [r for r in read_log(self.jsonl_path) if resume_after_step is not None and r["step"] <= resume_after_step]
+        kept = [
+            r for r in read_log(self.jsonl_path) if resume_after_step is not None and r["step"] <= resume_after_step
+        ]
         self.rows: list[dict[str, float]] = [{key: row[key] for key in FIELDS} for row in kept]
         csv_lines = [_csv_line(list(FIELDS)), *(_csv_line(self._values(row)) for row in self.rows)]
         write_text_atomically(self.csv_path, "".join(csv_lines))
@@ -89,7 +92,10 @@ def plot_losses(rows: list[dict[str, float]], path: Path, title: str) -> Path | 
     steps = [r["step"] for r in rows]
     losses = [r["loss"] for r in rows]
     window = max(1, len(losses) // 50)
-    smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1]) for i in range(len(losses))]
+    smooth = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+        for i in range(len(losses))
+    ]
     figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
     axis.plot(steps, losses, alpha=0.35, label="loss")
     if window > 1:

@@ -10,6 +10,7 @@
 Both return a *sum* over loss terms; the trainer divides by the global number of terms, which
 makes gradients identical whatever the split across processes or micro-batches.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,12 +30,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], chunk_size):
-            rows = hidden[start:start + chunk_size]
+            rows = hidden[start : start + chunk_size]
             logits = (rows @ weight.t()).float()
             if softcap:
                 capped = torch.tanh(logits / softcap)
                 logits = softcap * capped
-            chunk_targets = targets[start:start + chunk_size]
+            chunk_targets = targets[start : start + chunk_size]
             log_norm = torch.logsumexp(logits, dim=-1)
             total += (log_norm - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
             if grad_hidden is None and grad_weight is None:
@@ -45,7 +46,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_logits *= 1.0 - capped.square()
             grad_logits = grad_logits.to(weight.dtype)
             if grad_hidden is not None:
-                grad_hidden[start:start + chunk_size] = grad_logits @ weight
+                grad_hidden[start : start + chunk_size] = grad_logits @ weight
             if grad_weight is not None:
                 grad_weight += (grad_logits.t() @ rows).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -75,7 +76,9 @@ def masked_token_loss_sum(
             ``final_logit_softcapping``).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden (N, H) and weight (V, H) must share H, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"hidden (N, H) and weight (V, H) must share H, got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets must have shape ({hidden.shape[0]},), got {tuple(targets.shape)}")
     if chunk_size <= 0:
@@ -98,7 +101,9 @@ def contrastive_loss_sum(queries: Tensor, positives: Tensor, negatives: Tensor, 
         scale: inverse temperature (20 for SimCSE, 50 for supervised in LLM2Vec).
     """
     if queries.shape != positives.shape or queries.dim() != 2:
-        raise ValueError(f"queries and positives must both be (B, H), got {tuple(queries.shape)} and {tuple(positives.shape)}")
+        raise ValueError(
+            f"queries and positives must both be (B, H), got {tuple(queries.shape)} and {tuple(positives.shape)}"
+        )
     if negatives.dim() != 2 or negatives.shape[1] != queries.shape[1]:
         raise ValueError(f"negatives must be (M, {queries.shape[1]}), got {tuple(negatives.shape)}")
     all_positives, offset = gather_with_grad(positives)

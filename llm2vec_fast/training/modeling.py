@@ -11,6 +11,7 @@ reference that parity tests and benchmarks compare against.
 LoRA wraps the base decoder (not the ``*ForCausalLM``), so adapters load with
 ``LLM2Vec.from_pretrained(base, peft_model_name_or_path=...)`` exactly like the official ones.
 """
+
 from __future__ import annotations
 
 import copy
@@ -61,17 +62,26 @@ class DecoderSpec:
 
 def lora_config(config: TrainConfig) -> LoraConfig:
     """The LoRA adapter a run trains (everything else frozen)."""
-    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.lora_target_modules), bias="none", task_type=None)
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_target_modules),
+        bias="none",
+        task_type=None,
+    )
 
 
 def decoder_spec(config: TrainConfig, device: torch.device) -> DecoderSpec:
     """The `DecoderSpec` of `config` on `device` (``torch_dtype="auto"`` and ``attention_backend="auto"`` resolved)."""
     return DecoderSpec(
-        path=config.model_name_or_path, device=device, dtype=resolve_dtype(config.torch_dtype, device),
+        path=config.model_name_or_path,
+        device=device,
+        dtype=resolve_dtype(config.torch_dtype, device),
         attention=config.attn_implementation,
         backend=None if config.attention_backend == "auto" else config.attention_backend,
-        merged_adapter=config.peft_model_name_or_path, lora=lora_config(config),
+        merged_adapter=config.peft_model_name_or_path,
+        lora=lora_config(config),
         gradient_checkpointing=config.gradient_checkpointing,
     )
 
@@ -88,7 +98,8 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def use_hf_attention(model: Any, implementation: str) -> Any:
-    """Switch `model` to Hugging Face's own attention (``"sdpa"``/``"eager"``), bidirectional: the parity/benchmark baseline."""
+    """Switch `model` to Hugging Face's own attention (``"sdpa"``/``"eager"``), bidirectional: the parity and
+    benchmark baseline."""
     inner = transformers_model(model)
     inner.set_attn_implementation(implementation)
     inner.config.is_causal = False
@@ -130,8 +141,13 @@ def merge_adapter(model: Any, adapter: str) -> Any:
 
 # Projections some families fuse (Phi-3: qkv_proj, gate_up_proj): a target naming one part of a fused
 # projection trains the fused module where the model has no separate one.
-FUSED_PROJECTIONS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-                     "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+FUSED_PROJECTIONS = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+}
 
 
 def lora_targets(model: nn.Module, targets: Iterable[str]) -> list[str]:
@@ -175,8 +191,16 @@ def _enable_checkpointing(model: Any) -> None:
 class MaskedNextTokenModel(nn.Module):
     """MNTP: the loss *sum* over a batch's masked tokens, each predicted from the position before it."""
 
-    def __init__(self, decoder: nn.Module, lm_head: nn.Linear, *, packed: bool, pad_id: int, chunk_size: int,
-                 softcap: float | None = None):
+    def __init__(
+        self,
+        decoder: nn.Module,
+        lm_head: nn.Linear,
+        *,
+        packed: bool,
+        pad_id: int,
+        chunk_size: int,
+        softcap: float | None = None,
+    ):
         super().__init__()
         self.decoder, self.lm_head = decoder, lm_head
         self.packed, self.pad_id, self.chunk_size, self.softcap = packed, pad_id, chunk_size, softcap
@@ -202,13 +226,16 @@ class SentenceEmbedder(nn.Module):
     def __init__(self, decoder: nn.Module, *, packed: bool, pad_id: int, pooling_mode: str, skip_instruction: bool):
         super().__init__()
         self.decoder = decoder
-        self.packed, self.pad_id, self.pooling_mode, self.skip_instruction = packed, pad_id, pooling_mode, skip_instruction
+        self.packed, self.pad_id, self.pooling_mode, self.skip_instruction = (
+            packed,
+            pad_id,
+            pooling_mode,
+            skip_instruction,
+        )
 
     def forward(self, batch: ContrastiveBatch) -> Tensor:
         device = next(self.decoder.parameters()).device
-        instruction_lengths = (
-            torch.tensor(batch.instruction_lengths, device=device) if self.skip_instruction else None
-        )
+        instruction_lengths = torch.tensor(batch.instruction_lengths, device=device) if self.skip_instruction else None
         if self.packed:
             packed = pack_sequences(batch.sequences, device)
             hidden = self.decoder(**packed.model_inputs()).last_hidden_state[0]
@@ -225,14 +252,21 @@ def add_attention_output_dropout(model: nn.Module, probability: float) -> list[A
     (``attention_dropout=0.3``), which our fused kernels do not implement, so on them the noise goes
     on the attention output instead. Returns the hook handles.
     """
+
     def drop(module: nn.Module, args: tuple) -> tuple:
         return (F.dropout(args[0], probability, module.training), *args[1:])
 
     return [layer.o_proj.register_forward_pre_hook(drop) for layer in attention_layers(transformers_model(model))]
 
 
-def build_mntp_model(spec: DecoderSpec, tokenizer: PreTrainedTokenizerBase, *, vocabulary_grew: bool,
-                     train_lm_head: bool, chunk_size: int) -> MaskedNextTokenModel:
+def build_mntp_model(
+    spec: DecoderSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    vocabulary_grew: bool,
+    train_lm_head: bool,
+    chunk_size: int,
+) -> MaskedNextTokenModel:
     """Bidirectional ``*ForCausalLM`` split into a LoRA-wrapped decoder and its LM head (frozen unless `train_lm_head`).
 
     `chunk_size`: masked positions per LM-head chunk (``loss_chunk_size``).
@@ -244,17 +278,31 @@ def build_mntp_model(spec: DecoderSpec, tokenizer: PreTrainedTokenizerBase, *, v
     decoder = causal_lm.get_decoder()
     tied = lm_head.weight is decoder.get_input_embeddings().weight
     if train_lm_head and tied:
-        raise ValueError("lm_head='train' is not possible: this model ties its LM head to the input embeddings; use 'freeze'")
+        raise ValueError(
+            "lm_head='train' is not possible: this model ties its LM head to the input embeddings; use 'freeze'"
+        )
     lm_head.weight.requires_grad_(train_lm_head)
     if spec.merged_adapter:
         decoder = merge_adapter(decoder, spec.merged_adapter)
     softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
-    return MaskedNextTokenModel(add_lora(decoder, spec.lora, spec.gradient_checkpointing), lm_head, packed=spec.packed,
-                                pad_id=pad_token_id(tokenizer), chunk_size=chunk_size, softcap=softcap)
+    return MaskedNextTokenModel(
+        add_lora(decoder, spec.lora, spec.gradient_checkpointing),
+        lm_head,
+        packed=spec.packed,
+        pad_id=pad_token_id(tokenizer),
+        chunk_size=chunk_size,
+        softcap=softcap,
+    )
 
 
-def build_embedder(spec: DecoderSpec, tokenizer: PreTrainedTokenizerBase, *, pooling_mode: str, skip_instruction: bool,
-                   dropout: float = 0.0) -> SentenceEmbedder:
+def build_embedder(
+    spec: DecoderSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    pooling_mode: str,
+    skip_instruction: bool,
+    dropout: float = 0.0,
+) -> SentenceEmbedder:
     """Bidirectional base model, previous adapter (MNTP) merged, a new LoRA on top; `dropout` as SimCSE's."""
     model = load_decoder(spec, AutoModel)
     if spec.merged_adapter:
@@ -265,5 +313,10 @@ def build_embedder(spec: DecoderSpec, tokenizer: PreTrainedTokenizerBase, *, poo
     model = add_lora(model, spec.lora, spec.gradient_checkpointing)
     if dropout and spec.packed:
         add_attention_output_dropout(model, dropout)
-    return SentenceEmbedder(model, packed=spec.packed, pad_id=pad_token_id(tokenizer), pooling_mode=pooling_mode,
-                            skip_instruction=skip_instruction)
+    return SentenceEmbedder(
+        model,
+        packed=spec.packed,
+        pad_id=pad_token_id(tokenizer),
+        pooling_mode=pooling_mode,
+        skip_instruction=skip_instruction,
+    )

@@ -6,6 +6,7 @@ objectives), ``lm_head.safetensors`` (MNTP with ``lm_head="train"``), ``train_co
 loss log and plot, and the ``checkpoint-*`` directories. Local paths are resolved first, so all
 of these name them absolutely; the final outputs are staged and moved into place file by file.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,34 +39,60 @@ def contrastive_batch_loss(model: nn.Module, batch: ContrastiveBatch, scale: flo
     """Loss sum of a contrastive batch: embed all its sequences in one pass, then queries vs documents."""
     embeddings = model(batch)
     queries = batch.num_queries
-    return contrastive_loss_sum(embeddings[:queries], embeddings[queries : 2 * queries], embeddings[2 * queries :], scale)
+    return contrastive_loss_sum(
+        embeddings[:queries], embeddings[queries : 2 * queries], embeddings[2 * queries :], scale
+    )
 
 
-def _mntp_trainer(config: MNTPConfig, tokenizer: PreTrainedTokenizerBase, topology: Topology,
-                  resume: ResumePoint | None) -> Trainer:
+def _mntp_trainer(
+    config: MNTPConfig, tokenizer: PreTrainedTokenizerBase, topology: Topology, resume: ResumePoint | None
+) -> Trainer:
     model_type = AutoConfig.from_pretrained(config.model_name_or_path).model_type
     vocabulary_grew = add_mask_token(tokenizer, config.mask_token_type)
     rule = masking_rule(tokenizer, *config.masking_for(model_type))
     source = MNTPSource(
-        TextLines(config.train_files), tokenizer, rule, layout=config.data_layout, max_seq_length=config.max_seq_length,
-        batch_size=config.per_device_train_batch_size, max_tokens_per_batch=config.max_tokens_per_batch,
-        seed=config.seed, rank=topology.rank, world_size=topology.world_size,
+        TextLines(config.train_files),
+        tokenizer,
+        rule,
+        layout=config.data_layout,
+        max_seq_length=config.max_seq_length,
+        batch_size=config.per_device_train_batch_size,
+        max_tokens_per_batch=config.max_tokens_per_batch,
+        seed=config.seed,
+        rank=topology.rank,
+        world_size=topology.world_size,
     )
     spec = decoder_spec(config, topology.device)
     train_lm_head = config.lm_head == "train"
-    model = build_mntp_model(spec, tokenizer, vocabulary_grew=vocabulary_grew, train_lm_head=train_lm_head,
-                             chunk_size=config.loss_chunk_size)
+    model = build_mntp_model(
+        spec, tokenizer, vocabulary_grew=vocabulary_grew, train_lm_head=train_lm_head, chunk_size=config.loss_chunk_size
+    )
     _seed_per_process(config.seed, topology)
-    return Trainer(config, topology, model=model, adapter=model.decoder, source=source,
-                   loss_sum=lambda module, batch: module(batch), weights_dtype=spec.dtype, resume=resume,
-                   lm_head=model.lm_head if train_lm_head else None)
+    return Trainer(
+        config,
+        topology,
+        model=model,
+        adapter=model.decoder,
+        source=source,
+        loss_sum=lambda module, batch: module(batch),
+        weights_dtype=spec.dtype,
+        resume=resume,
+        lm_head=model.lm_head if train_lm_head else None,
+    )
 
 
-def _contrastive_trainer(config: ContrastiveConfig, tokenizer: PreTrainedTokenizerBase, topology: Topology,
-                         resume: ResumePoint | None) -> Trainer:
-    options = dict(max_seq_length=config.max_seq_length, batch_size=config.per_device_train_batch_size,
-                   append_eos=config.pooling_mode == "eos_token", template=config.text_template,
-                   seed=config.seed, rank=topology.rank, world_size=topology.world_size)
+def _contrastive_trainer(
+    config: ContrastiveConfig, tokenizer: PreTrainedTokenizerBase, topology: Topology, resume: ResumePoint | None
+) -> Trainer:
+    options = dict(
+        max_seq_length=config.max_seq_length,
+        batch_size=config.per_device_train_batch_size,
+        append_eos=config.pooling_mode == "eos_token",
+        template=config.text_template,
+        seed=config.seed,
+        rank=topology.rank,
+        world_size=topology.world_size,
+    )
     if isinstance(config, SimCSEConfig):
         source = SimCSESource(TextLines(config.train_files), tokenizer, **options)
         dropout = config.simcse_dropout
@@ -74,12 +101,20 @@ def _contrastive_trainer(config: ContrastiveConfig, tokenizer: PreTrainedTokeniz
         source = SupervisedSource(datasets, tokenizer, **options)
         dropout = 0.0
     spec = decoder_spec(config, topology.device)
-    model = build_embedder(spec, tokenizer, pooling_mode=config.pooling_mode, skip_instruction=config.skip_instruction,
-                           dropout=dropout)
+    model = build_embedder(
+        spec, tokenizer, pooling_mode=config.pooling_mode, skip_instruction=config.skip_instruction, dropout=dropout
+    )
     _seed_per_process(config.seed, topology)
-    return Trainer(config, topology, model=model, adapter=model.decoder, source=source,
-                   loss_sum=partial(contrastive_batch_loss, scale=config.loss_scale), weights_dtype=spec.dtype,
-                   resume=resume)
+    return Trainer(
+        config,
+        topology,
+        model=model,
+        adapter=model.decoder,
+        source=source,
+        loss_sum=partial(contrastive_batch_loss, scale=config.loss_scale),
+        weights_dtype=spec.dtype,
+        resume=resume,
+    )
 
 
 def _seed_per_process(seed: int, topology: Topology) -> None:
@@ -91,14 +126,23 @@ def _settings_files(config: TrainConfig) -> dict[str, str]:
     """The JSON files of the output directory besides the adapter: the run's config, and the encoder's settings."""
     files = {TRAIN_CONFIG_FILE: json.dumps(config.to_dict(), indent=2)}
     if isinstance(config, ContrastiveConfig):
-        encoder = {**ENCODER_DEFAULTS, "pooling_mode": config.pooling_mode, "max_length": config.max_seq_length,
-                   "skip_instruction": config.skip_instruction}
+        encoder = {
+            **ENCODER_DEFAULTS,
+            "pooling_mode": config.pooling_mode,
+            "max_length": config.max_seq_length,
+            "skip_instruction": config.skip_instruction,
+        }
         files[CONFIG_NAME] = json.dumps(encoder, indent=4)
     return files
 
 
-def _write_outputs(output: Path, adapter: PeftModel, weights: TrainedWeights, tokenizer: PreTrainedTokenizerBase,
-                   settings_files: dict[str, str]) -> None:
+def _write_outputs(
+    output: Path,
+    adapter: PeftModel,
+    weights: TrainedWeights,
+    tokenizer: PreTrainedTokenizerBase,
+    settings_files: dict[str, str],
+) -> None:
     """Write the final outputs beside the checkpoints: staged, then each file moved into place whole."""
     staging = output / f"final-outputs{TEMPORARY_SUFFIX}"
     remove_directory(staging)
@@ -111,7 +155,8 @@ def _write_outputs(output: Path, adapter: PeftModel, weights: TrainedWeights, to
 
 
 def train(config: TrainConfig) -> TrainingResult:
-    """Train `config.objective` and write the adapter to ``config.output_dir`` (every process calls this under DDP/FSDP)."""
+    """Train `config.objective` and write the adapter to ``config.output_dir`` (every process calls this under
+    DDP/FSDP)."""
     config = config.with_resolved_paths()
     check_device(config.device)  # a missing GPU or backend: one ValueError naming it, before anything loads
     check_backend(config.attention_backend if config.attn_implementation == "llm2vec_fast" else None, config.device)

@@ -4,6 +4,7 @@ Launched by ``torchrun`` or ``accelerate launch``, each process reads ``RANK``, 
 ``LOCAL_RANK`` from the environment and joins one group (NCCL on GPUs, Gloo on CPU). Without
 those variables everything degrades to a single process and the collectives are no-ops.
 """
+
 from __future__ import annotations
 
 import os

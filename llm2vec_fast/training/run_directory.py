@@ -5,6 +5,7 @@ checkpoints or outputs (its adapter would be replaced and its loss log emptied, 
 unless ``overwrite_output_dir`` is set, which removes them first. A resumed run may change only
 the settings in `RESUMABLE_CHANGES`; paths are compared resolved (see `config.resolve_paths`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,21 +14,44 @@ from typing import Any
 
 from ..loading import CONFIG_NAME
 from .atomic import remove_directory
-from .checkpoint import (ADAPTER_FILE, LM_HEAD_FILE, TrainingState, find_checkpoint, list_checkpoints,
-                         remove_unfinished_saves)
+from .checkpoint import (
+    ADAPTER_FILE,
+    LM_HEAD_FILE,
+    TrainingState,
+    find_checkpoint,
+    list_checkpoints,
+    remove_unfinished_saves,
+)
 from .config import TrainConfig, resolve_paths
 from .loss_log import JSONL_FILE, LOG_FILES, read_log
 from .process_group import Topology, barrier
 
 # Settings that may change when resuming (and max_steps under a constant schedule); others change the trajectory.
 # output_dir is where the checkpoint was found: the run directory may have been moved.
-RESUMABLE_CHANGES = {"resume_from_checkpoint", "stop_after_steps", "save_steps", "save_total_limit", "disable_tqdm",
-                     "validate_data", "device", "attention_backend", "distributed_strategy", "output_dir",
-                     "overwrite_output_dir"}
+RESUMABLE_CHANGES = {
+    "resume_from_checkpoint",
+    "stop_after_steps",
+    "save_steps",
+    "save_total_limit",
+    "disable_tqdm",
+    "validate_data",
+    "device",
+    "attention_backend",
+    "distributed_strategy",
+    "output_dir",
+    "overwrite_output_dir",
+}
 TRAIN_CONFIG_FILE = "train_config.json"
 # What a finished run leaves beside its checkpoints (the tokenizer files aside: they are the base model's).
-FINAL_FILES = (ADAPTER_FILE, "adapter_config.json", LM_HEAD_FILE, CONFIG_NAME, TRAIN_CONFIG_FILE, *LOG_FILES,
-               "loss.png")
+FINAL_FILES = (
+    ADAPTER_FILE,
+    "adapter_config.json",
+    LM_HEAD_FILE,
+    CONFIG_NAME,
+    TRAIN_CONFIG_FILE,
+    *LOG_FILES,
+    "loss.png",
+)
 
 
 @dataclass
@@ -61,8 +85,10 @@ def check_resumable(directory: Path, saved: TrainingState, config: TrainConfig, 
         details = "; ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in changed)
         raise ValueError(f"cannot resume from {directory}: settings differ from the checkpoint's ({details})")
     if saved.world_size != world_size:
-        raise ValueError(f"{directory} was written by {saved.world_size} process(es) but this run has "
-                         f"{world_size}; an exact resume needs the same number of processes")
+        raise ValueError(
+            f"{directory} was written by {saved.world_size} process(es) but this run has "
+            f"{world_size}; an exact resume needs the same number of processes"
+        )
     if saved.step >= config.last_step:
         raise ValueError(f"{directory} is at step {saved.step}: nothing left to train before step {config.last_step}")
 
@@ -87,12 +113,16 @@ def claim_output_dir(output_dir: Path, overwrite: bool, topology: Topology) -> N
     earlier = earlier_run(output_dir)
     if earlier and not overwrite:
         if list_checkpoints(output_dir):
-            raise ValueError(f"{output_dir} already holds checkpoints: resume with resume_from_checkpoint='latest' "
-                             "(--resume latest), replace them with overwrite_output_dir=True (--overwrite-output-dir) "
-                             "or choose another output_dir")
+            raise ValueError(
+                f"{output_dir} already holds checkpoints: resume with resume_from_checkpoint='latest' "
+                "(--resume latest), replace them with overwrite_output_dir=True (--overwrite-output-dir) "
+                "or choose another output_dir"
+            )
         names = ", ".join(path.name for path in earlier)
-        raise ValueError(f"{output_dir} already holds the outputs of a run ({names}): replace them with "
-                         "overwrite_output_dir=True (--overwrite-output-dir) or choose another output_dir")
+        raise ValueError(
+            f"{output_dir} already holds the outputs of a run ({names}): replace them with "
+            "overwrite_output_dir=True (--overwrite-output-dir) or choose another output_dir"
+        )
     if earlier and topology.is_main:
         for path in earlier:
             if path.is_dir():

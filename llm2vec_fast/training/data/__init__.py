@@ -1,4 +1,5 @@
-"""The training data pipeline: indexed files -> records -> reproducible sharded orders -> tokenized, packed micro-batches.
+"""The training data pipeline: indexed files -> records -> reproducible sharded orders -> tokenized, packed
+micro-batches.
 
 `line_index` indexes files without loading them, `records` reads text lines and JSONL examples,
 `sampling` walks reproducible per-process orders, `masking` picks MNTP targets, `batches` holds

@@ -4,6 +4,7 @@ A batch keeps its sequences as token-id lists. On our kernels it goes to the dev
 (``pack_sequences``: real tokens only, never a padded block); on the reference path (HF SDPA or
 eager attention with a padding mask, for parity checks and benchmarks) it goes right-padded.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +14,9 @@ import torch
 from torch import Tensor
 
 
-def pad_right(sequences: list[list[int]], pad_id: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+def pad_right(
+    sequences: list[list[int]], pad_id: int, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
     """``(input_ids, attention_mask)``, both ``(len(sequences), longest)`` int64, padding on the right."""
     longest = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)

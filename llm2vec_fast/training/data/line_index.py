@@ -5,6 +5,7 @@ One streaming pass records the byte offset of every line holding a non-whitespac
 This lets a training run shuffle, shard across processes and resume at any position of a
 multi-gigabyte text or JSONL file without loading it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -8,6 +8,7 @@ selected token is replaced by the mask token ("all_mask"), or 80% mask token / 1
 Randomness comes from a generator seeded by the caller per sequence (seed, epoch, sample id), so
 masks do not depend on batch composition, process count or where a run was resumed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -80,12 +81,15 @@ def add_mask_token(tokenizer: PreTrainedTokenizerBase, mask_token_type: str) -> 
     tokenizer.mask_token = token
     token_id = tokenizer.convert_tokens_to_ids(token)
     if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
-        raise ValueError(f"the mask token {token!r} is not a single token of this tokenizer; "
-                         "choose mask_token_type 'eos' or 'mask'")
+        raise ValueError(
+            f"the mask token {token!r} is not a single token of this tokenizer; choose mask_token_type 'eos' or 'mask'"
+        )
     return added
 
 
 def masking_rule(tokenizer: PreTrainedTokenizerBase, probability: float, strategy: str) -> MaskingRule:
     """The rule for `tokenizer`, whose mask token must already be set (see `add_mask_token`)."""
     special = sorted(set(tokenizer.all_special_ids) - {tokenizer.mask_token_id})
-    return MaskingRule(probability, strategy, int(tokenizer.mask_token_id), len(tokenizer), np.asarray(special, dtype=np.int64))
+    return MaskingRule(
+        probability, strategy, int(tokenizer.mask_token_id), len(tokenizer), np.asarray(special, dtype=np.int64)
+    )

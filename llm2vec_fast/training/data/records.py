@@ -4,12 +4,14 @@ Files are indexed, not loaded (see `LineIndex`), so they may be larger than memo
 are checked in a streaming pass before training starts (unless disabled), so a malformed line
 fails the run at once with its file and line number instead of hours later.
 """
+
 from __future__ import annotations
 
 import json
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+
 from .line_index import LineIndex
 
 
@@ -93,7 +95,9 @@ class ContrastiveFile:
         negatives = record.get("negatives", [record["negative"]] if "negative" in record else [])
         if not isinstance(negatives, list):
             fail("'negatives' must be a list of strings")
-        for key, value in [("query", record["query"]), ("positive", record["positive"])] + [("negative", n) for n in negatives]:
+        for key, value in [("query", record["query"]), ("positive", record["positive"])] + [
+            ("negative", n) for n in negatives
+        ]:
             if not isinstance(value, str) or not value.strip():
                 fail(f"{key!r} must be a non-empty string, got {value!r}")
         instruction = record.get("instruction")
@@ -104,7 +108,9 @@ class ContrastiveFile:
         return ContrastiveExample(record["query"], record["positive"], tuple(negatives), instruction.strip())
 
 
-def contrastive_files(paths: list[str], instructions: dict[str, str | list[str]], validate: bool) -> list[ContrastiveFile]:
+def contrastive_files(
+    paths: list[str], instructions: dict[str, str | list[str]], validate: bool
+) -> list[ContrastiveFile]:
     """The data sets named by `paths` (JSONL files, or directories whose ``*.jsonl`` files are each one data set)."""
     files: list[Path] = []
     for entry in map(Path, paths):
@@ -120,9 +126,13 @@ def contrastive_files(paths: list[str], instructions: dict[str, str | list[str]]
     names = [f.stem for f in files]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"two training files share the data set name(s) {', '.join(duplicates)} (file stems must differ)")
+        raise ValueError(
+            f"two training files share the data set name(s) {', '.join(duplicates)} (file stems must differ)"
+        )
     unused = sorted(set(instructions) - set(names))
     if unused:
-        raise ValueError(f"'instructions' names data set(s) {', '.join(unused)} but no training file is so named; "
-                         f"data sets: {', '.join(names)}")
+        raise ValueError(
+            f"'instructions' names data set(s) {', '.join(unused)} but no training file is so named; "
+            f"data sets: {', '.join(names)}"
+        )
     return [ContrastiveFile(f, instructions.get(f.stem), validate) for f in files]

@@ -4,6 +4,7 @@ Every order is a pure function of ``(seed, epoch)``; a process's position in it 
 Saving those integers and restoring them continues the exact sequence of examples, which is what
 makes resumed runs produce the same losses as uninterrupted ones.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -4,6 +4,7 @@ Each source walks a reproducible order (`sampling`), tokenizes only the examples
 uses, and can report and restore its exact position (``state_dict``), including partly consumed
 token buffers, so a resumed run sees exactly the batches an uninterrupted run would have seen.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,7 +19,9 @@ from .records import ContrastiveFile, TextLines
 from .sampling import GroupedBatchOrder, StridedOrder
 
 
-def _token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int | None, special: bool = True) -> list[list[int]]:
+def _token_ids(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int | None, special: bool = True
+) -> list[list[int]]:
     truncation = {"truncation": True, "max_length": max_length} if max_length is not None else {}
     return tokenizer(texts, add_special_tokens=special, **truncation)["input_ids"]
 
@@ -49,7 +52,9 @@ class MNTPSource:
         if layout not in ("concat", "lines"):
             raise ValueError(f"data_layout must be 'concat' or 'lines', got {layout!r}")
         if max_tokens_per_batch is not None and max_tokens_per_batch < max_seq_length:
-            raise ValueError(f"max_tokens_per_batch ({max_tokens_per_batch}) must be at least max_seq_length ({max_seq_length})")
+            raise ValueError(
+                f"max_tokens_per_batch ({max_tokens_per_batch}) must be at least max_seq_length ({max_seq_length})"
+            )
         self.lines, self.tokenizer, self.rule = lines, tokenizer, rule
         self.layout, self.max_seq_length, self.batch_size = layout, max_seq_length, batch_size
         self.max_tokens = max_tokens_per_batch
@@ -95,8 +100,12 @@ class MNTPSource:
         return MNTPBatch(sequences, np.concatenate(rows), np.concatenate(cols), np.concatenate(ids))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"order": self.order.state_dict(), "buffer": list(self.buffer), "blocks_made": self.blocks_made,
-                "pending": self.pending}
+        return {
+            "order": self.order.state_dict(),
+            "buffer": list(self.buffer),
+            "blocks_made": self.blocks_made,
+            "pending": self.pending,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.order.load_state_dict(state["order"])
@@ -136,8 +145,19 @@ def tokenize_for_embedding(
 class SimCSESource:
     """SimCSE micro-batches: each sentence twice (queries, then the same sentences as positives)."""
 
-    def __init__(self, lines: TextLines, tokenizer: PreTrainedTokenizerBase, *, max_seq_length: int, batch_size: int,
-                 append_eos: bool, template: str | None, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        lines: TextLines,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        max_seq_length: int,
+        batch_size: int,
+        append_eos: bool,
+        template: str | None,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.lines, self.tokenizer = lines, tokenizer
         self.max_seq_length, self.batch_size = max_seq_length, batch_size
         self.options = {"append_eos": append_eos, "template": template}
@@ -160,8 +180,19 @@ class SimCSESource:
 class SupervisedSource:
     """Supervised micro-batches (query with instruction, positive, hard negatives), one data set per global batch."""
 
-    def __init__(self, datasets: list[ContrastiveFile], tokenizer: PreTrainedTokenizerBase, *, max_seq_length: int,
-                 batch_size: int, append_eos: bool, template: str | None, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        datasets: list[ContrastiveFile],
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        max_seq_length: int,
+        batch_size: int,
+        append_eos: bool,
+        template: str | None,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.datasets, self.tokenizer = datasets, tokenizer
         self.max_seq_length = max_seq_length
         self.options = {"append_eos": append_eos, "template": template}

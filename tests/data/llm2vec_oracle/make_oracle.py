@@ -18,6 +18,7 @@ Stage 2 runs this file again under the oracle interpreter (``--stage oracle``): 
 every case of ``CHECKPOINT_CASES`` into ``checkpoints.safetensors`` (``<family>/<case>`` keys);
 ``cases.json`` and ``checkpoint_cases.json`` record the cases.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,10 @@ def _case(name: str, inputs: list, **settings) -> dict:
 
 
 CASES = [
-    *(_case(f"plain_{mode}", SENTENCES, pooling_mode=mode) for mode in
-      ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")),
+    *(
+        _case(f"plain_{mode}", SENTENCES, pooling_mode=mode)
+        for mode in ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
+    ),
     *(_case(f"pairs_{mode}", PAIRS, pooling_mode=mode) for mode in ("mean", "weighted_mean", "eos_token")),
     _case("pairs_mean_keep_instruction", PAIRS, pooling_mode="mean", skip_instruction=False),
     _case("truncated_mean", LONG_PAIRS, pooling_mode="mean", max_length=24, doc_max_length=12),
@@ -111,11 +114,15 @@ def write_models() -> None:
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         vocab_file = directory / "tokenizer.json"
         vocab = json.loads(vocab_file.read_text())  # merges as "a b" strings: tokenizers < 0.20 (transformers 4.44)
-        vocab["model"]["merges"] = [" ".join(pair) if isinstance(pair, list) else pair for pair in vocab["model"]["merges"]]
+        vocab["model"]["merges"] = [
+            " ".join(pair) if isinstance(pair, list) else pair for pair in vocab["model"]["merges"]
+        ]
         vocab_file.write_text(json.dumps(vocab, ensure_ascii=False) + "\n")
         tokenizer_file = directory / "tokenizer_config.json"
         tokenizer_config = json.loads(tokenizer_file.read_text())
-        tokenizer_config.update(tokenizer_class="PreTrainedTokenizerFast", model_input_names=["input_ids", "attention_mask"])
+        tokenizer_config.update(
+            tokenizer_class="PreTrainedTokenizerFast", model_input_names=["input_ids", "attention_mask"]
+        )
         tokenizer_file.write_text(json.dumps(tokenizer_config, indent=2, sort_keys=True) + "\n")
     (HERE / "cases.json").write_text(json.dumps(CASES, indent=1) + "\n")
 
@@ -157,7 +164,9 @@ def run_checkpoint_oracle() -> None:
         for case in CHECKPOINT_CASES:
             peft = case["peft"] and str(HERE / f"{family}_{case['peft']}")
             encoder = LLM2Vec.from_pretrained(
-                str(HERE / f"{family}_mntp"), peft_model_name_or_path=peft, torch_dtype=torch.float32,
+                str(HERE / f"{family}_mntp"),
+                peft_model_name_or_path=peft,
+                torch_dtype=torch.float32,
                 **case["settings"],
             )
             embeddings[f"{family}/{case['name']}"] = encoder.encode(
