@@ -33,19 +33,16 @@ def _allowed(
     seqlen_q: int,
     seqlen_k: int,
     key_mask: Tensor | None,
-    causal: bool,
-    window_size: tuple[int, int],
+    options: AttentionOptions,
     device: torch.device,
 ) -> Tensor:
     """Boolean (B or 1, 1, 1, Sq, Sk) matrix of query/key pairs that may attend.
 
     Query i sits at key position i + Sk - Sq (bottom-right alignment, as flash-attn) and sees
-    keys within ``window_size = (left, right)`` of it (-1 = unbounded); causal means right = 0.
+    keys within ``options.key_window = (left, right)`` of it (-1 = unbounded; causal means right = 0).
     With a key-padding mask and Sq == Sk (self-attention) padded query rows see nothing.
     """
-    left, right = window_size
-    if causal:
-        right = 0
+    left, right = options.key_window
     rows = torch.arange(seqlen_q, device=device)[:, None] + (seqlen_k - seqlen_q)
     cols = torch.arange(seqlen_k, device=device)[None, :]
     allowed = torch.ones(1, seqlen_q, seqlen_k, dtype=torch.bool, device=device)
@@ -105,17 +102,17 @@ def _seen_product(weights: Tensor, allowed: Tensor, values: Tensor) -> Tensor:
     return result.masked_fill(torch.isinf(result), float("nan"))
 
 
-def _forward_padded(q, k, v, key_mask, causal, window_size, softcap, scale):
+def _forward_padded(q, k, v, key_mask, options):
     batch, seqlen_q, heads_q, head_dim = q.shape
     q32, k32, v32 = _grouped(q, k, v)
-    allowed = _allowed(seqlen_q, k.shape[1], key_mask, causal, window_size, q.device)
-    probs, lse = _probabilities(_scores(q32, k32, allowed, scale, softcap), allowed)
+    allowed = _allowed(seqlen_q, k.shape[1], key_mask, options, q.device)
+    probs, lse = _probabilities(_scores(q32, k32, allowed, options.softmax_scale, options.softcap), allowed)
     out = _seen_product(probs, allowed, v32).masked_fill((lse == float("-inf"))[..., None], 0.0)
     out = out.permute(0, 3, 1, 2, 4).reshape(batch, seqlen_q, heads_q, head_dim)
     return out.to(q.dtype).contiguous(), lse.reshape(batch, heads_q, seqlen_q)
 
 
-def _backward_padded(dout, q, k, v, out, lse, dlse, key_mask, causal, window_size, softcap, scale):
+def _backward_padded(dout, q, k, v, out, lse, dlse, key_mask, options):
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv = k.shape[2]
     group = heads_q // heads_kv
@@ -125,7 +122,8 @@ def _backward_padded(dout, q, k, v, out, lse, dlse, key_mask, causal, window_siz
     delta = (dout.float() * out.float()).sum(-1).view(batch, seqlen_q, heads_kv, group).permute(0, 2, 3, 1)
     if dlse is not None:
         delta = delta - dlse.float().view(batch, heads_kv, group, seqlen_q)
-    allowed = _allowed(seqlen_q, k.shape[1], key_mask, causal, window_size, q.device)
+    allowed = _allowed(seqlen_q, k.shape[1], key_mask, options, q.device)
+    scale, softcap = options.softmax_scale, options.softcap
     scores = _scores(q32, k32, allowed, scale, softcap)
     probs = _seen_probabilities(scores, allowed, lse)
     dscores = probs * (do32 @ v32.transpose(-1, -2) - delta[..., None])
@@ -149,17 +147,14 @@ def _sequence_bounds(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor) -> list[tuple[i
 def forward(
     q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, options: AttentionOptions
 ) -> tuple[Tensor, Tensor]:
-    causal, window_size, softcap, softmax_scale = options.causal, options.window, options.softcap, options.softmax_scale
     if not layout.is_packed:
-        return _forward_padded(q, k, v, layout.key_mask, causal, window_size, softcap, softmax_scale)
+        return _forward_padded(q, k, v, layout.key_mask, options)
     out = q.new_zeros(q.shape)
     lse = torch.full(layout.lse_shape(q), float("-inf"), dtype=torch.float32, device=q.device)
     for q0, q1, k0, k1 in _sequence_bounds(layout.cu_seqlens_q, layout.cu_seqlens_k):
         if q1 == q0:
             continue
-        seq_out, seq_lse = _forward_padded(
-            q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], None, causal, window_size, softcap, softmax_scale
-        )
+        seq_out, seq_lse = _forward_padded(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], None, options)
         out[q0:q1] = seq_out[0]
         lse[:, q0:q1] = seq_lse[0]
     return out, lse
@@ -176,11 +171,8 @@ def backward(
     layout: AttentionLayout,
     options: AttentionOptions,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    causal, window_size, softcap, softmax_scale = options.causal, options.window, options.softcap, options.softmax_scale
     if not layout.is_packed:
-        return _backward_padded(
-            dout, q, k, v, out, lse, dlse, layout.key_mask, causal, window_size, softcap, softmax_scale
-        )
+        return _backward_padded(dout, q, k, v, out, lse, dlse, layout.key_mask, options)
     dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     for q0, q1, k0, k1 in _sequence_bounds(layout.cu_seqlens_q, layout.cu_seqlens_k):
         if q1 == q0 or k1 == k0:
@@ -188,7 +180,7 @@ def backward(
         seq_dlse = None if dlse is None else dlse[None, :, q0:q1]
         grads = _backward_padded(
             dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], out[None, q0:q1],
-            lse[None, :, q0:q1], seq_dlse, None, causal, window_size, softcap, softmax_scale,
+            lse[None, :, q0:q1], seq_dlse, None, options,
         )
         dq[q0:q1], dk[k0:k1], dv[k0:k1] = (g[0] for g in grads)
     return dq, dk, dv
