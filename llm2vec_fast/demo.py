@@ -9,11 +9,11 @@ the encoding speed. The weights are random, so the similarities only show the pl
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from typing import Any
 
+from .cli_common import add_verbose_flag, report_error
 from .pooling import POOLING_MODES
 from .tiny import FAMILIES
 
@@ -44,22 +44,28 @@ def _attention_backend(encoder: Any, device: str) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import torch
-
-    from .encoder import LLM2Vec
+    from .loading import quiet_libraries
     from .runtime import check_device
-    from .tiny import build_tiny_model
 
     try:
         device = str(check_device(args.device))
     except (TypeError, ValueError) as error:
-        print(f"llm2vec-fast demo: error: {error}", file=sys.stderr)
-        return 2
+        return report_error("demo", error)
+    with quiet_libraries(args.verbose):
+        return _demo(args, device)
+
+
+def _demo(args: argparse.Namespace, device: str) -> int:
+    import torch
+
+    from .encoder import LLM2Vec
+    from .tiny import build_tiny_model
+
     with tempfile.TemporaryDirectory() as directory:
         model, tokenizer = build_tiny_model(args.family)
         model.model.save_pretrained(directory)  # the base decoder, what LLM2Vec loads
         tokenizer.save_pretrained(directory)
-        encoder = LLM2Vec.from_pretrained(directory, pooling_mode=args.pooling)
+        encoder = LLM2Vec.from_pretrained(directory, pooling_mode=args.pooling, verbose=args.verbose)
     encoder.encode(DEMO_INPUTS, show_progress_bar=False, device=device)  # warm-up
     start = time.perf_counter()
     embeddings = encoder.encode(DEMO_INPUTS, show_progress_bar=False, device=device)
@@ -88,4 +94,5 @@ def add_demo_command(subparsers: Any) -> None:
     parser.add_argument("--family", default="llama", choices=FAMILIES)
     parser.add_argument("--pooling", default="mean", choices=POOLING_MODES)
     parser.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
+    add_verbose_flag(parser)
     parser.set_defaults(func=run_demo)

@@ -16,6 +16,7 @@ import json
 import os
 import struct
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,8 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .backends import BACKENDS
-from .loading import ADAPTER_CONFIG_NAME
+from .cli_common import add_verbose_flag, report_error
+from .loading import ADAPTER_CONFIG_NAME, quiet_libraries
 from .pooling import POOLING_MODES
 from .runtime import check_backend, check_device, default_device
 
@@ -178,16 +180,33 @@ def _dtype(name: str, device: str) -> Any:
 def run_encode(args: argparse.Namespace) -> int:
     """Entry point of ``llm2vec-fast encode``; returns the exit status."""
     try:
-        return _encode(args)
+        with quiet_libraries(args.verbose):
+            return _encode(args)
     except UsageError as error:
-        print(f"llm2vec-fast encode: error: {error}", file=sys.stderr)
-        return 2
+        return report_error("encode", error)
     except Interrupted as interruption:
         print(f"llm2vec-fast encode: {interruption}", file=sys.stderr)
         return INTERRUPTED
     except KeyboardInterrupt:
         print("llm2vec-fast encode: interrupted before encoding; nothing written", file=sys.stderr)
         return INTERRUPTED
+
+
+class _BatchProgress:
+    """Moves a tqdm bar after each forward (not each chunk) and shows texts/s and tokens/s since the first batch."""
+
+    def __init__(self, bar: Any):
+        self.bar, self.texts, self.tokens, self.start = bar, 0, 0, time.perf_counter()
+
+    def __call__(self, texts: int, tokens: int | None) -> None:
+        self.texts += texts
+        self.tokens += tokens or 0
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        rates = {"texts/s": f"{self.texts / seconds:,.0f}"}
+        if self.tokens:
+            rates["tokens/s"] = f"{self.tokens / seconds:,.0f}"
+        self.bar.set_postfix(rates, refresh=False)
+        self.bar.update(texts)
 
 
 def _encode(args: argparse.Namespace) -> int:
@@ -211,10 +230,12 @@ def _encode(args: argparse.Namespace) -> int:
             skip_instruction=False if args.keep_instruction else None,
             attention_backend=args.backend,
             dtype=_dtype(args.dtype, devices[0]),
+            verbose=args.verbose,
         )
     except (OSError, ValueError) as error:
         raise UsageError(f"could not load model {args.model}: {error}") from None
     width = encoder.model.config.hidden_size
+    progress = tqdm(total=count, desc="Encoding", unit="text", disable=args.no_progress)
     stream = encoder.encode_stream(
         _read_items(source),
         chunk_size=args.chunk_size,
@@ -224,19 +245,16 @@ def _encode(args: argparse.Namespace) -> int:
         max_batch_tokens=args.max_batch_tokens,
         instruction=args.instruction,
         convert_to_numpy=True,
+        on_batch=_BatchProgress(progress),
     )
     partial = target.with_name(target.name + ".partial")
     metadata = {"model": str(args.model), "pooling_mode": encoder.pooling_mode, "instruction": args.instruction or ""}
     done = 0
     try:
-        with (
-            tqdm(total=count, desc="Encoding", unit="text", disable=args.no_progress) as progress,
-            _open_output(partial, target.suffix, (count, width), metadata) as write,
-        ):
+        with progress, _open_output(partial, target.suffix, (count, width), metadata) as write:
             for block in stream:
                 write(block)
                 done += len(block)
-                progress.update(len(block))
         os.replace(partial, target)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted after {done} of {count} texts; nothing written") from None
@@ -273,4 +291,5 @@ def add_encode_command(subparsers: Any) -> None:
     parser.add_argument("--device", default=None, help="device, or a comma-separated list for one process per device")
     parser.add_argument("--backend", choices=("auto", *BACKENDS), help="force an attention backend")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_verbose_flag(parser)
     parser.set_defaults(func=run_encode)

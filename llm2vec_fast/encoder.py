@@ -22,7 +22,7 @@ pooling, same saved format. Differences, all deliberate:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,7 +38,7 @@ from .hf import (
     transformers_model,
     without_dropout,
 )
-from .loading import load_encoder_parts, save_encoder
+from .loading import load_encoder_parts, quiet_libraries, save_encoder
 from .pooling import check_pooling_mode, pool_packed
 from .runtime import check_device
 from .text import (
@@ -113,6 +113,10 @@ def to_pairs(sentences: Sequence[Any], instruction: str | None = None) -> list[t
     return pairs
 
 
+BatchCallback = Callable[[int, int | None], None]
+"""Told after each encoded batch its number of texts and of tokens (None where not known)."""
+
+
 def _format_output(embeddings: Tensor, convert_to_numpy: bool, convert_to_tensor: bool) -> Tensor | np.ndarray:
     if convert_to_numpy and not convert_to_tensor:
         return embeddings.numpy()
@@ -128,6 +132,12 @@ def _with_progress(
         for block in blocks:
             progress.update(len(block))
             yield _format_output(block, convert_to_numpy, False)
+
+
+def _reporting_blocks(blocks: Iterator[Tensor], on_batch: BatchCallback) -> Iterator[Tensor]:
+    for block in blocks:
+        on_batch(len(block), None)
+        yield block
 
 
 class LLM2Vec(nn.Module):
@@ -173,6 +183,7 @@ class LLM2Vec(nn.Module):
         skip_instruction: bool | None = None,
         *,
         attention_backend: str | None = None,
+        verbose: bool = False,
         **hf_kwargs: Any,
     ) -> LLM2Vec:
         """Load a model (and optionally a PEFT adapter) as the official ``LLM2Vec.from_pretrained`` does.
@@ -184,7 +195,8 @@ class LLM2Vec(nn.Module):
         one is given, else the base), then from the defaults mean / 512 / 400 / True.
         `attention_backend` forces an attention backend; `hf_kwargs` go to ``AutoModel.from_pretrained``
         (e.g. ``dtype=torch.bfloat16``, ``device_map``). With ``enable_bidirectional=False`` the model
-        stays causal (still on our kernels).
+        stays causal (still on our kernels). transformers' load report, progress bars and deprecation warnings
+        are silenced during the load unless `verbose`.
         """
         explicit = dict(
             pooling_mode=pooling_mode,
@@ -192,15 +204,16 @@ class LLM2Vec(nn.Module):
             doc_max_length=doc_max_length,
             skip_instruction=skip_instruction,
         )
-        model, tokenizer, settings = load_encoder_parts(
-            base_model_name_or_path,
-            peft_model_name_or_path,
-            merge_peft,
-            enable_bidirectional,
-            explicit,
-            attention_backend,
-            hf_kwargs,
-        )
+        with quiet_libraries(verbose):
+            model, tokenizer, settings = load_encoder_parts(
+                base_model_name_or_path,
+                peft_model_name_or_path,
+                merge_peft,
+                enable_bidirectional,
+                explicit,
+                attention_backend,
+                hf_kwargs,
+            )
         return cls(model=model, tokenizer=tokenizer, **settings)
 
     def save(self, output_path: str, merge_before_save: bool = False, save_config: bool = True) -> None:
@@ -347,6 +360,7 @@ class LLM2Vec(nn.Module):
         max_batch_tokens: int | None,
         show_progress_bar: bool,
         device: str | torch.device | None,
+        on_batch: BatchCallback | None = None,
     ) -> Tensor:
         from tqdm.auto import tqdm
 
@@ -367,6 +381,8 @@ class LLM2Vec(nn.Module):
                 lengths = torch.tensor([instruction_lengths[i] for i in batch], device=target)
                 result[torch.tensor(batch)] = self.embed_packed(packed, lengths).cpu()
                 progress.update(len(batch))
+                if on_batch is not None:
+                    on_batch(len(batch), sum(len(ids[i]) for i in batch))
         return result
 
     def encode_stream(
@@ -381,12 +397,14 @@ class LLM2Vec(nn.Module):
         convert_to_numpy: bool = False,
         device: str | torch.device | None = None,
         show_progress_bar: bool = False,
+        on_batch: BatchCallback | None = None,
     ) -> Iterator[Tensor | np.ndarray]:
         """Embed an iterable of any size chunk by chunk, yielding ``(n, H)`` float32 blocks in input order.
 
         With `devices`, chunks are spread over one process per device (:class:`EncodePool`). At most
         `chunk_size` inputs (times twice the number of devices) are held in memory at once. The settings
-        are checked here, before the first input is read.
+        are checked here, before the first input is read. `on_batch` (a progress display) is told the texts
+        and tokens of each forward as it ends; with `devices`, of each chunk as it arrives (tokens None).
         """
         check_positive_int("chunk_size", chunk_size)
         plan_batches([], batch_size, max_batch_tokens)
@@ -400,8 +418,12 @@ class LLM2Vec(nn.Module):
             from .encode_pool import encode_on_devices
 
             blocks = encode_on_devices(self, chunks, devices, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
+            if on_batch is not None:
+                blocks = _reporting_blocks(blocks, on_batch)
         else:
-            blocks = (self._encode_pairs(chunk, batch_size, max_batch_tokens, False, device) for chunk in chunks)
+            blocks = (
+                self._encode_pairs(chunk, batch_size, max_batch_tokens, False, device, on_batch) for chunk in chunks
+            )
         return _with_progress(blocks, convert_to_numpy, show_progress_bar)
 
     # ------------------------------------------------------------------ official helpers

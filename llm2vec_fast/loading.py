@@ -18,8 +18,11 @@ through transformers' PEFT integration, so that the model saves again with any p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -34,6 +37,40 @@ ENCODER_KEYS = ("pooling_mode", "max_length", "doc_max_length", "skip_instructio
 ENCODER_DEFAULTS = {"pooling_mode": "mean", "max_length": 512, "doc_max_length": 400, "skip_instruction": True}
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 _MAX_ADAPTER_CHAIN = 8
+
+
+@contextlib.contextmanager
+def quiet_libraries(verbose: bool = False) -> Iterator[None]:
+    """Within the block, unless `verbose`: no transformers logs below errors (its LOAD REPORT is a warning), no
+    transformers or huggingface_hub progress bars (loading weights, writing shards), no deprecation warnings.
+
+    Everything is restored afterwards: users who import us keep their own settings outside our calls.
+    """
+    if verbose:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars_shown, hub_bars_hidden = (
+        hf_logging.get_verbosity(),
+        hf_logging.is_progress_bar_enabled(),
+        are_progress_bars_disabled(),
+    )
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            for category in (DeprecationWarning, FutureWarning):
+                warnings.simplefilter("ignore", category)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars_shown:
+            hf_logging.enable_progress_bar()
+        if not hub_bars_hidden:
+            enable_progress_bars()
 
 
 def _looks_local(source: str) -> bool:

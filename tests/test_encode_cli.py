@@ -184,7 +184,33 @@ def test_ctrl_c_reports_progress_and_writes_nothing(tmp_path: Path, capsys, monk
     source.write_text("\n".join(LINES) + "\n")
     target = tmp_path / f"out{suffix}"
     assert _run("encode", str(MODEL), str(source), str(target), "--no-progress") == 130
-    error = capsys.readouterr().err  # after the model loading bar of transformers
-    assert error.endswith("\nllm2vec-fast encode: interrupted after 2 of 4 texts; nothing written\n")
-    assert "Traceback" not in error
+    assert capsys.readouterr().err == "llm2vec-fast encode: interrupted after 2 of 4 texts; nothing written\n"
     assert list(tmp_path.iterdir()) == [source]
+
+
+def test_progress_bar_advances_per_batch_with_texts_and_tokens_per_second(tmp_path: Path, monkeypatch) -> None:
+    import tqdm.auto
+
+    bars = []
+
+    class RecordingBar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.shown, self.steps, self.postfixes = not self.disable, [], []
+            bars.append(self)
+
+        def update(self, n=1):
+            self.steps.append(n)
+            return super().update(n)
+
+        def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+            self.postfixes.append(dict(ordered_dict or {}, **kwargs))
+            return super().set_postfix(ordered_dict, refresh, **kwargs)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(LINES + ["One more line.", "And the last one."]) + "\n")
+    assert _run("encode", str(MODEL), str(source), str(tmp_path / "out.npy"), "--batch-size", "2") == 0
+    (bar,) = [bar for bar in bars if bar.shown]  # one chunk of 6 texts (the default chunk size is 4096): three forwards of 2
+    assert bar.total == 6 and bar.steps == [2, 2, 2] and bar.n == 6
+    assert all(set(postfix) == {"texts/s", "tokens/s"} for postfix in bar.postfixes) and len(bar.postfixes) == 3

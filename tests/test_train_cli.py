@@ -15,6 +15,7 @@ from llm2vec_fast.training import load_config
 from llm2vec_fast.training.cli import main
 from llm2vec_fast.training.data.batches import ContrastiveBatch
 from llm2vec_fast.training.data.sources import tokenize_for_embedding
+from llm2vec_fast.training.loss_log import moving_average, plot_losses, read_log
 from llm2vec_fast.training.modeling import build_embedder, decoder_spec, load_tokenizer
 
 TEXTS = ["A man is playing a guitar.", "Paris is the capital of France.", "Padding tokens should cost nothing."]
@@ -46,7 +47,7 @@ def _encode(model, texts):
     return model.encode(texts, batch_size=2, show_progress_bar=False, convert_to_tensor=True)
 
 
-def test_mntp_then_simcse_then_encode(files, tmp_path):
+def test_mntp_then_simcse_then_encode(files, tmp_path, capfd):
     model = str(files / "model")
     mntp, simcse = tmp_path / "mntp", tmp_path / "simcse"
     assert (
@@ -74,6 +75,15 @@ def test_mntp_then_simcse_then_encode(files, tmp_path):
         and (mntp / "loss.png").is_file()
     )
     assert len((mntp / "loss_log.csv").read_text().splitlines()) == 4
+    losses = [row["loss"] for row in read_log(mntp / "loss_log.jsonl")]
+    captured = capfd.readouterr()  # where it writes, then the final metrics; no transformers bars or reports
+    assert f"mntp: checkpoints, loss_log.csv and loss.png go to {mntp}\n" in captured.out
+    err = captured.err
+    assert err.endswith(
+        f"llm2vec-fast train mntp: final loss {losses[-1]:.4f} (mean of the last 1 steps {losses[-1]:.4f}); "
+        f"adapter, checkpoints and loss.png in {mntp}\n"
+    )
+    assert "Loading weights" not in err and "Writing model shards" not in err
     assert (
         main(
             [
@@ -190,3 +200,43 @@ def test_cli_reports_bad_data_before_training(files, tmp_path, capsys):
     )
     assert f"error: {bad / 'nq.jsonl'}:2: invalid JSON" in capsys.readouterr().err
     assert not (tmp_path / "o" / "loss_log.csv").exists()
+
+
+def test_moving_average_is_the_mean_of_each_window():
+    values = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0]
+    expected = [sum(values[max(0, i - 2) : i + 1]) / len(values[max(0, i - 2) : i + 1]) for i in range(len(values))]
+    assert moving_average(values, 3) == pytest.approx(expected)
+    assert moving_average(values, 1) == values
+
+
+def test_loss_plot_shows_loss_smoothed_learning_rate_and_grad_norm(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    drawn = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda figure, *a, **k: drawn.append(figure) or save(figure, *a, **k)
+    )
+    rows = [
+        {
+            "step": s,
+            "loss": 2.0 / s,
+            "grad_norm": 1.0 + s % 3,
+            "learning_rate": 1e-4 * s / 40,
+            "tokens": 100,
+            "loss_terms": 10,
+            "seconds": 0.1,
+        }
+        for s in range(1, 41)
+    ]
+    path = plot_losses(rows, tmp_path / "loss.png", "mntp run my-run (tiny)")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (figure,) = drawn
+    loss_axis, lr_axis, norm_axis = figure.axes
+    assert [a.get_ylabel() for a in figure.axes] == ["loss", "learning rate", "grad norm"]
+    raw, smoothed = loss_axis.get_lines()
+    assert list(raw.get_ydata()) == [r["loss"] for r in rows]
+    assert list(smoothed.get_ydata()) == pytest.approx(moving_average([r["loss"] for r in rows], 2))
+    assert list(lr_axis.get_lines()[0].get_ydata()) == [r["learning_rate"] for r in rows]
+    assert list(norm_axis.get_lines()[0].get_ydata()) == [r["grad_norm"] for r in rows]
+    assert figure._suptitle.get_text().startswith("mntp run my-run (tiny)\nstep 40, loss 0.0500, 4,000 tokens")

@@ -193,7 +193,8 @@ def test_cli_none_clears_a_file_value_and_bad_choices_are_one_line_errors(tmp_pa
     assert main(["mntp", "--config", str(path), "--lr-scheduler", "step"]) == 2
     err = capsys.readouterr().err
     assert (
-        err.strip() == "error: command line: 'lr_scheduler' must be one of 'constant', 'linear', 'cosine', got 'step'"
+        err.strip() == "llm2vec-fast train mntp: error: command line: 'lr_scheduler' must be one of 'constant', "
+        "'linear', 'cosine', got 'step'"
     )
 
 

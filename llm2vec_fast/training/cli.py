@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from typing import Any
 
 from transformers import HfArgumentParser
 
+from ..cli_common import add_verbose_flag, report_error
 from .config import CONFIG_CLASSES, load_config, preset_names
 
 _HELP = {
@@ -81,37 +83,63 @@ def _add_objective(subparsers: Any, objective: str) -> None:
         help=f"JSON/YAML config file, or a shipped preset: {', '.join(preset_names())}",
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    add_verbose_flag(parser)
     parser.set_defaults(func=_run, objective=objective)
 
 
+def _is_main_process() -> bool:
+    """Whether this process speaks for the run (rank 0 under torchrun, or the only process)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _say(command: str, message: str) -> None:
+    if _is_main_process():
+        print(f"llm2vec-fast {command}: {message}", file=sys.stderr)
+
+
+def _final_metrics(losses: list[float]) -> str:
+    """The last loss and the mean of the last tenth of the run's steps (less noisy than one step)."""
+    tail = losses[-max(1, len(losses) // 10) :]
+    return f"final loss {losses[-1]:.4f} (mean of the last {len(tail)} steps {sum(tail) / len(tail):.4f})"
+
+
 def _run(args: argparse.Namespace) -> int:
+    from ..loading import quiet_libraries
     from .loop import TrainingInterrupted
     from .objectives import train
     from .process_group import shutdown
 
+    command = f"train {args.objective}"
     names = {f.name for f in dataclasses.fields(CONFIG_CLASSES[args.objective])}
     overrides = {k: v for k, v in vars(args).items() if k in names}
     try:
         config = load_config(args.objective, args.config, overrides)
     except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_error(command, error)
+    if config.warmup_steps >= config.max_steps:
+        _say(
+            command,
+            f"warning: warmup_steps ({config.warmup_steps}) >= max_steps ({config.max_steps}): "
+            "the learning rate never reaches learning_rate",
+        )
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     try:
-        train(config)
+        with quiet_libraries(args.verbose):
+            result = train(config)
     except (ValueError, FileNotFoundError) as error:  # bad data, settings or checkpoints: the message says which
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_error(command, error)
     except TrainingInterrupted as interrupted:
-        print(interrupted, file=sys.stderr)
+        print(f"llm2vec-fast {command}: {interrupted}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # before the first step or while writing the final outputs
-        print("interrupted", file=sys.stderr)
+        print(f"llm2vec-fast {command}: interrupted", file=sys.stderr)
         return 130
     finally:
         shutdown()
+    if result.losses:
+        _say(command, f"{_final_metrics(result.losses)}; adapter, checkpoints and loss.png in {result.output_dir}")
     return 0
 
 

@@ -179,6 +179,8 @@ class Trainer:
     def train(self) -> TrainingResult:
         """Run to ``last_step``; Ctrl-C raises `TrainingInterrupted`, leaving every completed checkpoint intact."""
         config = self.config
+        if self.topology.is_main:
+            print(f"{config.objective}: checkpoints, loss_log.csv and loss.png go to {self.output_dir}")
         progress = tqdm(
             total=config.max_steps,
             initial=self.state.step,
@@ -231,5 +233,6 @@ class Trainer:
             if self.state.step % config.save_steps == 0 or self.state.step == self.last_step:
                 last_checkpoint = self.save()
                 if self.log is not None:
-                    self.log.plot(f"{config.objective}: {Path(config.model_name_or_path).name}")
+                    model_name = Path(config.model_name_or_path).name
+                    self.log.plot(f"{config.objective} run {self.output_dir.name} ({model_name})")
         return losses, last_checkpoint

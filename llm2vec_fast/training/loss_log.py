@@ -76,11 +76,27 @@ class LossLog:
             handle.write(json.dumps(row) + "\n")
 
     def plot(self, title: str) -> Path | None:
-        """Draw ``loss.png`` (raw loss and a moving average); None, with a warning, without matplotlib."""
+        """Draw ``loss.png`` (loss raw and smoothed, learning rate, gradient norm); None, with a warning, without
+        matplotlib."""
         return plot_losses(self.rows, self.directory / "loss.png", title)
 
 
+def moving_average(values: list[float], window: int) -> list[float]:
+    """The mean of each value and the up to ``window - 1`` values before it."""
+    sums = [0.0]
+    for value in values:
+        sums.append(sums[-1] + value)
+    return [(sums[i + 1] - sums[max(0, i + 1 - window)]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(values))]
+
+
+def smoothing_window(steps: int) -> int:
+    """About a twentieth of the run, at least one step: smooth enough to show the trend, short enough to follow it."""
+    return max(1, steps // 20)
+
+
 def plot_losses(rows: list[dict[str, float]], path: Path, title: str) -> Path | None:
+    """Three panels sharing the step axis: loss (raw, faint, and its moving average), learning rate, gradient norm
+    (log scale when it spans more than a factor 100); `title` names the run."""
     try:
         import matplotlib
 
@@ -91,20 +107,33 @@ def plot_losses(rows: list[dict[str, float]], path: Path, title: str) -> Path | 
         return None
     steps = [r["step"] for r in rows]
     losses = [r["loss"] for r in rows]
-    window = max(1, len(losses) // 50)
-    smooth = [
-        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-        for i in range(len(losses))
-    ]
-    figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
-    axis.plot(steps, losses, alpha=0.35, label="loss")
+    window = smoothing_window(len(losses))
+    figure, (loss_axis, lr_axis, norm_axis) = plt.subplots(
+        3, 1, figsize=(8, 7), dpi=120, sharex=True, gridspec_kw={"height_ratios": [3, 1, 1]}
+    )
+    loss_axis.plot(steps, losses, color="tab:blue", alpha=0.3 if window > 1 else 1.0, linewidth=1, label="loss")
     if window > 1:
-        axis.plot(steps, smooth, label=f"moving average ({window} steps)")
-    axis.set_xlabel("optimizer step")
-    axis.set_ylabel("loss")
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-    axis.legend()
+        loss_axis.plot(
+            steps, moving_average(losses, window), color="tab:blue", label=f"moving average ({window} steps)"
+        )
+    loss_axis.set_ylabel("loss")
+    loss_axis.legend(loc="upper right")
+    lr_axis.plot(steps, [r["learning_rate"] for r in rows], color="tab:green")
+    lr_axis.set_ylabel("learning rate")
+    lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    norms = [r["grad_norm"] for r in rows]
+    norm_axis.plot(steps, norms, color="tab:red", linewidth=1)
+    finite = [n for n in norms if n > 0 and n != float("inf")]
+    if finite and max(finite) > 100 * min(finite):
+        norm_axis.set_yscale("log")
+    norm_axis.set_ylabel("grad norm")
+    norm_axis.set_xlabel("optimizer step")
+    for axis in (loss_axis, lr_axis, norm_axis):
+        axis.grid(alpha=0.3)
+    if rows:
+        last = rows[-1]
+        title += f"\nstep {last['step']}, loss {last['loss']:.4f}, {sum(r['tokens'] for r in rows):,} tokens"
+    figure.suptitle(title)
     figure.tight_layout()
     write_atomically(path, lambda temporary: figure.savefig(temporary, format="png"))
     plt.close(figure)
