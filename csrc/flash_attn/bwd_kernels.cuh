@@ -65,24 +65,101 @@ __global__ void __launch_bounds__(256) bwd_preprocess_kernel(const BwdParams p) 
   }
 }
 
-// Turns raw scores into log2 units in place; under a soft cap the array keeps t = tanh(s * scale
-// / softcap) instead (x = softcap * log2(e) * t, needed again for the derivative 1 - t^2).
-struct ScoreTransform {
-  bool capped;
-  float mul;       // scale * log2(e), or scale / softcap
-  float cap_log2;  // softcap * log2(e)
+// ---- the exact slow path (see fwd_kernel.cuh) ------------------------------------------------------
 
-  __device__ __forceinline__ explicit ScoreTransform(const AttnParams& p)
-      : capped(p.softcap > 0.f), mul(capped ? p.scale / p.softcap : p.scale * kLog2e), cap_log2(p.softcap * kLog2e) {}
-  __device__ __forceinline__ float stored(float s) const { return capped ? accurate_tanh(s * mul) : s * mul; }
-  __device__ __forceinline__ float log2_units(float stored_value) const {
-    return capped ? cap_log2 * stored_value : stored_value;
-  }
-  // d(capped score) / d(score / scale): 1 - t^2, 0 for masked entries (t = -inf).
-  __device__ __forceinline__ float derivative(float stored_value) const {
-    return capped ? fmaxf(1.f - stored_value * stored_value, 0.f) : 1.f;
-  }
+// P and dS of one pair a query sees, from the rows as slices, in IEEE arithmetic.
+struct PairGrads {
+  float prob, ds;
 };
+template <int kHeadDim>
+__device__ __forceinline__ PairGrads seen_pair_grads(const ScoreTransform& score, const RowSlice<kHeadDim>& qv,
+                                                     const RowSlice<kHeadDim>& kv, const RowSlice<kHeadDim>& dov,
+                                                     const RowSlice<kHeadDim>& vv, float lse2, float delta) {
+  const float t = score.stored(warp_dot<kHeadDim>(qv, kv));
+  const float prob = fast_exp2(score.log2_units(t) - lse2);
+  return {prob, prob * (warp_dot<kHeadDim>(dov, vv) - delta) * score.derivative(t)};
+}
+
+// Unscaled dQ row i (q, dO rows given; lse2 in log2 units) over exactly the keys it sees: sum_j dS_ij k_j.
+template <class Elem, int kHeadDim>
+__device__ __forceinline__ void seen_dq_row(const AttnParams& p, const SeqSlice& seq, const ScoreTransform& score,
+                                            int i, const uint16_t* q_row, const uint16_t* do_row, const uint16_t* k,
+                                            const uint16_t* v, const uint32_t* key_bits, float lse2, float delta,
+                                            RowSlice<kHeadDim>& dq) {
+  RowSlice<kHeadDim> qv, dov;
+  load_row_slice<Elem, kHeadDim>(q_row, qv);
+  load_row_slice<Elem, kHeadDim>(do_row, dov);
+#pragma unroll
+  for (int e = 0; e < kHeadDim / 32; ++e) dq[e] = 0.f;
+  int lo, hi;
+  visible_keys(p, seq, i, 1, lo, hi);
+#pragma unroll 1
+  for (int j = lo; j < hi; ++j) {
+    if (!is_token(key_bits, j, seq.len_k)) continue;
+    RowSlice<kHeadDim> kv, vv;
+    load_row_slice<Elem, kHeadDim>(k + j * p.k_row_stride, kv);
+    load_row_slice<Elem, kHeadDim>(v + j * p.v_row_stride, vv);
+    const float ds = seen_pair_grads<kHeadDim>(score, qv, kv, dov, vv, lse2, delta).ds;
+#pragma unroll
+    for (int e = 0; e < kHeadDim / 32; ++e) dq[e] += ds * kv[e];
+  }
+}
+
+// Unscaled dK and dV of key j (its k, v rows given) over exactly the queries of every head of kv head
+// hk's group that see it: sum_i dS_ij q_i and sum_i P_ij dO_i; zeros for a key that is no real token.
+template <class Elem, int kHeadDim>
+__device__ __forceinline__ void seen_dkdv_row(const BwdParams& p, const SeqSlice& seq, const ScoreTransform& score,
+                                              int b, int hk, int j, const uint16_t* k_row, const uint16_t* v_row,
+                                              const uint32_t* key_bits, const uint32_t* query_bits,
+                                              RowSlice<kHeadDim>& dk, RowSlice<kHeadDim>& dv) {
+#pragma unroll
+  for (int e = 0; e < kHeadDim / 32; ++e) dk[e] = dv[e] = 0.f;
+  if (!is_token(key_bits, j, seq.len_k)) return;
+  RowSlice<kHeadDim> kv, vv;
+  load_row_slice<Elem, kHeadDim>(k_row, kv);
+  load_row_slice<Elem, kHeadDim>(v_row, vv);
+  int lo, hi;
+  visible_queries(p, seq, j, 1, lo, hi);
+#pragma unroll 1
+  for (int c = 0; c < p.group; ++c) {
+    const int h = hk * p.group + c;
+#pragma unroll 1
+    for (int i = lo; i < hi; ++i) {
+      if (!is_token(query_bits, i, seq.len_q)) continue;
+      RowSlice<kHeadDim> qv, dov;
+      load_row_slice<Elem, kHeadDim>(static_cast<const uint16_t*>(p.q) + token_offset(p.q_batch_stride, p.q_row_stride,
+                                                                                      p.q_head_stride, b,
+                                                                                      seq.q_token0 + i, h), qv);
+      load_row_slice<Elem, kHeadDim>(static_cast<const uint16_t*>(p.dout) +
+                                         token_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, b,
+                                                      seq.q_token0 + i, h), dov);
+      const int64_t l_off = lse_offset(p, b, h, seq.q_token0 + i);
+      const PairGrads g = seen_pair_grads<kHeadDim>(score, qv, kv, dov, vv, ld_global_f32(p.lse_log2 + l_off),
+                                                    ld_global_f32(p.delta + l_off));
+#pragma unroll
+      for (int e = 0; e < kHeadDim / 32; ++e) {
+        dk[e] += g.ds * qv[e];
+        dv[e] += g.prob * dov[e];
+      }
+    }
+  }
+}
+
+// Element (row r, column c) of the tile product dQ_tile = dS K over exactly the keys query m = m0 + r
+// sees (dS^T and K as the mma read them from shared memory), one key at a time.
+template <class Cfg>
+__device__ __forceinline__ float seen_dq_element(const AttnParams& p, const SeqSlice& seq, const uint32_t* key_bits,
+                                                 uint32_t sdS, uint32_t sK, int m, int n0, int r, int c) {
+  using Elem = typename Cfg::Elem;
+  float acc = 0.f;
+#pragma unroll 1
+  for (int kk = 0; kk < Cfg::kBlockN; ++kk) {
+    if (!is_token(key_bits, n0 + kk, seq.len_k) || !in_window(p, seq, m, n0 + kk)) continue;
+    const float ds = ld_shared_elem<typename Cfg::DSTile, Elem>(sdS, kk, r);
+    acc += ds * ld_shared_elem<typename Cfg::KVTile, Elem>(sK, kk, c);
+  }
+  return acc;
+}
 
 // ---- dK / dV (+ atomic dQ) ---------------------------------------------------------------------
 
@@ -367,14 +444,32 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_dkdv_kernel(const BwdPar
       const int h = hk * p.group + cur.head;
       float* dq = p.dq_accum + token_offset(p.dqa_batch_stride, p.dqa_row_stride, p.dqa_head_stride, b,
                                             seq.q_token0 + m0, h);
+      // A non-finite element may hold 0 * NaN from a key its query does not see: bit 4 dt + e of `redo`,
+      // added by the exact slow path below (one copy of it, after the accumulators are dead).
+      constexpr int kDqElems = Cfg::kDqCols / 2;
+      static_assert(kDqElems <= 32, "one bit per dQ accumulator element");
+      uint32_t redo = 0;
 #pragma unroll
       for (int dt = 0; dt < Cfg::kDqCols / 8; ++dt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = wm * 16 + lane / 4 + 8 * (e / 2);
           const int c = wn * Cfg::kDqCols + dt * 8 + 2 * (lane % 4) + (e % 2);
-          if (is_token(query_bits, m0 + r, seq.len_q)) atomic_add_f32(dq + r * p.dqa_row_stride + c, acc_dq[dt][e]);
+          if (!is_token(query_bits, m0 + r, seq.len_q)) continue;
+          if (nonfinite(acc_dq[dt][e])) {
+            redo |= 1u << (4 * dt + e);
+          } else {
+            atomic_add_f32(dq + r * p.dqa_row_stride + c, acc_dq[dt][e]);
+          }
         }
+      }
+#pragma unroll 1
+      for (int idx = 0; redo != 0 && idx < kDqElems; ++idx) {
+        if (!((redo >> idx) & 1u)) continue;
+        const int r = wm * 16 + lane / 4 + 8 * ((idx % 4) / 2);
+        const int c = wn * Cfg::kDqCols + (idx / 4) * 8 + 2 * (lane % 4) + (idx % 2);
+        const float exact = seen_dq_element<Cfg>(p, seq, key_bits, sdS, sK, m0 + r, n0, r, c);
+        atomic_add_f32(dq + r * p.dqa_row_stride + c, exact);
       }
     }
     cur = advance(cur);
@@ -383,17 +478,34 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_dkdv_kernel(const BwdPar
   __syncthreads();  // every warp is done reading sK (dQ) and sV before they hold dK and dV
 
   const int r0 = warp * 16;
+  bool redo[2] = {false, false};  // a non-finite gradient, maybe from 0 * NaN (padding keys included)
 #pragma unroll
   for (int dt = 0; dt < kDT; ++dt) {
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int r = r0 + lane / 4 + 8 * hf;
+      redo[hf] = redo[hf] || nonfinite(acc_dk[dt][2 * hf]) || nonfinite(acc_dk[dt][2 * hf + 1]) ||
+                 nonfinite(acc_dv[dt][2 * hf]) || nonfinite(acc_dv[dt][2 * hf + 1]);
       store_pair<KVTile, Elem>(sK, r, dt, nan_if_infinite(acc_dk[dt][2 * hf] * p.scale),
                                nan_if_infinite(acc_dk[dt][2 * hf + 1] * p.scale));
       store_pair<KVTile, Elem>(sV, r, dt, nan_if_infinite(acc_dv[dt][2 * hf]), nan_if_infinite(acc_dv[dt][2 * hf + 1]));
     }
   }
+  const uint32_t redo_rows = flagged_rows(redo[0], redo[1]);
   __syncwarp();
+  if (redo_rows != 0) {  // the exact slow path, over the rows' staged gradients
+#pragma unroll 1
+    for (int wr = 0; wr < 16; ++wr) {
+      if (!((redo_rows >> wr) & 1u)) continue;
+      const int r = r0 + wr;
+      RowSlice<D> dk_row, dv_row;
+      seen_dkdv_row<Elem, D>(p, seq, score, b, hk, n0 + r, k + r * p.k_row_stride, v + r * p.v_row_stride, key_bits,
+                             query_bits, dk_row, dv_row);
+      store_row_slice<KVTile, Elem, D>(sK, r, dk_row, p.scale);
+      store_row_slice<KVTile, Elem, D>(sV, r, dv_row, 1.f);
+    }
+    __syncwarp();
+  }
   copy_rows_to_global<KVTile, 16>(sK, r0, dk, p.dk_row_stride, cols);
   copy_rows_to_global<KVTile, 16>(sV, r0, dv, p.dk_row_stride, cols);
 }
@@ -582,20 +694,41 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_dq_kernel(const BwdParam
   cp_async_wait<0>();
 
   __syncwarp();  // this warp's reads of its Q rows are done before they hold dQ
+  static_assert(16 * kMT <= 32, "one bit per row of the warp");
+  uint32_t redo_rows = 0;  // bit r: real row warp_row0 + r holds a non-finite value, maybe from 0 * NaN
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
+    bool redo[2] = {false, false};
 #pragma unroll
     for (int dt = 0; dt < kDT; ++dt) {
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int r = warp_row0 + mt * 16 + lane / 4 + 8 * hf;
         const bool real = row_real[mt][hf];  // a padding row sees no key: 0, whatever the keys hold
+        redo[hf] = redo[hf] || nonfinite(acc_dq[mt][dt][2 * hf]) || nonfinite(acc_dq[mt][dt][2 * hf + 1]);
         store_pair<QTile, Elem>(sQ, r, dt, real ? nan_if_infinite(acc_dq[mt][dt][2 * hf] * p.scale) : 0.f,
                                 real ? nan_if_infinite(acc_dq[mt][dt][2 * hf + 1] * p.scale) : 0.f);
       }
     }
+    // A NaN lse (a NaN or +inf score) makes every element NaN already, as it should.
+    bool flag[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) flag[hf] = redo[hf] && row_real[mt][hf] && row_lse2[mt][hf] == row_lse2[mt][hf];
+    redo_rows |= flagged_rows(flag[0], flag[1]) << (16 * mt);
   }
   __syncwarp();
+  if (redo_rows != 0) {  // the exact slow path, over the rows' staged dQ
+#pragma unroll 1
+    for (int wr = 0; wr < Cfg::kWarpRows; ++wr) {
+      if (!((redo_rows >> wr) & 1u)) continue;
+      const int r = warp_row0 + wr;
+      RowSlice<D> dq_row;
+      seen_dq_row<Elem, D>(p, seq, score, m0 + r, q + r * p.q_row_stride, d_o + r * p.do_row_stride, k, v, key_bits,
+                           ld_global_f32(p.lse_log2 + l_off + r), ld_global_f32(p.delta + l_off + r), dq_row);
+      store_row_slice<QTile, Elem, D>(sQ, r, dq_row, p.scale);
+    }
+    __syncwarp();
+  }
   copy_rows_to_global<QTile, Cfg::kWarpRows>(sQ, warp_row0, dq, p.dq_row_stride, rows);
 }
 

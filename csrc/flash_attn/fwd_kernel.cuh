@@ -25,6 +25,117 @@ constexpr float kLn2 = 0.6931471805599453f;
 // Non-finite results are reported as NaN on every backend (an inf elsewhere can come out as NaN).
 __device__ __forceinline__ float nan_if_infinite(float x) { return fabsf(x) == INFINITY ? NAN : x; }
 
+// Turns raw scores into log2 units in place; under a soft cap the array keeps t = tanh(s * scale
+// / softcap) instead (x = softcap * log2(e) * t, needed again for the derivative 1 - t^2).
+struct ScoreTransform {
+  bool capped;
+  float mul;       // scale * log2(e), or scale / softcap
+  float cap_log2;  // softcap * log2(e)
+
+  __device__ __forceinline__ explicit ScoreTransform(const AttnParams& p)
+      : capped(p.softcap > 0.f), mul(capped ? p.scale / p.softcap : p.scale * kLog2e), cap_log2(p.softcap * kLog2e) {}
+  __device__ __forceinline__ float stored(float s) const { return capped ? accurate_tanh(s * mul) : s * mul; }
+  __device__ __forceinline__ float log2_units(float stored_value) const {
+    return capped ? cap_log2 * stored_value : stored_value;
+  }
+  // d(capped score) / d(score / scale): 1 - t^2, 0 for masked entries (t = -inf).
+  __device__ __forceinline__ float derivative(float stored_value) const {
+    return capped ? fmaxf(1.f - stored_value * stored_value, 0.f) : 1.f;
+  }
+};
+
+// ---- the exact slow path -------------------------------------------------------------------------
+//
+// Inside a window-edge tile (the causal diagonal included) the mma products multiply the zero weight
+// of a pair a row does not see with that key's (or query's) value: 0 * NaN = NaN reaches the row.
+// The hot loop stays as it is; each kernel checks its accumulators once at the end and recomputes
+// only the flagged rows exactly, one pair at a time over the pairs they see, straight from global
+// memory (rare: only non-finite inputs fire it); the atomic dQ path checks each tile's product next
+// to its atomics and recomputes flagged elements from the tile in shared memory. A warp works on
+// one row at a time; lane l holds head dims 64 c + 2 l, +1 (c < kHeadDim / 64).
+
+// NaN or +-inf.
+__device__ __forceinline__ bool nonfinite(float x) { return !(fabsf(x) < INFINITY); }
+
+template <int kHeadDim>
+using RowSlice = float[kHeadDim / 32];
+
+// This lane's slice of a global row of kHeadDim 16-bit elements, as floats.
+template <class Elem, int kHeadDim>
+__device__ __forceinline__ void load_row_slice(const uint16_t* row, RowSlice<kHeadDim>& x) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+#pragma unroll
+  for (int c = 0; c < kHeadDim / 64; ++c) {
+    const float2 pair = unpack_pair<Elem>(ld_global_u32(reinterpret_cast<const uint32_t*>(row + 64 * c + 2 * lane)));
+    x[2 * c] = pair.x;
+    x[2 * c + 1] = pair.y;
+  }
+}
+
+// The dot product of two rows held as slices, in every lane.
+template <int kHeadDim>
+__device__ __forceinline__ float warp_dot(const RowSlice<kHeadDim>& a, const RowSlice<kHeadDim>& b) {
+  float dot = 0.f;
+#pragma unroll
+  for (int e = 0; e < kHeadDim / 32; ++e) dot += a[e] * b[e];
+#pragma unroll
+  for (int m = 16; m > 0; m /= 2) dot += warp_shfl_xor(dot, m);
+  return dot;
+}
+
+// Stores a row slice (times mul, non-finite as NaN) as row r of a [row][kHeadDim] tile.
+template <class Tile, class Elem, int kHeadDim>
+__device__ __forceinline__ void store_row_slice(uint32_t tile, int r, const RowSlice<kHeadDim>& x, float mul) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+#pragma unroll
+  for (int c = 0; c < kHeadDim / 64; ++c) {
+    store_pair<Tile, Elem>(tile, r, 8 * c + lane / 4, nan_if_infinite(x[2 * c] * mul),
+                           nan_if_infinite(x[2 * c + 1] * mul));
+  }
+}
+
+// Bit r (r < 16) set when row r of a 16-row mma tile is flagged by some lane of its quad (each lane
+// passes its flags of rows g and g + 8); the same in every lane. Float sums of distinct powers of two
+// below 2^16 are exact whatever the order.
+__device__ __forceinline__ uint32_t flagged_rows(bool flag_g, bool flag_g8) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  float lo = flag_g ? 1.f : 0.f, hi = flag_g8 ? 1.f : 0.f;
+#pragma unroll
+  for (int m = 1; m < 4; m *= 2) {
+    lo = fmaxf(lo, warp_shfl_xor(lo, m));
+    hi = fmaxf(hi, warp_shfl_xor(hi, m));
+  }
+  float bits = lane % 4 == 0 ? lo * static_cast<float>(1u << (lane / 4)) + hi * static_cast<float>(1u << (lane / 4 + 8))
+                             : 0.f;
+#pragma unroll
+  for (int m = 1; m < 32; m *= 2) bits += warp_shfl_xor(bits, m);
+  return static_cast<uint32_t>(bits);
+}
+
+// Output row i (normalised; lse2 = its lse in log2 units) over exactly the keys it sees:
+// o = sum_j 2^(x_ij - lse2) v_j, in IEEE arithmetic.
+template <class Elem, int kHeadDim>
+__device__ __forceinline__ void seen_output_row(const AttnParams& p, const SeqSlice& seq, const ScoreTransform& score,
+                                                int i, const uint16_t* q_row, const uint16_t* k, const uint16_t* v,
+                                                const uint32_t* key_bits, float lse2, RowSlice<kHeadDim>& o) {
+  RowSlice<kHeadDim> qv;
+  load_row_slice<Elem, kHeadDim>(q_row, qv);
+#pragma unroll
+  for (int e = 0; e < kHeadDim / 32; ++e) o[e] = 0.f;
+  int lo, hi;
+  visible_keys(p, seq, i, 1, lo, hi);
+#pragma unroll 1
+  for (int j = lo; j < hi; ++j) {
+    if (!is_token(key_bits, j, seq.len_k)) continue;
+    RowSlice<kHeadDim> kv, vv;
+    load_row_slice<Elem, kHeadDim>(k + j * p.k_row_stride, kv);
+    load_row_slice<Elem, kHeadDim>(v + j * p.v_row_stride, vv);
+    const float prob = fast_exp2(score.log2_units(score.stored(warp_dot<kHeadDim>(qv, kv))) - lse2);
+#pragma unroll
+    for (int e = 0; e < kHeadDim / 32; ++e) o[e] += prob * vv[e];
+  }
+}
+
 template <class Elem_, int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_, int kStages_>
 struct FwdConfig {
   using Elem = Elem_;
@@ -290,8 +401,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p
 
   // Normalise; padded query rows (and rows that saw no key) get zeros and lse = -inf.
   __syncwarp();  // this warp's reads of its Q rows are done before they are overwritten with O
+  static_assert(16 * kMT <= 32, "one bit per row of the warp");
+  uint32_t redo_rows = 0;  // bit r: row warp_row0 + r holds a non-finite value, maybe from 0 * NaN
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
+    bool redo[2];
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       float sum = row_sum[mt][hf];
@@ -305,14 +419,32 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p
       const float inv = 1.f / sum;
       const float row_lse = row_ok ? (row_max[mt][hf] + log2f(sum)) * kLn2 : -INFINITY;
       if (lane % 4 == 0 && r < rows) st_global_f32(lse + r, row_lse);
+      bool row_nonfinite = false;
 #pragma unroll
       for (int dt = 0; dt < kDT; ++dt) {
+        row_nonfinite = row_nonfinite || nonfinite(acc_o[mt][dt][2 * hf]) || nonfinite(acc_o[mt][dt][2 * hf + 1]);
         store_pair<QTile, Elem>(sQ, r, dt, row_ok ? nan_if_infinite(acc_o[mt][dt][2 * hf] * inv) : 0.f,
                                 row_ok ? nan_if_infinite(acc_o[mt][dt][2 * hf + 1] * inv) : 0.f);
       }
+      // A NaN sum (a NaN or +inf score) makes every element NaN already, as it should.
+      redo[hf] = row_ok && sum == sum && row_nonfinite;
     }
+    redo_rows |= flagged_rows(redo[0], redo[1]) << (16 * mt);
   }
   __syncwarp();
+  if (redo_rows != 0) {  // the exact slow path, over the rows' staged output (lse is exact already)
+    const ScoreTransform score(p);
+#pragma unroll 1
+    for (int wr = 0; wr < Cfg::kWarpRows; ++wr) {
+      if (!((redo_rows >> wr) & 1u)) continue;
+      const int r = warp_row0 + wr;
+      RowSlice<D> o;
+      seen_output_row<Elem, D>(p, seq, score, m0 + r, q + r * p.q_row_stride, k, v, key_bits,
+                               ld_global_f32(lse + r) * kLog2e, o);
+      store_row_slice<QTile, Elem, D>(sQ, r, o, 1.f);
+    }
+    __syncwarp();
+  }
   copy_rows_to_global<QTile, Cfg::kWarpRows>(sQ, warp_row0, out, p.o_row_stride, rows);
 }
 

@@ -114,6 +114,15 @@ __device__ __forceinline__ void store_pair(uint32_t tile, int row, int chunk, fl
   st_shared_u32(tile + Tile::offset(row, chunk) + 4 * q, pack_pair<Elem>(v0, v1));
 }
 
+// Element (row, col) of a tile, as a float (a scalar read for the rare exact paths).
+template <class Tile, class Elem>
+__device__ __forceinline__ float ld_shared_elem(uint32_t tile, int row, int col) {
+  const uint4 chunk = ld_shared_16(tile + Tile::offset(row, col / 8));
+  const int word = (col % 8) / 2;
+  const float2 pair = unpack_pair<Elem>(word == 0 ? chunk.x : word == 1 ? chunk.y : word == 2 ? chunk.z : chunk.w);
+  return col % 2 == 0 ? pair.x : pair.y;
+}
+
 // Asynchronously copies rows [0, rows_valid) of a global tile (rows `row_stride` elements apart,
 // 16-byte aligned) into `tile`, zero-filling the rows past rows_valid (rows_valid >= 1: row 0 is
 // the source address of the zero-filling copies, which read nothing). One 16-byte chunk per
