@@ -16,7 +16,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 import llm2vec_fast
-from llm2vec_fast.cli import main
+from llm2vec_fast.cli import COMMANDS, build_parser, main
 from llm2vec_fast.encoder import LLM2Vec
 from llm2vec_fast.tiny import build_tiny_model
 
@@ -45,6 +45,17 @@ def test_help_and_version_import_neither_torch_nor_transformers() -> None:
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert "{demo,encode,train}" in out and f"llm2vec-fast {llm2vec_fast.__version__}" in out
     assert out.splitlines()[-1] == "IMPORTED []"
+
+
+def _listed_commands(parser) -> dict[str, str]:
+    (subparsers,) = [action for action in parser._actions if action.dest == "command"]
+    return {choice.dest: choice.help for choice in subparsers._choices_actions}
+
+
+def test_top_level_help_lists_each_command_as_its_own_parser_describes_it() -> None:
+    """The one-line helps in cli.COMMANDS (shown without importing the commands) match what each command says."""
+    listed = _listed_commands(build_parser(""))
+    assert listed == _listed_commands(build_parser()) and set(listed) == set(COMMANDS) == {"demo", "encode", "train"}
 
 
 def test_exports_still_load_on_first_use() -> None:
