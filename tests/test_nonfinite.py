@@ -75,6 +75,15 @@ def _right_padded(mask: Tensor) -> int:
     return int((~mask[-1]).nonzero()[0])
 
 
+def _infinite_score_at_own_key(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
+    """q[1, 20, 0, 0] = +-inf with the sign of k[1, 20, 0, 0], so row 20 scores +inf at its own (real) key.
+
+    A bare +inf would make every seen score -inf whenever the row's few windowed keys all have k < 0
+    there (1 draw in 32), which is the zeros rule, not the NaN one this case is about."""
+    assert mask is None or mask[1, 20]
+    q[1, 20, 0, 0] = INF if k[1, 20, 0, 0] >= 0 else -INF
+
+
 CASES = [
     # Poison where no row sees it.
     Poisoned("v nan at padding", "padded", "right", poison=lambda q, k, v, m: v[-1, _right_padded(m):].fill_(NAN)),
@@ -99,8 +108,8 @@ CASES = [
     Poisoned("q nan", "padded", poison=lambda q, k, v, m: q[0, 7, 1, 3].fill_(NAN), masked_only=False),
     Poisoned("q nan, causal", "padded", causal=True, poison=lambda q, k, v, m: q[0, 7, 1, 3].fill_(NAN),
              masked_only=False),
-    Poisoned("q +inf, window", "padded", "holes", window_size=(5, 2),
-             poison=lambda q, k, v, m: q[1, 20, 0, 0].fill_(INF), masked_only=False),
+    Poisoned("q inf giving a +inf score, window", "padded", "holes", window_size=(5, 2),
+             poison=_infinite_score_at_own_key, masked_only=False),
     Poisoned("q -inf", "padded", poison=lambda q, k, v, m: q[1, 3, 0, 9].fill_(-INF), masked_only=False),
     Poisoned("k row -inf", "padded", causal=True, poison=lambda q, k, v, m: k[0, 12].fill_(-INF), masked_only=False),
     Poisoned("k row +inf", "padded", "holes", poison=lambda q, k, v, m: k[1, 1].fill_(INF), masked_only=False),
