@@ -1,4 +1,5 @@
 """Build llm2vec-fast: the Python package, its Triton kernels, and (where CUDA is present) the CUDA extension."""
+
 import os
 import sys
 from pathlib import Path
@@ -109,8 +110,14 @@ setup(
         # texts) and 6.2; mteb 2.20 and 2.26. [train] brings datasets for SentenceTransformerTrainer.
         "sentence-transformers": ["sentence-transformers[train]>=5.4,<7"],
         "mteb": ["mteb>=2.20,<3"],
-        "test": ["pytest", "pytest-xdist", "hypothesis", "tokenizers", "sentence-transformers[train]>=5.4,<7",
-                 "mteb>=2.20,<3"],
+        "test": [
+            "pytest",
+            "pytest-xdist",
+            "hypothesis",
+            "tokenizers",
+            "sentence-transformers[train]>=5.4,<7",
+            "mteb>=2.20,<3",
+        ],
     },
     entry_points={"console_scripts": ["llm2vec-fast=llm2vec_fast.cli:main"]},
     **_cuda_extension(),

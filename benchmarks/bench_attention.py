@@ -10,6 +10,7 @@ checked against SDPA-math on float32-upcast inputs; the relative error is in the
     python benchmarks/bench_attention.py                 # full sweep, writes benchmarks/results/
     python benchmarks/bench_attention.py --quick         # a few shapes
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,32 +58,47 @@ def make_inputs(problem: Problem, dtype: torch.dtype) -> dict:
     cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     flat = mask.flatten()
     packed = [t.flatten(0, 1)[flat] for t in (q, k, v)]
-    return dict(q=q, k=k, v=v, mask=mask, cu_seqlens=cu_seqlens, packed=packed, max_len=int(lengths.max()),
-                dout=torch.randn_like(q))
+    return dict(
+        q=q,
+        k=k,
+        v=v,
+        mask=mask,
+        cu_seqlens=cu_seqlens,
+        packed=packed,
+        max_len=int(lengths.max()),
+        dout=torch.randn_like(q),
+    )
 
 
 def ours_padded(backend):
     def run(x, causal):
         return flash_attn_func(x["q"], x["k"], x["v"], x["mask"], causal=causal, backend=backend)
+
     return run
 
 
 def ours_varlen(backend):
     def run(x, causal):
         q, k, v = x["packed"]
-        out = flash_attn_varlen_func(q, k, v, x["cu_seqlens"], x["cu_seqlens"], x["max_len"], x["max_len"],
-                                     causal=causal, backend=backend)
+        out = flash_attn_varlen_func(
+            q, k, v, x["cu_seqlens"], x["cu_seqlens"], x["max_len"], x["max_len"], causal=causal, backend=backend
+        )
         padded = x["q"].new_zeros(x["q"].shape)
         padded.flatten(0, 1)[x["mask"].flatten()] = out
         return padded
+
     return run
 
 
 def sdpa(kernel_name):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    kernel = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-              "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[kernel_name]
+    kernel = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[kernel_name]
 
     def run(x, causal):
         q, k, v = (t.transpose(1, 2) for t in (x["q"], x["k"], x["v"]))
@@ -92,9 +108,11 @@ def sdpa(kernel_name):
             seqlen = q.shape[2]
             attn_mask = attn_mask & torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).tril()
         with sdpa_kernel(kernel):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None,
-                                                 enable_gqa=True)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None, enable_gqa=True
+            )
         return out.transpose(1, 2)
+
     return run
 
 
@@ -117,6 +135,7 @@ def flex():
             cache[key] = create_block_mask(keep, batch, None, seqlen, seqlen, device="cuda")
         q, k, v = (t.transpose(1, 2) for t in (x["q"], x["k"], x["v"]))
         return compiled(q, k, v, block_mask=cache[key], enable_gqa=True).transpose(1, 2)
+
     return run
 
 
@@ -129,6 +148,7 @@ def flash_attn_package():
         padded = x["q"].new_zeros(x["q"].shape)
         padded.flatten(0, 1)[x["mask"].flatten()] = out
         return padded
+
     return run
 
 
@@ -169,6 +189,7 @@ def measure(run, x: dict, problem: Problem, mode: str) -> dict:
         out = run(x, problem.causal)
         error = relative_error(out.detach(), x, problem.causal)
         if mode == "fwd":
+
             def step():
                 with torch.no_grad():
                     run(x, problem.causal)
@@ -178,6 +199,7 @@ def measure(run, x: dict, problem: Problem, mode: str) -> dict:
             def step():
                 result = run(x, problem.causal)
                 torch.autograd.grad(result, [t for t in inputs if t.requires_grad], x["dout"], allow_unused=True)
+
         ms = do_bench(step, warmup=25, rep=100, return_mode="median")
     except (RuntimeError, ValueError, NotImplementedError) as error_message:  # backend refused these inputs
         return {"status": f"unsupported: {str(error_message).splitlines()[0][:120]}"}
@@ -212,17 +234,30 @@ def main() -> int:
     for head_dim in args.head_dims:
         for seqlen in args.seqlens:
             for padding in args.paddings:
-                problem = Problem(max(1, args.tokens // seqlen), seqlen, args.heads, args.kv_heads, head_dim,
-                                  padding, args.causal)
+                problem = Problem(
+                    max(1, args.tokens // seqlen), seqlen, args.heads, args.kv_heads, head_dim, padding, args.causal
+                )
                 torch.manual_seed(0)
                 x = make_inputs(problem, torch.bfloat16)
                 for mode in args.modes:
                     for name, run in runners.items():
-                        row = dict(backend=name, mode=mode, seqlen=seqlen, batch=problem.batch, head_dim=head_dim,
-                                   heads=f"{args.heads}/{args.kv_heads}", padding=padding, causal=args.causal)
+                        row = dict(
+                            backend=name,
+                            mode=mode,
+                            seqlen=seqlen,
+                            batch=problem.batch,
+                            head_dim=head_dim,
+                            heads=f"{args.heads}/{args.kv_heads}",
+                            padding=padding,
+                            causal=args.causal,
+                        )
                         row.update(measure(run, x, problem, mode))
                         rows.append(row)
-                        shown = f"{row['ms']:.3f} ms {row['tflops']:.0f} TFLOP/s" if row["status"] == "ok" else row["status"]
+                        shown = (
+                            f"{row['ms']:.3f} ms {row['tflops']:.0f} TFLOP/s"
+                            if row["status"] == "ok"
+                            else row["status"]
+                        )
                         print(f"d{head_dim} S{seqlen} pad{padding:.2f} {mode:8s} {name:20s} {shown}", flush=True)
                 del x
                 torch.cuda.empty_cache()

@@ -16,6 +16,7 @@ batches. Reported: real tokens/s, peak GPU memory, speedup over SDPA, and the wo
 similarity of our embeddings to SDPA's. Writes JSON + markdown under benchmarks/results/. Needs a
 CUDA GPU: on a machine without one it says so and exits 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reporting import environment, markdown_table, require_gpu, write_results  # noqa: E402
 
 SHAPES = {
-    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                       num_key_value_heads=8, head_dim=128, vocab_size=32000, rope_theta=1e6, sliding_window=None),
-    "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                       num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=5e5),
+    "mistral-7b": dict(
+        model_type="mistral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=32000,
+        rope_theta=1e6,
+        sliding_window=None,
+    ),
+    "llama-3-8b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        rope_theta=5e5,
+    ),
 }
 
 
@@ -142,18 +160,20 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
     rows = []
     for method, result in runs:
         cosine = torch.nn.functional.cosine_similarity(result["embeddings"], reference["embeddings"], dim=-1)
-        rows.append({
-            "model": name,
-            "layers": args.layers,
-            "num_texts": args.num_texts,
-            "batch_size": args.batch_size,
-            "method": method,
-            "tokens_per_second": round(result["tokens_per_second"]),
-            "seconds": round(result["seconds"], 4),
-            "peak_memory_gib": round(result["peak_memory_gib"], 2),
-            "speedup_vs_sdpa": round(result["tokens_per_second"] / reference["tokens_per_second"], 3),
-            "min_cosine_vs_sdpa": round(cosine.min().item(), 5),
-        })
+        rows.append(
+            {
+                "model": name,
+                "layers": args.layers,
+                "num_texts": args.num_texts,
+                "batch_size": args.batch_size,
+                "method": method,
+                "tokens_per_second": round(result["tokens_per_second"]),
+                "seconds": round(result["seconds"], 4),
+                "peak_memory_gib": round(result["peak_memory_gib"], 2),
+                "speedup_vs_sdpa": round(result["tokens_per_second"] / reference["tokens_per_second"], 3),
+                "min_cosine_vs_sdpa": round(cosine.min().item(), 5),
+            }
+        )
     del model
     torch.cuda.empty_cache()
     return rows

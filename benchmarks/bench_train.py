@@ -21,6 +21,7 @@ Before timing, both methods compute the loss of the same batch (dropout off) and
 Reported: real tokens/s (padding is never counted), peak GPU memory, ratios to SDPA. Writes JSON +
 markdown under benchmarks/results/. Needs a CUDA GPU: without one it says so and exits 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,15 @@ import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                  head_dim=128, vocab_size=32000, sliding_window=None)
+MISTRAL_7B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=32000,
+    sliding_window=None,
+)
 MASK_TOKEN_ID = 28730  # Mistral's "_"; any id works on random weights
 
 
@@ -52,8 +60,13 @@ def length_mix(count: int, median: int, low: int, high: int, seed: int) -> list[
 def build_causal_lm(layers: int, device: str, shape: dict | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model("mistral", num_hidden_layers=layers, max_position_embeddings=4096,
-                                  tie_word_embeddings=False, **(shape or MISTRAL_7B))
+    config = AutoConfig.for_model(
+        "mistral",
+        num_hidden_layers=layers,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        **(shape or MISTRAL_7B),
+    )
     config.use_cache = False
     with torch.device(device):
         return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.bfloat16)
@@ -88,13 +101,16 @@ def mntp_batch(lengths: list[int], vocab: int, seed: int):
 
 
 def simcse_batch(lengths: list[int], vocab: int, seed: int, shift_positives: bool = False):
-    """Sentences twice (SimCSE); with `shift_positives` each query's positive is the next sentence (a non-trivial loss to compare)."""
+    """Sentences twice (SimCSE); with `shift_positives` each query's positive is the next sentence (a non-trivial
+    loss to compare)."""
     from llm2vec_fast.training.data.batches import ContrastiveBatch
 
     rng = np.random.default_rng(seed)
     sentences = [[1, *rng.integers(3, vocab, size=n - 1).tolist()] for n in lengths]
     positives = sentences[1:] + sentences[:1] if shift_positives else sentences
-    return ContrastiveBatch(sentences + [list(s) for s in positives], [1] * (2 * len(sentences)), num_queries=len(sentences))
+    return ContrastiveBatch(
+        sentences + [list(s) for s in positives], [1] * (2 * len(sentences)), num_queries=len(sentences)
+    )
 
 
 def _padded(sequences: list[list[int]], device: str):
@@ -104,7 +120,8 @@ def _padded(sequences: list[list[int]], device: str):
 
 
 class Stepper:
-    """Forward, backward and AdamW step of one method on one batch; ``loss(batch)`` without dropout for the sanity check."""
+    """Forward, backward and AdamW step of one method on one batch; ``loss(batch)`` without dropout for the sanity
+    check."""
 
     def __init__(self, module, loss_fn):
         self.module, self.loss_fn = module, loss_fn
@@ -144,7 +161,9 @@ def mntp_steppers(layers: int, device: str, shape: dict | None = None) -> dict[s
         use_hf_attention(decoder, "sdpa")
         input_ids, attention_mask = _padded(batch.sequences, device)
         labels = torch.full_like(input_ids, -100)
-        labels[torch.from_numpy(batch.target_rows), torch.from_numpy(batch.target_cols)] = torch.from_numpy(batch.target_ids).to(device)
+        labels[torch.from_numpy(batch.target_rows), torch.from_numpy(batch.target_cols)] = torch.from_numpy(
+            batch.target_ids
+        ).to(device)
         return module(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
 
     return {"llm2vec_fast": Stepper(ours.train(), ours_loss), "hf_sdpa": Stepper(causal_lm.train(), sdpa_loss)}
@@ -154,7 +173,12 @@ def simcse_steppers(layers: int, device: str, shape: dict | None = None, dropout
     from llm2vec_fast.hf import enable_bidirectional, transformers_model
     from llm2vec_fast.hf.patching import attention_layers
     from llm2vec_fast.pooling import pool_padded
-    from llm2vec_fast.training.modeling import SentenceEmbedder, add_attention_output_dropout, add_lora, use_hf_attention
+    from llm2vec_fast.training.modeling import (
+        SentenceEmbedder,
+        add_attention_output_dropout,
+        add_lora,
+        use_hf_attention,
+    )
     from llm2vec_fast.training.objectives import contrastive_batch_loss
 
     decoder = add_lora(build_causal_lm(layers, device, shape).model, lora_settings(), gradient_checkpointing=True)
@@ -205,7 +229,11 @@ def measure(stepper: Stepper, batches: list, warmup: int) -> dict:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     tokens = sum(batch.num_tokens for batch in batches[warmup:])
-    return {"seconds": seconds, "tokens_per_second": tokens / seconds, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
 
 
 def workloads(args: argparse.Namespace, vocab: int) -> dict[str, tuple[list, object]]:
@@ -232,14 +260,26 @@ def bench(args: argparse.Namespace) -> list[dict]:
             torch.cuda.empty_cache()
         baseline = results["hf_sdpa"]
         for method, result in results.items():
-            row = {"workload": name, "layers": args.layers, "method": method, "loss_same_batch": round(sanity[method], 5),
-                   "real_tokens_per_step": round(sum(b.num_tokens for b in batches) / len(batches))}
+            row = {
+                "workload": name,
+                "layers": args.layers,
+                "method": method,
+                "loss_same_batch": round(sanity[method], 5),
+                "real_tokens_per_step": round(sum(b.num_tokens for b in batches) / len(batches)),
+            }
             if result is None:
                 row.update(tokens_per_second=None, peak_memory_gib=None, speedup_vs_sdpa=None, memory_vs_sdpa=None)
             else:
-                row.update(tokens_per_second=round(result["tokens_per_second"]), peak_memory_gib=round(result["peak_memory_gib"], 2),
-                           speedup_vs_sdpa=round(result["tokens_per_second"] / baseline["tokens_per_second"], 3) if baseline else None,
-                           memory_vs_sdpa=round(result["peak_memory_gib"] / baseline["peak_memory_gib"], 3) if baseline else None)
+                row.update(
+                    tokens_per_second=round(result["tokens_per_second"]),
+                    peak_memory_gib=round(result["peak_memory_gib"], 2),
+                    speedup_vs_sdpa=round(result["tokens_per_second"] / baseline["tokens_per_second"], 3)
+                    if baseline
+                    else None,
+                    memory_vs_sdpa=round(result["peak_memory_gib"] / baseline["peak_memory_gib"], 3)
+                    if baseline
+                    else None,
+                )
             rows.append(row)
             print(json.dumps(row))
         del steppers
@@ -273,7 +313,9 @@ def write_results(rows: list[dict], env: dict, args: argparse.Namespace) -> Path
     RESULTS.mkdir(parents=True, exist_ok=True)
     slug = env["device"].lower().replace(" ", "_").replace("/", "_")
     stem = RESULTS / f"bench_train_{slug}"
-    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "settings": vars(args), "results": rows}, indent=2) + "\n")
+    stem.with_suffix(".json").write_text(
+        json.dumps({"environment": env, "settings": vars(args), "results": rows}, indent=2) + "\n"
+    )
 
     def cell(value, fmt):
         return "OOM" if value is None else format(value, fmt)
@@ -287,12 +329,14 @@ def write_results(rows: list[dict], env: dict, args: argparse.Namespace) -> Path
         f"projections, gradient checkpointing; {args.steps} timed optimizer steps after {args.warmup} warm-up steps. "
         "Tokens/s counts real tokens only.",
         "",
-        "| workload | method | real tokens/step | tokens/s | speedup vs SDPA | peak memory (GiB) | memory vs SDPA | loss (same batch) |",
+        "| workload | method | real tokens/step | tokens/s | speedup vs SDPA | peak memory (GiB) | memory vs SDPA"
+        " | loss (same batch) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['workload']} | {row['method']} | {row['real_tokens_per_step']:,} | {cell(row['tokens_per_second'], ',')} |"
+            f"| {row['workload']} | {row['method']} | {row['real_tokens_per_step']:,}"
+            f" | {cell(row['tokens_per_second'], ',')} |"
             f" {cell(row['speedup_vs_sdpa'], '.2f')}x | {cell(row['peak_memory_gib'], '.2f')} |"
             f" {cell(row['memory_vs_sdpa'], '.2f')}x | {row['loss_same_batch']:.4f} |"
         )

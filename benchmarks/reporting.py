@@ -1,4 +1,5 @@
 """Shared by the benchmark scripts: what machine and versions a result came from, and writing it."""
+
 from __future__ import annotations
 
 import json

@@ -9,6 +9,7 @@ empty sequences, causal, sliding windows, soft caps and an lse gradient. Shapes 
 is slow) but span several tiles and partial last tiles. Without caching, each tensor is its own
 allocation, so memcheck sees out-of-bounds accesses exactly. tests/test_cuda_backend.py runs it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,8 +38,9 @@ def varlen(lengths, heads_q, heads_kv, head_dim, dtype, **options):
     q = torch.randn(total, heads_q, head_dim, device="cuda", dtype=dtype, requires_grad=True)
     k = torch.randn(total, heads_kv, head_dim, device="cuda", dtype=dtype, requires_grad=True)
     v = torch.randn(total, heads_kv, head_dim, device="cuda", dtype=dtype, requires_grad=True)
-    out, lse = flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), return_lse=True, backend="cuda",
-                                      **options)
+    out, lse = flash_attn_varlen_func(
+        q, k, v, cu, cu, max(lengths), max(lengths), return_lse=True, backend="cuda", **options
+    )
     return (q, k, v), out, lse
 
 
@@ -58,8 +60,19 @@ def main() -> None:
                 runs = [
                     padded(3, 150, 150, 4, 2, head_dim, dtype, masked=True, deterministic=deterministic),
                     padded(2, 70, 200, 2, 1, head_dim, dtype, masked=True, causal=True, deterministic=deterministic),
-                    padded(2, 130, 130, 2, 2, head_dim, dtype, masked=False, window_size=(40, 8), softcap=5.0,
-                           deterministic=deterministic),
+                    padded(
+                        2,
+                        130,
+                        130,
+                        2,
+                        2,
+                        head_dim,
+                        dtype,
+                        masked=False,
+                        window_size=(40, 8),
+                        softcap=5.0,
+                        deterministic=deterministic,
+                    ),
                     varlen([1, 0, 129, 70], 4, 1, head_dim, dtype, causal=True, deterministic=deterministic),
                 ]
                 for index, (leaves, out, lse) in enumerate(runs):

@@ -6,7 +6,11 @@ registers: no atomics, bitwise deterministic. The dQ kernel owns one query tile 
 Rows without any visible key have lse = -inf; they are read as +inf so their probabilities are 0.
 Pairs a row does not see are selected out of P and dS, and their non-finite q, k (and v through dP)
 never reach a gradient (``seen_product``), as in ``llm2vec_fast.backends.reference``.
+
+As in ``attention_fwd``, the repeated lines ``duplicates`` reports here are the flat argument lists
+of one helper's calls (fast pass and exact redo of ``_dkdv_group``/``_dq_spans``), not copied logic.
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,10 +59,27 @@ def _rows_lse_delta(Lse, Delta, lse_offset, offs_m, rows_ok):
 
 @triton.jit
 def attention_bwd_preprocess_kernel(
-    Out, DOut, DLse, Delta, CuSeqlensQ,
-    stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh, stride_lb, stride_lh,
-    stride_glb, stride_glh, stride_gls, seqlen_q,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
+    Out,
+    DOut,
+    DLse,
+    Delta,
+    CuSeqlensQ,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    stride_db,
+    stride_ds,
+    stride_dh,
+    stride_lb,
+    stride_lh,
+    stride_glb,
+    stride_glh,
+    stride_gls,
+    seqlen_q,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """delta = rowsum(dO * O) - dlse, laid out like the log-sum-exp. dlse comes with autograd's strides
@@ -73,10 +94,22 @@ def attention_bwd_preprocess_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows_ok = offs_m < q_len
     tokens = (q_start + offs_m).to(tl.int64)[:, None]
-    o = load_tile(Out + batch.to(tl.int64) * stride_ob + tokens * stride_os + head * stride_oh + offs_d[None, :],
-                  rows_ok, offs_d, True, HEAD_DIM, BLOCK_D)
-    do = load_tile(DOut + batch.to(tl.int64) * stride_db + tokens * stride_ds + head * stride_dh
-                   + offs_d[None, :], rows_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    o = load_tile(
+        Out + batch.to(tl.int64) * stride_ob + tokens * stride_os + head * stride_oh + offs_d[None, :],
+        rows_ok,
+        offs_d,
+        True,
+        HEAD_DIM,
+        BLOCK_D,
+    )
+    do = load_tile(
+        DOut + batch.to(tl.int64) * stride_db + tokens * stride_ds + head * stride_dh + offs_d[None, :],
+        rows_ok,
+        offs_d,
+        True,
+        HEAD_DIM,
+        BLOCK_D,
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     lse_offset = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
     if HAS_DLSE:
@@ -86,22 +119,62 @@ def attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _store_rows(Base, tokens, stride_s, values, rows_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                UPCAST: tl.constexpr):
+def _store_rows(
+    Base, tokens, stride_s, values, rows_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr
+):
     """Store a gradient tile at rows `tokens` (a column of token indices); non-finite values as NaN."""
-    tl.store(Base + tokens * stride_s + offs_d[None, :],
-             convert(nan_if_infinite(values), Base.dtype.element_ty, UPCAST),
-             mask=tile_mask(rows_ok, offs_d, HEAD_DIM, BLOCK_D))
+    tl.store(
+        Base + tokens * stride_s + offs_d[None, :],
+        convert(nan_if_infinite(values), Base.dtype.element_ty, UPCAST),
+        mask=tile_mask(rows_ok, offs_d, HEAD_DIM, BLOCK_D),
+    )
 
 
 @triton.jit
 def _dkdv_group(
-    k, v, key_ok, offs_n, offs_d, Q, DOut, Lse, Delta, KeyMask, KeySpans, num_spans, batch, kv_head, q_start, q_len,
-    key_first, key_last, offset, stride_qb, stride_qs, stride_qh, stride_db, stride_ds, stride_dh,
-    stride_lb, stride_lh, window_left, window_right, qk_scale, softcap_scale, GROUP: tl.constexpr,
-    MASK_QUERIES: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr,
+    k,
+    v,
+    key_ok,
+    offs_n,
+    offs_d,
+    Q,
+    DOut,
+    Lse,
+    Delta,
+    KeyMask,
+    KeySpans,
+    num_spans,
+    batch,
+    kv_head,
+    q_start,
+    q_len,
+    key_first,
+    key_last,
+    offset,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_db,
+    stride_ds,
+    stride_dh,
+    stride_lb,
+    stride_lh,
+    window_left,
+    window_right,
+    qk_scale,
+    softcap_scale,
+    GROUP: tl.constexpr,
+    MASK_QUERIES: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     """Unscaled (dK, dV) of one key tile over the queries of every head of its group that see it. EXACT
     (the slow redo of windowed tiles) keeps a non-finite q of a row out of the keys it does not see."""
@@ -123,16 +196,20 @@ def _dkdv_group(
                 rows_ok = offs_m < q_hi
                 if MASK_QUERIES:
                     rows_ok = rows_ok & real_keys(KeyMask, offs_m, rows_ok, True)
-                q = load_tile(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], rows_ok, offs_d, True,
-                              HEAD_DIM, BLOCK_D)
-                do = load_tile(do_base + offs_m[:, None] * stride_ds + offs_d[None, :], rows_ok, offs_d,
-                               True, HEAD_DIM, BLOCK_D)
+                q = load_tile(
+                    q_base + offs_m[:, None] * stride_qs + offs_d[None, :], rows_ok, offs_d, True, HEAD_DIM, BLOCK_D
+                )
+                do = load_tile(
+                    do_base + offs_m[:, None] * stride_ds + offs_d[None, :], rows_ok, offs_d, True, HEAD_DIM, BLOCK_D
+                )
                 lse, delta = _rows_lse_delta(Lse, Delta, lse_offset, offs_m, rows_ok)
                 # Transposed tiles (keys x queries): P^T = exp2(S^T - lse).
-                scores_t, tanh_t = capped_scores(mma(k, tl.trans(q), UPCAST, PRECISION), qk_scale, softcap_scale,
-                                                 SOFTCAP)
-                allowed_t = tl.trans(window_allowed(offs_m, offs_n, offset, window_left, window_right,
-                                                    WINDOW_LEFT, WINDOW_RIGHT))
+                scores_t, tanh_t = capped_scores(
+                    mma(k, tl.trans(q), UPCAST, PRECISION), qk_scale, softcap_scale, SOFTCAP
+                )
+                allowed_t = tl.trans(
+                    window_allowed(offs_m, offs_n, offset, window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT)
+                )
                 allowed_t = allowed_t & key_ok[:, None] & rows_ok[None, :]
                 p_t = tl.where(allowed_t, tl.exp2(scores_t - lse[None, :]), 0.0)
                 dv += mma(convert(p_t, do.dtype, UPCAST), do, UPCAST, PRECISION)
@@ -143,8 +220,15 @@ def _dkdv_group(
                 ds_t = tl.where(allowed_t, ds_t, 0.0)
                 if EXACT and (WINDOW_LEFT or WINDOW_RIGHT):
                     if any_nonfinite(q):
-                        dk = seen_product(dk, ds_t, allowed_t, q_base + start_m * stride_qs + offs_d, stride_qs,
-                                          q_hi - start_m, offs_d < HEAD_DIM)
+                        dk = seen_product(
+                            dk,
+                            ds_t,
+                            allowed_t,
+                            q_base + start_m * stride_qs + offs_d,
+                            stride_qs,
+                            q_hi - start_m,
+                            offs_d < HEAD_DIM,
+                        )
                     else:
                         dk += mma(convert(ds_t, q.dtype, UPCAST), q, UPCAST, PRECISION)
                 else:
@@ -155,15 +239,62 @@ def _dkdv_group(
 @triton.autotune(key=_BWD_KEY, **autotuned(DKDV_TILES))
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DOut, DK, DV, Lse, Delta, KeyMask, KeySpans, NumSpans, CuSeqlensQ, CuSeqlensK,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_db, stride_ds, stride_dh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
-    stride_lb, stride_lh, stride_mb, stride_sb,
-    seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_scale, sm_scale, SEQLEN_BUCKET,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, MASK_QUERIES: tl.constexpr,
-    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DOut,
+    DK,
+    DV,
+    Lse,
+    Delta,
+    KeyMask,
+    KeySpans,
+    NumSpans,
+    CuSeqlensQ,
+    CuSeqlensK,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_db,
+    stride_ds,
+    stride_dh,
+    stride_dkb,
+    stride_dks,
+    stride_dkh,
+    stride_dvb,
+    stride_dvs,
+    stride_dvh,
+    stride_lb,
+    stride_lh,
+    stride_mb,
+    stride_sb,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
+    qk_scale,
+    softcap_scale,
+    sm_scale,
+    SEQLEN_BUCKET,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_QUERIES: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -188,15 +319,66 @@ def attention_bwd_dkdv_kernel(
     key_last = tl.minimum(key_first + BLOCK_N, k_len) - 1
 
     kv_tokens = (k_start + offs_n).to(tl.int64)[:, None]
-    k = load_tile(K + batch.to(tl.int64) * stride_kb + kv_tokens * stride_ks + kv_head * stride_kh + offs_d[None, :],
-                  key_ok, offs_d, True, HEAD_DIM, BLOCK_D)
-    v = load_tile(V + batch.to(tl.int64) * stride_vb + kv_tokens * stride_vs + kv_head * stride_vh + offs_d[None, :],
-                  key_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    k = load_tile(
+        K + batch.to(tl.int64) * stride_kb + kv_tokens * stride_ks + kv_head * stride_kh + offs_d[None, :],
+        key_ok,
+        offs_d,
+        True,
+        HEAD_DIM,
+        BLOCK_D,
+    )
+    v = load_tile(
+        V + batch.to(tl.int64) * stride_vb + kv_tokens * stride_vs + kv_head * stride_vh + offs_d[None, :],
+        key_ok,
+        offs_d,
+        True,
+        HEAD_DIM,
+        BLOCK_D,
+    )
     dk, dv = _dkdv_group(
-        k, v, key_ok, offs_n, offs_d, Q, DOut, Lse, Delta, KeyMask, KeySpans, num_spans, batch, kv_head, q_start,
-        q_len, key_first, key_last, offset, stride_qb, stride_qs, stride_qh, stride_db, stride_ds, stride_dh,
-        stride_lb, stride_lh, window_left, window_right, qk_scale, softcap_scale, GROUP, MASK_QUERIES,
-        WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, UPCAST, PRECISION, False,
+        k,
+        v,
+        key_ok,
+        offs_n,
+        offs_d,
+        Q,
+        DOut,
+        Lse,
+        Delta,
+        KeyMask,
+        KeySpans,
+        num_spans,
+        batch,
+        kv_head,
+        q_start,
+        q_len,
+        key_first,
+        key_last,
+        offset,
+        stride_qb,
+        stride_qs,
+        stride_qh,
+        stride_db,
+        stride_ds,
+        stride_dh,
+        stride_lb,
+        stride_lh,
+        window_left,
+        window_right,
+        qk_scale,
+        softcap_scale,
+        GROUP,
+        MASK_QUERIES,
+        WINDOW_LEFT,
+        WINDOW_RIGHT,
+        SOFTCAP,
+        HEAD_DIM,
+        BLOCK_M,
+        BLOCK_D,
+        BLOCK_N,
+        UPCAST,
+        PRECISION,
+        False,
     )
     DK += batch.to(tl.int64) * stride_dkb + kv_head * stride_dkh
     DV += batch.to(tl.int64) * stride_dvb + kv_head * stride_dvh
@@ -205,11 +387,49 @@ def attention_bwd_dkdv_kernel(
         # 0 * NaN and stays non-finite to the end. Rare: then redo the tile exactly.
         if any_nonfinite(dk):
             dk, dv = _dkdv_group(
-                k, v, key_ok, offs_n, offs_d, Q, DOut, Lse, Delta, KeyMask, KeySpans, num_spans, batch, kv_head,
-                q_start, q_len, key_first, key_last, offset, stride_qb, stride_qs, stride_qh, stride_db, stride_ds,
-                stride_dh, stride_lb, stride_lh, window_left, window_right, qk_scale, softcap_scale, GROUP,
-                MASK_QUERIES, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, UPCAST,
-                PRECISION, True,
+                k,
+                v,
+                key_ok,
+                offs_n,
+                offs_d,
+                Q,
+                DOut,
+                Lse,
+                Delta,
+                KeyMask,
+                KeySpans,
+                num_spans,
+                batch,
+                kv_head,
+                q_start,
+                q_len,
+                key_first,
+                key_last,
+                offset,
+                stride_qb,
+                stride_qs,
+                stride_qh,
+                stride_db,
+                stride_ds,
+                stride_dh,
+                stride_lb,
+                stride_lh,
+                window_left,
+                window_right,
+                qk_scale,
+                softcap_scale,
+                GROUP,
+                MASK_QUERIES,
+                WINDOW_LEFT,
+                WINDOW_RIGHT,
+                SOFTCAP,
+                HEAD_DIM,
+                BLOCK_M,
+                BLOCK_D,
+                BLOCK_N,
+                UPCAST,
+                PRECISION,
+                True,
             )
             _store_rows(DK, kv_tokens, stride_dks, dk * sm_scale, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
             _store_rows(DV, kv_tokens, stride_dvs, dv, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
@@ -223,19 +443,48 @@ def attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_spans(
-    q, do, lse, delta, K, V, KeyMask, KeySpans, num_spans, k_len, row_first, row_last, offs_m, offs_d, offset,
-    rows_ok, stride_ks, stride_vs, window_left, window_right, qk_scale, softcap_scale, HAS_MASK: tl.constexpr,
-    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, EXACT: tl.constexpr,
+    q,
+    do,
+    lse,
+    delta,
+    K,
+    V,
+    KeyMask,
+    KeySpans,
+    num_spans,
+    k_len,
+    row_first,
+    row_last,
+    offs_m,
+    offs_d,
+    offset,
+    rows_ok,
+    stride_ks,
+    stride_vs,
+    window_left,
+    window_right,
+    qk_scale,
+    softcap_scale,
+    HAS_MASK: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     """Unscaled dQ of one query block over every key it sees. EXACT (the slow redo of windowed blocks)
     keeps a non-finite K of a key out of the rows that do not see it."""
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for span in range(num_spans):
         lo, hi = span_bounds(KeySpans, span, k_len, HAS_MASK)
-        lo, hi, _, _ = clip_to_window(lo, hi, row_first, row_last, offset, window_left, window_right,
-                                      WINDOW_LEFT, WINDOW_RIGHT)
+        lo, hi, _, _ = clip_to_window(
+            lo, hi, row_first, row_last, offset, window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT
+        )
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             key_ok = offs_n < hi
@@ -254,8 +503,9 @@ def _dq_spans(
             ds = tl.where(allowed, ds, 0.0)
             if EXACT and (WINDOW_LEFT or WINDOW_RIGHT):
                 if any_nonfinite(k):
-                    dq = seen_product(dq, ds, allowed, K + start_n * stride_ks + offs_d, stride_ks, hi - start_n,
-                                      offs_d < HEAD_DIM)
+                    dq = seen_product(
+                        dq, ds, allowed, K + start_n * stride_ks + offs_d, stride_ks, hi - start_n, offs_d < HEAD_DIM
+                    )
                 else:
                     dq += mma(convert(ds, k.dtype, UPCAST), k, UPCAST, PRECISION)
             else:
@@ -266,15 +516,58 @@ def _dq_spans(
 @triton.autotune(key=_BWD_KEY, **autotuned(DQ_TILES))
 @triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, DOut, DQ, Lse, Delta, KeyMask, KeySpans, NumSpans, CuSeqlensQ, CuSeqlensK,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_db, stride_ds, stride_dh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
-    stride_mb, stride_sb,
-    seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_scale, sm_scale, SEQLEN_BUCKET,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, MASK_QUERIES: tl.constexpr,
-    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DOut,
+    DQ,
+    Lse,
+    Delta,
+    KeyMask,
+    KeySpans,
+    NumSpans,
+    CuSeqlensQ,
+    CuSeqlensK,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_db,
+    stride_ds,
+    stride_dh,
+    stride_dqb,
+    stride_dqs,
+    stride_dqh,
+    stride_lb,
+    stride_lh,
+    stride_mb,
+    stride_sb,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
+    qk_scale,
+    softcap_scale,
+    sm_scale,
+    SEQLEN_BUCKET,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_QUERIES: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -293,26 +586,101 @@ def attention_bwd_dq_kernel(
     row_last = tl.minimum(row_first + BLOCK_M, q_len) - 1
 
     q_tokens = (q_start + offs_m).to(tl.int64)[:, None]
-    q = load_tile(Q + batch.to(tl.int64) * stride_qb + q_tokens * stride_qs + head * stride_qh + offs_d[None, :],
-                  rows_ok, offs_d, True, HEAD_DIM, BLOCK_D)
-    do = load_tile(DOut + batch.to(tl.int64) * stride_db + q_tokens * stride_ds + head * stride_dh
-                   + offs_d[None, :], rows_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    q = load_tile(
+        Q + batch.to(tl.int64) * stride_qb + q_tokens * stride_qs + head * stride_qh + offs_d[None, :],
+        rows_ok,
+        offs_d,
+        True,
+        HEAD_DIM,
+        BLOCK_D,
+    )
+    do = load_tile(
+        DOut + batch.to(tl.int64) * stride_db + q_tokens * stride_ds + head * stride_dh + offs_d[None, :],
+        rows_ok,
+        offs_d,
+        True,
+        HEAD_DIM,
+        BLOCK_D,
+    )
     lse_offset = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
     lse, delta = _rows_lse_delta(Lse, Delta, lse_offset, offs_m, rows_ok)
     K += batch.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + kv_head * stride_kh
     V += batch.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + kv_head * stride_vh
-    dq = _dq_spans(q, do, lse, delta, K, V, KeyMask, KeySpans, num_spans, k_len, row_first, row_last, offs_m, offs_d,
-                   offset, rows_ok, stride_ks, stride_vs, window_left, window_right, qk_scale, softcap_scale, HAS_MASK,
-                   WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, UPCAST, PRECISION, False)
+    dq = _dq_spans(
+        q,
+        do,
+        lse,
+        delta,
+        K,
+        V,
+        KeyMask,
+        KeySpans,
+        num_spans,
+        k_len,
+        row_first,
+        row_last,
+        offs_m,
+        offs_d,
+        offset,
+        rows_ok,
+        stride_ks,
+        stride_vs,
+        window_left,
+        window_right,
+        qk_scale,
+        softcap_scale,
+        HAS_MASK,
+        WINDOW_LEFT,
+        WINDOW_RIGHT,
+        SOFTCAP,
+        HEAD_DIM,
+        BLOCK_M,
+        BLOCK_D,
+        BLOCK_N,
+        UPCAST,
+        PRECISION,
+        False,
+    )
     DQ += batch.to(tl.int64) * stride_dqb + head * stride_dqh
     if WINDOW_LEFT or WINDOW_RIGHT:
         # A non-finite K of a key a row does not see (a window edge) reaches its dQ as 0 * NaN and stays
         # non-finite to the end. Rare: then redo the block exactly (each branch stores its own result).
         if any_nonfinite(dq):
-            dq = _dq_spans(q, do, lse, delta, K, V, KeyMask, KeySpans, num_spans, k_len, row_first, row_last, offs_m,
-                           offs_d, offset, rows_ok, stride_ks, stride_vs, window_left, window_right, qk_scale,
-                           softcap_scale, HAS_MASK, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, HEAD_DIM, BLOCK_M, BLOCK_D,
-                           BLOCK_N, UPCAST, PRECISION, True)
+            dq = _dq_spans(
+                q,
+                do,
+                lse,
+                delta,
+                K,
+                V,
+                KeyMask,
+                KeySpans,
+                num_spans,
+                k_len,
+                row_first,
+                row_last,
+                offs_m,
+                offs_d,
+                offset,
+                rows_ok,
+                stride_ks,
+                stride_vs,
+                window_left,
+                window_right,
+                qk_scale,
+                softcap_scale,
+                HAS_MASK,
+                WINDOW_LEFT,
+                WINDOW_RIGHT,
+                SOFTCAP,
+                HEAD_DIM,
+                BLOCK_M,
+                BLOCK_D,
+                BLOCK_N,
+                UPCAST,
+                PRECISION,
+                True,
+            )
             _store_rows(DQ, q_tokens, stride_dqs, dq * sm_scale, rows_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
         else:
             _store_rows(DQ, q_tokens, stride_dqs, dq * sm_scale, rows_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
@@ -360,33 +728,88 @@ def attention_backward(
     masks = mask_args(shape, layout, placeholder)
     dout_strides = token_strides(dout, is_varlen)
     attention_bwd_preprocess_kernel[(triton.cdiv(shape.seqlen_q, _PREPROCESS_BLOCK_M), heads_q, shape.batch)](
-        out, dout, placeholder if dlse is None else dlse, delta, masks[3],  # masks[3]: CuSeqlensQ
-        *token_strides(out, is_varlen), *dout_strides, *lse_strides(lse, is_varlen),
-        *_dlse_strides(dlse, is_varlen), shape.seqlen_q,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=is_varlen, HAS_DLSE=dlse is not None,
+        out,
+        dout,
+        placeholder if dlse is None else dlse,
+        delta,
+        masks[3],  # masks[3]: CuSeqlensQ
+        *token_strides(out, is_varlen),
+        *dout_strides,
+        *lse_strides(lse, is_varlen),
+        *_dlse_strides(dlse, is_varlen),
+        shape.seqlen_q,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        IS_VARLEN=is_varlen,
+        HAS_DLSE=dlse is not None,
         BLOCK_M=_PREPROCESS_BLOCK_M,
     )
     softcap, softmax_scale = options.softcap, options.softmax_scale
     qk_scale, softcap_scale = score_scales(softmax_scale, softcap)
-    common_strides = (*token_strides(q, is_varlen), *token_strides(k, is_varlen), *token_strides(v, is_varlen),
-                      *dout_strides)
-    common_scalars = (shape.seqlen_q, shape.seqlen_k, shape.window_left, shape.window_right,
-                      qk_scale, softcap_scale, softmax_scale)
+    common_strides = (
+        *token_strides(q, is_varlen),
+        *token_strides(k, is_varlen),
+        *token_strides(v, is_varlen),
+        *dout_strides,
+    )
+    common_scalars = (
+        shape.seqlen_q,
+        shape.seqlen_k,
+        shape.window_left,
+        shape.window_right,
+        qk_scale,
+        softcap_scale,
+        softmax_scale,
+    )
     flags = dict(
-        GROUP=heads_q // heads_kv, HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=is_varlen,
-        HAS_MASK=shape.key_mask is not None, MASK_QUERIES=shape.mask_queries,
-        WINDOW_LEFT=shape.window_left >= 0, WINDOW_RIGHT=shape.window_right >= 0, SOFTCAP=softcap > 0,
-        UPCAST=INTERPRETING, PRECISION=dot_precision(q.dtype),
+        GROUP=heads_q // heads_kv,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        IS_VARLEN=is_varlen,
+        HAS_MASK=shape.key_mask is not None,
+        MASK_QUERIES=shape.mask_queries,
+        WINDOW_LEFT=shape.window_left >= 0,
+        WINDOW_RIGHT=shape.window_right >= 0,
+        SOFTCAP=softcap > 0,
+        UPCAST=INTERPRETING,
+        PRECISION=dot_precision(q.dtype),
     )
     attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(shape.seqlen_k, meta["BLOCK_N"]), heads_kv, shape.batch)](
-        q, k, v, dout, dk, dv, lse, delta, *masks,
-        *common_strides, *token_strides(dk, is_varlen), *token_strides(dv, is_varlen),
-        *lse_strides(lse, is_varlen), shape.stride_mask, shape.stride_spans, *common_scalars,
-        seqlen_bucket(shape.seqlen_k), **flags,
+        q,
+        k,
+        v,
+        dout,
+        dk,
+        dv,
+        lse,
+        delta,
+        *masks,
+        *common_strides,
+        *token_strides(dk, is_varlen),
+        *token_strides(dv, is_varlen),
+        *lse_strides(lse, is_varlen),
+        shape.stride_mask,
+        shape.stride_spans,
+        *common_scalars,
+        seqlen_bucket(shape.seqlen_k),
+        **flags,
     )
     attention_bwd_dq_kernel[lambda meta: (triton.cdiv(shape.seqlen_q, meta["BLOCK_M"]), heads_q, shape.batch)](
-        q, k, v, dout, dq, lse, delta, *masks,
-        *common_strides, *token_strides(dq, is_varlen), *lse_strides(lse, is_varlen), shape.stride_mask,
-        shape.stride_spans, *common_scalars, seqlen_bucket(shape.seqlen_q), **flags,
+        q,
+        k,
+        v,
+        dout,
+        dq,
+        lse,
+        delta,
+        *masks,
+        *common_strides,
+        *token_strides(dq, is_varlen),
+        *lse_strides(lse, is_varlen),
+        shape.stride_mask,
+        shape.stride_spans,
+        *common_scalars,
+        seqlen_bucket(shape.seqlen_q),
+        **flags,
     )
     return dq, dk, dv

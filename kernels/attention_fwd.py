@@ -5,7 +5,13 @@ One program handles BLOCK_M query rows of one (sequence, query head). It walks t
 need window masks, full tiles that need none (for bidirectional attention, all but the span's
 last partial tile), and the bounds-masked tail. Loads and dots sit in branch-free loops, so
 Triton software-pipelines them.
+
+Jit functions take no structs, so pointers, strides and shapes travel as flat argument lists, and
+the calls of one helper repeat them (``duplicates`` reports those as pairs): the fast pass and the
+exact redo call the same ``_attend_spans`` with another constexpr, and the padded and packed
+kernels share every helper; the logic itself exists once.
 """
+
 from __future__ import annotations
 
 import torch
@@ -75,11 +81,35 @@ def nan_if_infinite(x):
 
 @triton.jit
 def _attend_tiles(
-    acc, l_i, m_i, q, K, V, KeyMask, start, end, offs_m, offs_d, offset,
-    stride_ks, stride_vs, window_left, window_right, qk_scale, softcap_scale,
-    MASKED: tl.constexpr, HAS_MASK: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr,
+    acc,
+    l_i,
+    m_i,
+    q,
+    K,
+    V,
+    KeyMask,
+    start,
+    end,
+    offs_m,
+    offs_d,
+    offset,
+    stride_ks,
+    stride_vs,
+    window_left,
+    window_right,
+    qk_scale,
+    softcap_scale,
+    MASKED: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     """Fold keys [start, end) into (acc, l_i, m_i); MASKED applies window, bound and padding masks. V of
     padding keys is never loaded (in fp32 full tiles it is: see the redo). EXACT (MASKED tiles only) also
@@ -94,8 +124,9 @@ def _attend_tiles(
             keys_ok = keys_ok & real_keys(KeyMask, offs_n, n_ok, MASKED)
         allowed = keys_ok[None, :]
         if MASKED:
-            allowed = allowed & window_allowed(offs_m, offs_n, offset, window_left, window_right,
-                                               WINDOW_LEFT, WINDOW_RIGHT)
+            allowed = allowed & window_allowed(
+                offs_m, offs_n, offset, window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT
+            )
         if MASKED or HAS_MASK:
             scores = tl.where(allowed, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -106,12 +137,25 @@ def _attend_tiles(
         p = tl.exp2(scores - m_base[:, None])
         alpha = tl.exp2(m_i - m_base)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = load_tile(V + offs_n[:, None] * stride_vs + offs_d[None, :], keys_ok, offs_d,
-                      MASKED or (HAS_MASK and V.dtype.element_ty != tl.float32), HEAD_DIM, BLOCK_D)
+        v = load_tile(
+            V + offs_n[:, None] * stride_vs + offs_d[None, :],
+            keys_ok,
+            offs_d,
+            MASKED or (HAS_MASK and V.dtype.element_ty != tl.float32),
+            HEAD_DIM,
+            BLOCK_D,
+        )
         if EXACT and MASKED and (WINDOW_LEFT or WINDOW_RIGHT):
             if any_nonfinite(v):
-                acc = seen_product(acc * alpha[:, None], p, allowed, V + start_n * stride_vs + offs_d, stride_vs,
-                                   end - start_n, offs_d < HEAD_DIM)
+                acc = seen_product(
+                    acc * alpha[:, None],
+                    p,
+                    allowed,
+                    V + start_n * stride_vs + offs_d,
+                    stride_vs,
+                    end - start_n,
+                    offs_d < HEAD_DIM,
+                )
             else:
                 acc = acc * alpha[:, None] + mma(convert(p, v.dtype, UPCAST), v, UPCAST, PRECISION)
         else:
@@ -122,11 +166,35 @@ def _attend_tiles(
 
 @triton.jit
 def _attend_spans(
-    q, K, V, KeyMask, KeySpans, num_spans, k_len, row_first, row_last, offs_m, offs_d, offset, stride_ks,
-    stride_vs, window_left, window_right, qk_scale, softcap_scale, HAS_MASK: tl.constexpr,
-    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, EXACT: tl.constexpr,
+    q,
+    K,
+    V,
+    KeyMask,
+    KeySpans,
+    num_spans,
+    k_len,
+    row_first,
+    row_last,
+    offs_m,
+    offs_d,
+    offset,
+    stride_ks,
+    stride_vs,
+    window_left,
+    window_right,
+    qk_scale,
+    softcap_scale,
+    HAS_MASK: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     """(acc, l_i, m_i) of one query block over every span of keys it may see. EXACT: every tile masked,
     so that no non-finite value of a key a row does not see can reach it (the slow redo)."""
@@ -136,33 +204,138 @@ def _attend_spans(
     # Keys every row of the block may see lie in [full_lo, full_hi); some row may see [lo, hi).
     for span in range(num_spans):
         lo, hi = span_bounds(KeySpans, span, k_len, HAS_MASK)
-        lo, hi, full_lo, full_hi = clip_to_window(lo, hi, row_first, row_last, offset, window_left, window_right,
-                                                  WINDOW_LEFT, WINDOW_RIGHT)
+        lo, hi, full_lo, full_hi = clip_to_window(
+            lo, hi, row_first, row_last, offset, window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT
+        )
         hi = tl.maximum(hi, lo)
         if EXACT:  # the slow redo: the span as one masked range
             acc, l_i, m_i = _attend_tiles(
-                acc, l_i, m_i, q, K, V, KeyMask, lo, hi, offs_m, offs_d, offset, stride_ks, stride_vs,
-                window_left, window_right, qk_scale, softcap_scale, True, HAS_MASK, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
-                HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, True,
+                acc,
+                l_i,
+                m_i,
+                q,
+                K,
+                V,
+                KeyMask,
+                lo,
+                hi,
+                offs_m,
+                offs_d,
+                offset,
+                stride_ks,
+                stride_vs,
+                window_left,
+                window_right,
+                qk_scale,
+                softcap_scale,
+                True,
+                HAS_MASK,
+                WINDOW_LEFT,
+                WINDOW_RIGHT,
+                SOFTCAP,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_N,
+                UPCAST,
+                PRECISION,
+                True,
             )
         else:
             full_start = tl.minimum(lo + tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_N) * BLOCK_N, hi)
             full_end = full_start + (tl.maximum(full_hi - full_start, 0) // BLOCK_N) * BLOCK_N
             if WINDOW_LEFT:  # without a left window the span starts with full tiles
                 acc, l_i, m_i = _attend_tiles(
-                    acc, l_i, m_i, q, K, V, KeyMask, lo, full_start, offs_m, offs_d, offset, stride_ks, stride_vs,
-                    window_left, window_right, qk_scale, softcap_scale, True, HAS_MASK, WINDOW_LEFT, WINDOW_RIGHT,
-                    SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, False,
+                    acc,
+                    l_i,
+                    m_i,
+                    q,
+                    K,
+                    V,
+                    KeyMask,
+                    lo,
+                    full_start,
+                    offs_m,
+                    offs_d,
+                    offset,
+                    stride_ks,
+                    stride_vs,
+                    window_left,
+                    window_right,
+                    qk_scale,
+                    softcap_scale,
+                    True,
+                    HAS_MASK,
+                    WINDOW_LEFT,
+                    WINDOW_RIGHT,
+                    SOFTCAP,
+                    HEAD_DIM,
+                    BLOCK_D,
+                    BLOCK_N,
+                    UPCAST,
+                    PRECISION,
+                    False,
                 )
             acc, l_i, m_i = _attend_tiles(
-                acc, l_i, m_i, q, K, V, KeyMask, full_start, full_end, offs_m, offs_d, offset, stride_ks, stride_vs,
-                window_left, window_right, qk_scale, softcap_scale, False, HAS_MASK, WINDOW_LEFT, WINDOW_RIGHT,
-                SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, False,
+                acc,
+                l_i,
+                m_i,
+                q,
+                K,
+                V,
+                KeyMask,
+                full_start,
+                full_end,
+                offs_m,
+                offs_d,
+                offset,
+                stride_ks,
+                stride_vs,
+                window_left,
+                window_right,
+                qk_scale,
+                softcap_scale,
+                False,
+                HAS_MASK,
+                WINDOW_LEFT,
+                WINDOW_RIGHT,
+                SOFTCAP,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_N,
+                UPCAST,
+                PRECISION,
+                False,
             )
             acc, l_i, m_i = _attend_tiles(
-                acc, l_i, m_i, q, K, V, KeyMask, full_end, hi, offs_m, offs_d, offset, stride_ks, stride_vs,
-                window_left, window_right, qk_scale, softcap_scale, True, HAS_MASK, WINDOW_LEFT, WINDOW_RIGHT,
-                SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, False,
+                acc,
+                l_i,
+                m_i,
+                q,
+                K,
+                V,
+                KeyMask,
+                full_end,
+                hi,
+                offs_m,
+                offs_d,
+                offset,
+                stride_ks,
+                stride_vs,
+                window_left,
+                window_right,
+                qk_scale,
+                softcap_scale,
+                True,
+                HAS_MASK,
+                WINDOW_LEFT,
+                WINDOW_RIGHT,
+                SOFTCAP,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_N,
+                UPCAST,
+                PRECISION,
+                False,
             )
     return acc, l_i, m_i
 
@@ -180,14 +353,52 @@ FWD_TILES = {
 )
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, Out, Lse, KeyMask, KeySpans, NumSpans, CuSeqlensQ, CuSeqlensK,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_mb, stride_sb,
-    seqlen_q, seqlen_k, window_left, window_right, qk_scale, softcap_scale, SEQLEN_BUCKET,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, MASK_QUERIES: tl.constexpr,
-    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    KeyMask,
+    KeySpans,
+    NumSpans,
+    CuSeqlensQ,
+    CuSeqlensK,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    stride_lb,
+    stride_lh,
+    stride_mb,
+    stride_sb,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
+    qk_scale,
+    softcap_scale,
+    SEQLEN_BUCKET,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_QUERIES: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -203,16 +414,52 @@ def attention_fwd_kernel(
     KeySpans += batch.to(tl.int64) * stride_sb
     rows_in, rows_real, num_spans = query_rows(KeyMask, NumSpans, batch, offs_m, q_len, HAS_MASK, MASK_QUERIES)
 
-    q = load_tile(Q + batch.to(tl.int64) * stride_qb + (q_start + offs_m).to(tl.int64)[:, None] * stride_qs
-                  + head * stride_qh + offs_d[None, :], rows_in, offs_d, True, HEAD_DIM, BLOCK_D)
+    q = load_tile(
+        Q
+        + batch.to(tl.int64) * stride_qb
+        + (q_start + offs_m).to(tl.int64)[:, None] * stride_qs
+        + head * stride_qh
+        + offs_d[None, :],
+        rows_in,
+        offs_d,
+        True,
+        HEAD_DIM,
+        BLOCK_D,
+    )
     K += batch.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + kv_head * stride_kh
     V += batch.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + kv_head * stride_vh
     offset = k_len - q_len
     row_last = tl.minimum(row_first + BLOCK_M, q_len) - 1
     acc, l_i, m_i = _attend_spans(
-        q, K, V, KeyMask, KeySpans, num_spans, k_len, row_first, row_last, offs_m, offs_d, offset, stride_ks,
-        stride_vs, window_left, window_right, qk_scale, softcap_scale, HAS_MASK, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
-        HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, UPCAST, PRECISION, False,
+        q,
+        K,
+        V,
+        KeyMask,
+        KeySpans,
+        num_spans,
+        k_len,
+        row_first,
+        row_last,
+        offs_m,
+        offs_d,
+        offset,
+        stride_ks,
+        stride_vs,
+        window_left,
+        window_right,
+        qk_scale,
+        softcap_scale,
+        HAS_MASK,
+        WINDOW_LEFT,
+        WINDOW_RIGHT,
+        SOFTCAP,
+        HEAD_DIM,
+        BLOCK_M,
+        BLOCK_D,
+        BLOCK_N,
+        UPCAST,
+        PRECISION,
+        False,
     )
     Out += batch.to(tl.int64) * stride_ob + q_start.to(tl.int64) * stride_os + head * stride_oh
     Lse += batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
@@ -223,31 +470,74 @@ def attention_fwd_kernel(
         # branch stores its own result, so the first pass's registers are free during the redo.)
         if any_nonfinite(acc):
             acc, l_i, m_i = _attend_spans(
-                q, K, V, KeyMask, KeySpans, num_spans, k_len, row_first, row_last, offs_m, offs_d, offset,
-                stride_ks, stride_vs, window_left, window_right, qk_scale, softcap_scale, HAS_MASK, WINDOW_LEFT,
-                WINDOW_RIGHT, SOFTCAP, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, UPCAST, PRECISION, True,
+                q,
+                K,
+                V,
+                KeyMask,
+                KeySpans,
+                num_spans,
+                k_len,
+                row_first,
+                row_last,
+                offs_m,
+                offs_d,
+                offset,
+                stride_ks,
+                stride_vs,
+                window_left,
+                window_right,
+                qk_scale,
+                softcap_scale,
+                HAS_MASK,
+                WINDOW_LEFT,
+                WINDOW_RIGHT,
+                SOFTCAP,
+                HEAD_DIM,
+                BLOCK_M,
+                BLOCK_D,
+                BLOCK_N,
+                UPCAST,
+                PRECISION,
+                True,
             )
-            _store_block(acc, l_i, m_i, rows_in, rows_real, Out, Lse, offs_m, offs_d, stride_os, HEAD_DIM, BLOCK_D,
-                         UPCAST)
+            _store_block(
+                acc, l_i, m_i, rows_in, rows_real, Out, Lse, offs_m, offs_d, stride_os, HEAD_DIM, BLOCK_D, UPCAST
+            )
         else:
-            _store_block(acc, l_i, m_i, rows_in, rows_real, Out, Lse, offs_m, offs_d, stride_os, HEAD_DIM, BLOCK_D,
-                         UPCAST)
+            _store_block(
+                acc, l_i, m_i, rows_in, rows_real, Out, Lse, offs_m, offs_d, stride_os, HEAD_DIM, BLOCK_D, UPCAST
+            )
     else:
-        _store_block(acc, l_i, m_i, rows_in, rows_real, Out, Lse, offs_m, offs_d, stride_os, HEAD_DIM, BLOCK_D,
-                         UPCAST)
+        _store_block(acc, l_i, m_i, rows_in, rows_real, Out, Lse, offs_m, offs_d, stride_os, HEAD_DIM, BLOCK_D, UPCAST)
 
 
 @triton.jit
-def _store_block(acc, l_i, m_i, rows_in, rows_real, Out, Lse, offs_m, offs_d, stride_os, HEAD_DIM: tl.constexpr,
-                 BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+def _store_block(
+    acc,
+    l_i,
+    m_i,
+    rows_in,
+    rows_real,
+    Out,
+    Lse,
+    offs_m,
+    offs_d,
+    stride_os,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Normalise and store a query block. l_i is 0 exactly on rows that saw no key or only -inf scores
     (zeros, lse = -inf) and NaN on rows with a NaN or +inf score (NaN out and lse)."""
     row_ok = rows_real & (l_i != 0)
     l_safe = tl.where(row_ok, l_i, 1.0)
     out = tl.where(row_ok[:, None], nan_if_infinite(acc / l_safe[:, None]), 0.0)
     lse = tl.where(row_ok, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    tl.store(Out + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :],
-             convert(out, Out.dtype.element_ty, UPCAST), mask=tile_mask(rows_in, offs_d, HEAD_DIM, BLOCK_D))
+    tl.store(
+        Out + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :],
+        convert(out, Out.dtype.element_ty, UPCAST),
+        mask=tile_mask(rows_in, offs_d, HEAD_DIM, BLOCK_D),
+    )
     tl.store(Lse + offs_m, lse, mask=rows_in)
 
 
@@ -286,14 +576,36 @@ def attention_forward(
     qk_scale, softcap_scale = score_scales(options.softmax_scale, softcap)
     grid = lambda meta: (triton.cdiv(shape.seqlen_q, meta["BLOCK_M"]), heads_q, shape.batch)  # noqa: E731
     attention_fwd_kernel[grid](
-        q, k, v, out, lse, *mask_args(shape, layout, placeholder=q),
-        *token_strides(q, shape.is_varlen), *token_strides(k, shape.is_varlen), *token_strides(v, shape.is_varlen),
-        *token_strides(out, shape.is_varlen), *lse_strides(lse, shape.is_varlen), shape.stride_mask, shape.stride_spans,
-        shape.seqlen_q, shape.seqlen_k, shape.window_left, shape.window_right, qk_scale, softcap_scale,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        *mask_args(shape, layout, placeholder=q),
+        *token_strides(q, shape.is_varlen),
+        *token_strides(k, shape.is_varlen),
+        *token_strides(v, shape.is_varlen),
+        *token_strides(out, shape.is_varlen),
+        *lse_strides(lse, shape.is_varlen),
+        shape.stride_mask,
+        shape.stride_spans,
+        shape.seqlen_q,
+        shape.seqlen_k,
+        shape.window_left,
+        shape.window_right,
+        qk_scale,
+        softcap_scale,
         seqlen_bucket(shape.seqlen_q),
-        GROUP=heads_q // k.shape[-2], HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        IS_VARLEN=shape.is_varlen, HAS_MASK=shape.key_mask is not None, MASK_QUERIES=shape.mask_queries,
-        WINDOW_LEFT=shape.window_left >= 0, WINDOW_RIGHT=shape.window_right >= 0, SOFTCAP=softcap > 0,
-        UPCAST=INTERPRETING, PRECISION=dot_precision(q.dtype),
+        GROUP=heads_q // k.shape[-2],
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        IS_VARLEN=shape.is_varlen,
+        HAS_MASK=shape.key_mask is not None,
+        MASK_QUERIES=shape.mask_queries,
+        WINDOW_LEFT=shape.window_left >= 0,
+        WINDOW_RIGHT=shape.window_right >= 0,
+        SOFTCAP=softcap > 0,
+        UPCAST=INTERPRETING,
+        PRECISION=dot_precision(q.dtype),
     )
     return out, lse

@@ -4,6 +4,7 @@ CPU tensors are accepted only under ``TRITON_INTERPRET=1`` (Triton's interpreter
 "auto" never picks this backend for CPU tensors. ``layout`` and ``options`` are llm2vec_fast's
 AttentionLayout (key mask derived as KeySpans, per KEY_MASK_FORM) and AttentionOptions.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,7 +44,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, layout, options) -> tuple[Tensor, T
         return attention_forward(q, k, v, layout, options)
 
 
-def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None, layout,
-             options) -> tuple[Tensor, Tensor, Tensor]:
+def backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None, layout, options
+) -> tuple[Tensor, Tensor, Tensor]:
     with _on_device(q):
         return attention_backward(dout, q, k, v, out, lse, dlse, layout, options)

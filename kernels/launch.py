@@ -1,5 +1,6 @@
 """Host-side launch configuration shared by the attention launchers: tile tables and their pruning,
 the launch shape of a batch layout, and the argument forms the kernels index."""
+
 from __future__ import annotations
 
 import math
@@ -86,8 +87,18 @@ def launch_shape(q: torch.Tensor, k: torch.Tensor, layout, options) -> LaunchSha
     """The launch shape of an ``llm2vec_fast`` AttentionLayout (its key mask as KeySpans) and AttentionOptions."""
     left, right = options.key_window
     if layout.is_packed:
-        return LaunchShape(layout.cu_seqlens_q.numel() - 1, layout.max_seqlen_q, layout.max_seqlen_k, True,
-                           None, None, None, False, left, right)
+        return LaunchShape(
+            layout.cu_seqlens_q.numel() - 1,
+            layout.max_seqlen_q,
+            layout.max_seqlen_k,
+            True,
+            None,
+            None,
+            None,
+            False,
+            left,
+            right,
+        )
     batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
     mask_bytes, spans, num_spans = layout.key_mask_state or (None, None, None)
     mask_queries = mask_bytes is not None and seqlen_q == seqlen_k
@@ -98,8 +109,10 @@ def mask_args(shape: LaunchShape, layout, placeholder: torch.Tensor) -> tuple:
     """(KeyMask, KeySpans, NumSpans, CuSeqlensQ, CuSeqlensK) kernel arguments, contiguous (the kernels
     index them with unit strides; a view of offsets is copied); absent ones point at a placeholder that
     the kernel never dereferences (its constexpr flags compile those loads away)."""
-    return tuple(placeholder if t is None else t.contiguous() for t in
-                 (shape.key_mask, shape.key_spans, shape.num_spans, layout.cu_seqlens_q, layout.cu_seqlens_k))
+    return tuple(
+        placeholder if t is None else t.contiguous()
+        for t in (shape.key_mask, shape.key_spans, shape.num_spans, layout.cu_seqlens_q, layout.cu_seqlens_k)
+    )
 
 
 def seqlen_bucket(seqlen: int) -> int:

@@ -7,6 +7,7 @@ to real keys. A key-padding mask arrives as *spans* of keys (``llm2vec_fast.key_
 per-key mask bytes: kernels loop over spans and over tiles inside them, so long stretches of
 padding are never visited; the shorter holes inside a span are masked with the mask bytes.
 """
+
 import triton
 import triton.language as tl
 
@@ -108,8 +109,17 @@ def query_rows(KeyMask, NumSpans, batch, offs_m, q_len, HAS_MASK: tl.constexpr, 
 
 
 @triton.jit
-def clip_to_window(lo, hi, row_first, row_last, offset, window_left, window_right,
-                   WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+def clip_to_window(
+    lo,
+    hi,
+    row_first,
+    row_last,
+    offset,
+    window_left,
+    window_right,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+):
     """Keys [lo, hi) of a span that some row of the block sees, and [full_lo, full_hi): those all rows see.
     Either range may come out empty with its end before its start."""
     full_lo = lo
@@ -124,8 +134,9 @@ def clip_to_window(lo, hi, row_first, row_last, offset, window_left, window_righ
 
 
 @triton.jit
-def window_allowed(offs_m, offs_n, offset, window_left, window_right,
-                   WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+def window_allowed(
+    offs_m, offs_n, offset, window_left, window_right, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr
+):
     """(BLOCK_M, BLOCK_N) bool: key offs_n inside the window of query offs_m (aligned by `offset`)."""
     pos = offs_m[:, None] + offset
     allowed = offs_n[None, :] >= 0

@@ -5,6 +5,7 @@ an `AttentionOptions` (what to compute) and an `AttentionLayout` (how the batch 
 hands both to a backend as ``forward(q, k, v, layout, options)``. A new option is a field here,
 one schema argument in `ops` and whatever the backends do with it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,8 +34,15 @@ class AttentionOptions:
         return self.causal, self.window[0], self.window[1], self.softcap, self.softmax_scale, self.deterministic
 
     @classmethod
-    def from_schema(cls, causal: bool, window_left: int, window_right: int, softcap: float, softmax_scale: float,
-                    deterministic: bool) -> AttentionOptions:
+    def from_schema(
+        cls,
+        causal: bool,
+        window_left: int,
+        window_right: int,
+        softcap: float,
+        softmax_scale: float,
+        deterministic: bool,
+    ) -> AttentionOptions:
         return cls(causal, (window_left, window_right), softcap, softmax_scale, deterministic)
 
 

@@ -14,8 +14,14 @@ Semantics shared by every backend:
 - every tensor argument may be a strided view (q/k/v such as ``(B, H, S, D).transpose(1, 2)``,
   masks such as ``mask.t()``, offsets, and the gradients autograd hands the backward, e.g. the
   all-zero-stride one of ``out.sum()``); a backend copies what its kernels cannot read in place.
-  Outputs and gradients are contiguous.
+  Outputs and gradients are contiguous;
+- non-finite values: NaN for the rows (or output elements) that see them, as in flash-attn; keys a
+  row does not see never reach it, whatever they hold (README, "Semantics").
+
+The two public functions keep flash-attn's signatures, so their keyword lists repeat; everything
+behind them is one helper, ``_attention``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +32,8 @@ from .attention_options import AttentionLayout, AttentionOptions
 from .backends import resolve_backend
 from .validation import (
     check_qkv,
-    check_window_and_softcap,
     check_varlen_args,
+    check_window_and_softcap,
     normalize_key_mask,
     softmax_scale_or_default,
 )
@@ -51,8 +57,16 @@ def _attention(
     options = AttentionOptions(bool(causal), window_size, softcap, scale, bool(deterministic))
     name = resolve_backend(q, k, backend, options)
     return torch.ops.llm2vec_fast.attention_forward(
-        q, k, v, layout.key_mask, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.max_seqlen_q, layout.max_seqlen_k,
-        *options.schema_args(), name,
+        q,
+        k,
+        v,
+        layout.key_mask,
+        layout.cu_seqlens_q,
+        layout.cu_seqlens_k,
+        layout.max_seqlen_q,
+        layout.max_seqlen_k,
+        *options.schema_args(),
+        name,
     )
 
 

@@ -10,6 +10,7 @@ padding keys (one span for left or right padding). The Triton kernels loop over 
 tiles inside them, so long stretches of padding are never visited; the shorter holes inside a
 span are masked with the per-key mask bytes.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

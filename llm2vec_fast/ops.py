@@ -5,7 +5,11 @@ opaque node that autograd differentiates and `torch.compile(fullgraph=True)` tra
 graph break. Inputs arrive validated (see `functional`); the ops unpack their flat arguments once
 into an `AttentionLayout` and `AttentionOptions` and route to a backend.
 The log-sum-exp output is differentiable: its gradient enters the backward through delta.
+
+Each op spells out its flat argument list: torch.library infers the schema from the annotations,
+so the two schemas (and ``AttentionOptions.from_schema``) repeat those lines by necessity.
 """
+
 from __future__ import annotations
 
 from types import ModuleType
@@ -26,7 +30,8 @@ def _check_offsets(q: Tensor, k: Tensor, layout: AttentionLayout) -> None:
     if layout.is_packed:
         check_cu_seqlens_values("cu_seqlens_q", layout.cu_seqlens_q, q.shape[0], layout.max_seqlen_q)
         if layout.cu_seqlens_k is not layout.cu_seqlens_q or (k.shape[0], layout.max_seqlen_k) != (
-            q.shape[0], layout.max_seqlen_q
+            q.shape[0],
+            layout.max_seqlen_q,
         ):
             check_cu_seqlens_values("cu_seqlens_k", layout.cu_seqlens_k, k.shape[0], layout.max_seqlen_k)
 
@@ -115,9 +120,7 @@ def _backward(ctx, dout: Tensor | None, dlse: Tensor | None):
     q, k, v, out, lse, key_mask, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     if dout is None:  # only lse was used: a zero-stride zero gradient costs no memory (backends read strides)
         dout = out.new_zeros(()).expand(out.shape)
-    dq, dk, dv = attention_backward(
-        dout, q, k, v, out, lse, dlse, key_mask, cu_seqlens_q, cu_seqlens_k, *ctx.params
-    )
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, dlse, key_mask, cu_seqlens_q, cu_seqlens_k, *ctx.params)
     return (dq, dk, dv) + (None,) * (len(ctx.params) + 3)
 
 

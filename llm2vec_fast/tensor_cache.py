@@ -3,6 +3,7 @@
 A model calls attention once per layer with the same mask or offsets tensor: what is derived from
 it (a validity check, the kernels' key spans) belongs once per forward, not once per layer.
 """
+
 from __future__ import annotations
 
 import weakref

@@ -7,6 +7,7 @@ model calling the op once per layer with the same `cu_seqlens` pays for one chec
 Inference tensors (made under `torch.inference_mode()`) keep no version counter, so an in-place
 edit cannot be seen: their offsets are checked on every call.
 """
+
 from __future__ import annotations
 
 import math
@@ -111,7 +112,11 @@ def softmax_scale_or_default(softmax_scale: float | None, head_dim: int) -> floa
     (s * scale * log2(e)) cannot overflow float32 for any score |q.k| <= 1e32."""
     if softmax_scale is None:
         return head_dim**-0.5
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+    if (
+        isinstance(softmax_scale, bool)
+        or not isinstance(softmax_scale, (int, float))
+        or not math.isfinite(softmax_scale)
+    ):
         raise TypeError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
     if abs(softmax_scale) > MAX_SOFTMAX_SCALE:
         bound = f"{MAX_SOFTMAX_SCALE:g}"
@@ -137,8 +142,9 @@ _checked_offsets = TensorCache()
 
 def check_cu_seqlens_values(name: str, cu: Tensor, total_tokens: int, max_seqlen: int) -> None:
     """Offsets start at 0, never decrease, end at the token count, and respect max_seqlen."""
-    _checked_offsets.get(cu, (total_tokens, max_seqlen),
-                         lambda: _check_offsets(name, cu.tolist(), total_tokens, max_seqlen))
+    _checked_offsets.get(
+        cu, (total_tokens, max_seqlen), lambda: _check_offsets(name, cu.tolist(), total_tokens, max_seqlen)
+    )
 
 
 def _check_offsets(name: str, offsets: list[int], total_tokens: int, max_seqlen: int) -> bool:

@@ -6,15 +6,16 @@ oracle of tests/oracle.py with autograd, and checks a kernel's (out, lse, dq, dk
 per-dtype relative error, lse = -inf exactly on the rows that see no key, and exact zeros in the
 outputs and query gradients of those rows (and in the key gradients of keys no query sees).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+from oracle import assert_close, attention_oracle, varlen_oracle
 from torch import Tensor
 
 from llm2vec_fast import flash_attn_func, flash_attn_varlen_func
-from oracle import assert_close, attention_oracle, varlen_oracle
 
 MASK_KINDS = ("none", "right", "left", "holes", "empty_row")
 
@@ -26,15 +27,15 @@ def key_padding_mask(kind: str, batch: int, seqlen: int) -> Tensor | None:
     mask = torch.ones(batch, seqlen, dtype=torch.bool)
     cut = max(1, seqlen // 3)
     if kind == "right":
-        mask[-1, seqlen - cut:] = False
+        mask[-1, seqlen - cut :] = False
     elif kind == "left":
         mask[0, :cut] = False
     elif kind == "holes":
-        mask[0, 1:1 + cut] = False
+        mask[0, 1 : 1 + cut] = False
         mask[-1, ::3] = False
     elif kind == "empty_row":
         mask[-1] = False
-        mask[0, seqlen - cut:] = False
+        mask[0, seqlen - cut :] = False
     else:
         raise ValueError(f"unknown mask kind {kind!r}")
     return mask
@@ -65,7 +66,9 @@ class Case:
     def __post_init__(self):
         self.dout = torch.randn(self.q.shape, dtype=self.q.dtype)
         varlen = self.cu_seqlens_q is not None
-        lse_shape = (self.q.shape[1], self.q.shape[0]) if varlen else (self.q.shape[0], self.q.shape[2], self.q.shape[1])
+        lse_shape = (
+            (self.q.shape[1], self.q.shape[0]) if varlen else (self.q.shape[0], self.q.shape[2], self.q.shape[1])
+        )
         self.dlse = torch.randn(lse_shape)
 
     @property
@@ -82,8 +85,7 @@ class Case:
         """Float64 (out, lse, dq, dk, dv) on CPU, computed on `device`; the loss is <out, dout>
         (+ <lse, dlse> on finite lse)."""
         leaves = [t.detach().to(device, torch.float64).requires_grad_() for t in (self.q, self.k, self.v)]
-        options = dict(causal=self.causal, window_size=self.window_size, softcap=self.softcap,
-                       softmax_scale=self.scale)
+        options = dict(causal=self.causal, window_size=self.window_size, softcap=self.softcap, softmax_scale=self.scale)
         if self.cu_seqlens_q is None:
             out, lse = attention_oracle(*leaves, key_mask=self.key_mask, **options)
         else:
@@ -138,18 +140,27 @@ def check(case: Case, got: tuple[Tensor, ...], with_dlse: bool = False, device: 
         assert dv[unseen].abs().max().item() == 0.0, "dv must be exactly 0 for keys no query sees"
 
 
-def run_public_api(case: Case, backend: str, device: str | torch.device, deterministic: bool = False,
-                   with_dlse: bool = False) -> tuple[Tensor, ...]:
+def run_public_api(
+    case: Case, backend: str, device: str | torch.device, deterministic: bool = False, with_dlse: bool = False
+) -> tuple[Tensor, ...]:
     """(out, lse, dq, dk, dv) of the public functions on `device`, backpropagating case.dout (and dlse)."""
     q, k, v = (t.to(device).requires_grad_() for t in (case.q, case.k, case.v))
-    options = dict(causal=case.causal, softmax_scale=case.scale, window_size=case.window_size,
-                   softcap=case.softcap, return_lse=True, deterministic=deterministic, backend=backend)
+    options = dict(
+        causal=case.causal,
+        softmax_scale=case.scale,
+        window_size=case.window_size,
+        softcap=case.softcap,
+        return_lse=True,
+        deterministic=deterministic,
+        backend=backend,
+    )
     if case.cu_seqlens_q is None:
         mask = None if case.key_mask is None else case.key_mask.to(device)
         out, lse = flash_attn_func(q, k, v, mask, **options)
     else:
-        out, lse = flash_attn_varlen_func(q, k, v, case.cu_seqlens_q.to(device), case.cu_seqlens_k.to(device),
-                                          *case.max_seqlens, **options)
+        out, lse = flash_attn_varlen_func(
+            q, k, v, case.cu_seqlens_q.to(device), case.cu_seqlens_k.to(device), *case.max_seqlens, **options
+        )
     outputs, grads_in = [out], [case.dout.to(device)]
     if with_dlse:
         outputs.append(lse)

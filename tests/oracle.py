@@ -2,6 +2,7 @@
 
 It expands k/v with repeat_interleave and builds masks from index grids: the slow, obvious way.
 """
+
 from __future__ import annotations
 
 import torch
@@ -59,8 +60,8 @@ def varlen_oracle(
     outs, lses = [], []
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for i in range(len(bounds_q) - 1):
-        q_i = q[bounds_q[i]:bounds_q[i + 1]][None]
-        k_i, v_i = k[bounds_k[i]:bounds_k[i + 1]][None], v[bounds_k[i]:bounds_k[i + 1]][None]
+        q_i = q[bounds_q[i] : bounds_q[i + 1]][None]
+        k_i, v_i = k[bounds_k[i] : bounds_k[i + 1]][None], v[bounds_k[i] : bounds_k[i + 1]][None]
         if q_i.shape[1] == 0:
             continue
         if k_i.shape[1] == 0:

@@ -1,10 +1,11 @@
 """Property test: random shapes, masks, windows and GQA ratios, Triton kernels vs the oracle."""
+
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracle import assert_close, attention_oracle
 
 from llm2vec_fast import flash_attn_func
-from oracle import assert_close, attention_oracle
 
 
 @st.composite

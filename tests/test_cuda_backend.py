@@ -8,6 +8,7 @@ pattern, length, GQA ratio, head dim, dtype, varlen, window and soft cap; output
 NaN inside the binding before the kernels run; a bitwise deterministic backward; torch.compile
 and opcheck; compute-sanitizer memcheck, racecheck and synccheck on small shapes.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,18 +20,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from attention_cases import MASK_KINDS, Case, check, padded_case, run_public_api, varlen_case
+from oracle import TOLERANCE, relative_error
 
 import llm2vec_fast.backends as backends
 import llm2vec_fast.backends.cuda as cuda_backend
-from attention_cases import MASK_KINDS, Case, check, padded_case, run_public_api, varlen_case
 from llm2vec_fast import flash_attn_func, resolve_backend
 from llm2vec_fast.attention_options import AttentionOptions
-from oracle import TOLERANCE, relative_error
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---- dispatch (CPU) ---------------------------------------------------------------------------
+
 
 def test_forcing_cuda_without_the_extension_says_it_is_not_built():
     q = torch.randn(1, 8, 2, 64, dtype=torch.float16)
@@ -53,17 +55,21 @@ def test_auto_never_picks_cuda_for_cpu_tensors(monkeypatch):
         assert resolve_backend(q, q) == "reference"
 
 
-@pytest.mark.parametrize("dtype,head_dim,expected", [
-    (torch.float32, 64, "float16 and bfloat16"),
-    (torch.float16, 96, "head dims 64 and 128"),
-    (torch.bfloat16, 128, "CUDA tensors"),
-])
+@pytest.mark.parametrize(
+    "dtype,head_dim,expected",
+    [
+        (torch.float32, 64, "float16 and bfloat16"),
+        (torch.float16, 96, "head dims 64 and 128"),
+        (torch.bfloat16, 128, "CUDA tensors"),
+    ],
+)
 def test_unsupported_inputs_are_named(dtype, head_dim, expected):
     q = torch.randn(1, 4, 2, head_dim, dtype=dtype)
     assert expected in cuda_backend.unsupported_reason(q, q, AttentionOptions())
 
 
 # ---- the kernels (GPU) --------------------------------------------------------------------------
+
 
 @pytest.fixture
 def cuda_kernels(monkeypatch):
@@ -92,8 +98,12 @@ def check_gpu(case: Case, deterministic: bool = False, with_dlse: bool = False, 
 @pytest.mark.gpu
 def test_auto_prefers_cuda_where_it_applies(cuda_kernels, monkeypatch):
     monkeypatch.delenv(backends.BACKEND_ENV_VAR, raising=False)
-    for head_dim, dtype, expected in ((128, torch.bfloat16, "cuda"), (64, torch.float16, "cuda"),
-                                      (96, torch.bfloat16, "triton"), (64, torch.float32, "triton")):
+    for head_dim, dtype, expected in (
+        (128, torch.bfloat16, "cuda"),
+        (64, torch.float16, "cuda"),
+        (96, torch.bfloat16, "triton"),
+        (64, torch.float32, "triton"),
+    ):
         q = torch.randn(1, 8, 2, head_dim, device="cuda", dtype=dtype)
         assert resolve_backend(q, q) == expected, (head_dim, dtype)
 
@@ -138,8 +148,9 @@ def test_cross_attention_with_key_mask(cuda_kernels, seqlen_q, seqlen_k, causal)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("window_size,softcap", [((128, 0), 0.0), ((64, 64), 0.0), ((-1, 16), 0.0),
-                                                 ((-1, -1), 30.0), ((200, 5), 10.0)])
+@pytest.mark.parametrize(
+    "window_size,softcap", [((128, 0), 0.0), ((64, 64), 0.0), ((-1, 16), 0.0), ((-1, -1), 30.0), ((200, 5), 10.0)]
+)
 def test_window_and_softcap(cuda_kernels, window_size, softcap):
     case = padded_case(2, 700, 700, 8, 2, 128, torch.bfloat16, "left", window_size=window_size, softcap=softcap)
     check_gpu(case)
@@ -183,8 +194,26 @@ def test_ops_trace_and_pass_opcheck(cuda_kernels):
     forward_args = (q, k, v, mask, None, None, 100, 100, False, -1, -1, 0.0, case.scale)
     torch.library.opcheck(torch.ops.llm2vec_fast_cuda.fwd.default, forward_args)
     out, lse = torch.ops.llm2vec_fast_cuda.fwd(*forward_args)
-    backward_args = (case.dout.cuda(), q, k, v, out, lse, None, mask, None, None, 100, 100, False, -1, -1, 0.0,
-                     case.scale, True)
+    backward_args = (
+        case.dout.cuda(),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        None,
+        mask,
+        None,
+        None,
+        100,
+        100,
+        False,
+        -1,
+        -1,
+        0.0,
+        case.scale,
+        True,
+    )
     torch.library.opcheck(torch.ops.llm2vec_fast_cuda.bwd.default, backward_args)
 
 
@@ -194,8 +223,15 @@ def test_compute_sanitizer_is_clean(cuda_kernels, tool):
     sanitizer = shutil.which("compute-sanitizer")
     assert sanitizer is not None, "compute-sanitizer is not on PATH on this GPU machine"
     env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")  # one allocation per tensor: exact bounds
-    command = [sanitizer, "--tool", tool, "--error-exitcode", "99", sys.executable,
-               str(ROOT / "benchmarks" / "sanitize_cuda.py")]
+    command = [
+        sanitizer,
+        "--tool",
+        tool,
+        "--error-exitcode",
+        "99",
+        sys.executable,
+        str(ROOT / "benchmarks" / "sanitize_cuda.py"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
     assert result.returncode == 0, f"compute-sanitizer --tool {tool}:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
     assert "all kernel variants ran" in result.stdout

@@ -6,6 +6,7 @@ meant to hold and show 0 spill bytes and a 0-byte stack frame for every one (a s
 means a register array went to local memory). The torch binding is syntax-checked against the
 installed torch headers. Needs no GPU: runs in CI, where nvcc is on PATH.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,9 @@ class KernelReport:
 
     @property
     def kernel(self) -> str:
-        match = re.search(r"(fwd_kernel|bwd_preprocess_kernel|bwd_dkdv_kernel|bwd_dq_kernel|pack_key_bits_kernel)",
-                          self.symbol)
+        match = re.search(
+            r"(fwd_kernel|bwd_preprocess_kernel|bwd_dkdv_kernel|bwd_dq_kernel|pack_key_bits_kernel)", self.symbol
+        )
         return match.group(1) if match else self.symbol
 
 
@@ -84,8 +86,11 @@ def compile_cu(nvcc: str, source: Path, out_dir: Path) -> tuple[Path, subprocess
 
 def cuda_include_dirs() -> list[str]:
     """The CUDA runtime header directories nvcc itself uses (from its --dryrun INCLUDES line)."""
-    dryrun = subprocess.run([shutil.which("nvcc"), "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                            capture_output=True, text=True)
+    dryrun = subprocess.run(
+        [shutil.which("nvcc"), "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+        capture_output=True,
+        text=True,
+    )
     line = next((line for line in dryrun.stderr.splitlines() if "INCLUDES=" in line), "")
     return re.findall(r'-I"?([^"\s]+)', line)
 
@@ -98,10 +103,16 @@ def syntax_check_binding(out_dir: Path) -> subprocess.CompletedProcess | None:
     except ImportError:
         return None
     includes = [*include_paths(), sysconfig.get_paths()["include"], *cuda_include_dirs()]
-    command = [shutil.which("g++") or "g++", "-std=c++20", "-fsyntax-only", f"-I{CSRC}",
-               # CPU wheels of torch lack this generated header; it only sets export macros.
-               "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
-               *[arg for path in includes for arg in ("-isystem", path)], str(CSRC / "flash_api.cpp")]
+    command = [
+        shutil.which("g++") or "g++",
+        "-std=c++20",
+        "-fsyntax-only",
+        f"-I{CSRC}",
+        # CPU wheels of torch lack this generated header; it only sets export macros.
+        "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+        *[arg for path in includes for arg in ("-isystem", path)],
+        str(CSRC / "flash_api.cpp"),
+    ]
     return subprocess.run(command, capture_output=True, text=True)
 
 
@@ -133,15 +144,21 @@ def test_kernels_do_not_spill(builds):
         for arch in ARCHS:
             found = {report.kernel for report in reports if report.arch == arch}
             if not expected <= found:
-                problems.append(f"{source.name} {arch}: expected kernels {sorted(expected)}, ptxas reported {sorted(found)}")
+                problems.append(
+                    f"{source.name} {arch}: expected kernels {sorted(expected)}, ptxas reported {sorted(found)}"
+                )
         for report in reports:
-            rows.append(f"{source.name:20} {report.arch:7} {report.kernel:22} {report.registers:4} regs "
-                        f"stack {report.stack_bytes} spill {report.spill_store_bytes}/{report.spill_load_bytes}")
+            rows.append(
+                f"{source.name:20} {report.arch:7} {report.kernel:22} {report.registers:4} regs "
+                f"stack {report.stack_bytes} spill {report.spill_store_bytes}/{report.spill_load_bytes}"
+            )
             if -1 in (report.registers, report.stack_bytes):
                 problems.append(f"{source.name} {report.arch} {report.kernel}: incomplete ptxas report")
             if report.spill_store_bytes or report.spill_load_bytes or report.stack_bytes:
-                problems.append(f"{source.name} {report.arch} {report.kernel}: {report.stack_bytes} bytes stack frame, "
-                                f"{report.spill_store_bytes}/{report.spill_load_bytes} bytes spilled")
+                problems.append(
+                    f"{source.name} {report.arch} {report.kernel}: {report.stack_bytes} bytes stack frame, "
+                    f"{report.spill_store_bytes}/{report.spill_load_bytes} bytes spilled"
+                )
     print("\n".join(rows), file=sys.stderr)
     assert not problems, "\n".join(problems)
 

@@ -8,6 +8,7 @@ dQ and deterministic) are compared with the float64 oracle on fresh random input
 sequence, same scratch buffers. What it cannot show: hardware-only behaviour (timing, real
 memory ordering, the tensor cores' rounding); see benchmarks/NOTES.md.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from attention_cases import MASK_KINDS, Case, check, padded_case, varlen_case
 
 HERE = Path(__file__).resolve().parent
@@ -28,16 +28,31 @@ ELEM = {torch.float16: 0, torch.bfloat16: 1}
 
 
 class TensorView(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("dim", ctypes.c_int), ("size", ctypes.c_int64 * 4),
-                ("stride", ctypes.c_int64 * 4)]
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("dim", ctypes.c_int),
+        ("size", ctypes.c_int64 * 4),
+        ("stride", ctypes.c_int64 * 4),
+    ]
 
 
 class AttnArgs(ctypes.Structure):
-    _fields_ = [("q", TensorView), ("k", TensorView), ("v", TensorView), ("key_bits", ctypes.c_void_p),
-                ("cu_seqlens_q", ctypes.c_void_p), ("cu_seqlens_k", ctypes.c_void_p), ("num_seqs", ctypes.c_int),
-                ("max_seqlen_q", ctypes.c_int), ("max_seqlen_k", ctypes.c_int), ("causal", ctypes.c_bool),
-                ("window_left", ctypes.c_int), ("window_right", ctypes.c_int), ("softcap", ctypes.c_float),
-                ("scale", ctypes.c_float)]
+    _fields_ = [
+        ("q", TensorView),
+        ("k", TensorView),
+        ("v", TensorView),
+        ("key_bits", ctypes.c_void_p),
+        ("cu_seqlens_q", ctypes.c_void_p),
+        ("cu_seqlens_k", ctypes.c_void_p),
+        ("num_seqs", ctypes.c_int),
+        ("max_seqlen_q", ctypes.c_int),
+        ("max_seqlen_k", ctypes.c_int),
+        ("causal", ctypes.c_bool),
+        ("window_left", ctypes.c_int),
+        ("window_right", ctypes.c_int),
+        ("softcap", ctypes.c_float),
+        ("scale", ctypes.c_float),
+    ]
 
 
 def view(tensor: torch.Tensor | None) -> TensorView:
@@ -61,7 +76,9 @@ class EmulatedKernels:
         self.lib.emu_last_error.restype = ctypes.c_char_p
         self.lib.emu_sizeof_attn_args.restype = ctypes.c_int64
         self.lib.emu_sizeof_tensor_view.restype = ctypes.c_int64
-        assert self.lib.emu_sizeof_attn_args() == ctypes.sizeof(AttnArgs), "AttnArgs layout drifted from params_builder.h"
+        assert self.lib.emu_sizeof_attn_args() == ctypes.sizeof(AttnArgs), (
+            "AttnArgs layout drifted from params_builder.h"
+        )
         assert self.lib.emu_sizeof_tensor_view() == ctypes.sizeof(TensorView), "TensorView layout drifted"
 
     def _register(self, writable: bool, **tensors: torch.Tensor | None) -> None:
@@ -99,14 +116,21 @@ class EmulatedKernels:
         lse = torch.full(case.dlse.shape, float("nan"))
         key_bits = self._key_bits(case)
         self.lib.emu_clear_buffers()
-        self._register(False, q=case.q, k=case.k, v=case.v, mask=case.key_mask, cu_q=case.cu_seqlens_q,
-                       cu_k=case.cu_seqlens_k)
+        self._register(
+            False, q=case.q, k=case.k, v=case.v, mask=case.key_mask, cu_q=case.cu_seqlens_q, cu_k=case.cu_seqlens_k
+        )
         self._register(True, out=out, lse=lse, key_bits=key_bits)
         mask_view = view(case.key_mask) if case.key_mask is not None and not varlen else None
-        self._run(self.lib.emu_forward(
-            ELEM[case.q.dtype], ctypes.byref(self._args(case, key_bits)),
-            ctypes.byref(mask_view) if mask_view is not None else None, pointer(key_bits), ctypes.byref(view(out)),
-            pointer(lse)))
+        self._run(
+            self.lib.emu_forward(
+                ELEM[case.q.dtype],
+                ctypes.byref(self._args(case, key_bits)),
+                ctypes.byref(mask_view) if mask_view is not None else None,
+                pointer(key_bits),
+                ctypes.byref(view(out)),
+                pointer(lse),
+            )
+        )
         return out, lse
 
     def backward(self, case: Case, out: torch.Tensor, lse: torch.Tensor, deterministic: bool, with_dlse: bool):
@@ -117,16 +141,39 @@ class EmulatedKernels:
         dlse = case.dlse if with_dlse else None
         key_bits = self._key_bits(case)
         self.lib.emu_clear_buffers()
-        self._register(False, q=case.q, k=case.k, v=case.v, mask=case.key_mask, cu_q=case.cu_seqlens_q,
-                       cu_k=case.cu_seqlens_k, out=out, dout=case.dout, lse=lse, dlse=dlse)
+        self._register(
+            False,
+            q=case.q,
+            k=case.k,
+            v=case.v,
+            mask=case.key_mask,
+            cu_q=case.cu_seqlens_q,
+            cu_k=case.cu_seqlens_k,
+            out=out,
+            dout=case.dout,
+            lse=lse,
+            dlse=dlse,
+        )
         self._register(True, lse_log2=lse_log2, delta=delta, dq=dq, dk=dk, dv=dv, dq_accum=dq_accum, key_bits=key_bits)
         mask_view = view(case.key_mask) if case.key_mask is not None else None
-        self._run(self.lib.emu_backward(
-            ELEM[case.q.dtype], ctypes.byref(self._args(case, key_bits)),
-            ctypes.byref(mask_view) if mask_view is not None else None, pointer(key_bits),
-            ctypes.byref(view(case.dout)), ctypes.byref(view(out)), pointer(lse), pointer(dlse), pointer(lse_log2),
-            pointer(delta), ctypes.byref(view(dq)), ctypes.byref(view(dk)), ctypes.byref(view(dv)),
-            ctypes.byref(view(dq_accum))))
+        self._run(
+            self.lib.emu_backward(
+                ELEM[case.q.dtype],
+                ctypes.byref(self._args(case, key_bits)),
+                ctypes.byref(mask_view) if mask_view is not None else None,
+                pointer(key_bits),
+                ctypes.byref(view(case.dout)),
+                ctypes.byref(view(out)),
+                pointer(lse),
+                pointer(dlse),
+                pointer(lse_log2),
+                pointer(delta),
+                ctypes.byref(view(dq)),
+                ctypes.byref(view(dk)),
+                ctypes.byref(view(dv)),
+                ctypes.byref(view(dq_accum)),
+            )
+        )
         if dq_accum is not None:  # as the binding: scale and cast the atomically accumulated dQ
             dq = (dq_accum * case.scale).to(case.q.dtype)
         return dq, dk, dv
@@ -144,8 +191,19 @@ def emulator(tmp_path_factory) -> EmulatedKernels:
             pytest.fail("g++ is not on PATH: CI must run the emulated CUDA kernel tests")
         pytest.skip("g++ is not on PATH (CI fails instead of skipping)")
     library = tmp_path_factory.mktemp("cuda_emulator") / "libemulator.so"
-    command = [compiler, "-std=c++17", "-O2", "-fPIC", "-shared", f"-I{CSRC}", f"-I{EMULATOR}",
-               str(EMULATOR / "harness.cpp"), str(EMULATOR / "selftest.cpp"), "-o", str(library)]
+    command = [
+        compiler,
+        "-std=c++17",
+        "-O2",
+        "-fPIC",
+        "-shared",
+        f"-I{CSRC}",
+        f"-I{EMULATOR}",
+        str(EMULATOR / "harness.cpp"),
+        str(EMULATOR / "selftest.cpp"),
+        "-o",
+        str(library),
+    ]
     build = subprocess.run(command, capture_output=True, text=True)
     assert build.returncode == 0, f"building the emulator failed:\n{build.stderr[-4000:]}"
     return EmulatedKernels(ctypes.CDLL(str(library)))
@@ -157,6 +215,7 @@ def fresh_inputs():
 
 
 # ---- the kernels --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("seqlen", [1, 17, 64, 129])
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
@@ -208,8 +267,9 @@ def test_cross_attention_with_key_mask(emulator, seqlen_q, seqlen_k, causal):
     emulator.run(padded_case(2, seqlen_q, seqlen_k, 2, 2, 64, torch.bfloat16, "holes", causal=causal))
 
 
-@pytest.mark.parametrize("window_size,softcap", [((16, 0), 0.0), ((8, 8), 0.0), ((-1, 4), 0.0), ((-1, -1), 5.0),
-                                                 ((20, 3), 2.0)])
+@pytest.mark.parametrize(
+    "window_size,softcap", [((16, 0), 0.0), ((8, 8), 0.0), ((-1, 4), 0.0), ((-1, -1), 5.0), ((20, 3), 2.0)]
+)
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_window_and_softcap(emulator, window_size, softcap, deterministic):
     case = padded_case(2, 90, 90, 2, 1, 64, torch.float16, "holes", window_size=window_size, softcap=softcap)
@@ -227,8 +287,14 @@ def test_strided_inputs_and_custom_scale(emulator):
     batch, seqlen, heads, head_dim = 2, 50, 2, 64
     q = torch.randn(batch, heads, seqlen, head_dim).to(torch.float16).transpose(1, 2)
     kv = torch.randn(batch, seqlen, 2, 2, head_dim).to(torch.float16)  # k and v interleaved per token
-    case = Case(q, kv[:, :, 0], kv[:, :, 1], padded_case(batch, 1, seqlen, 1, 1, 64, torch.float16, "left").key_mask,
-                causal=True, softmax_scale=0.3)
+    case = Case(
+        q,
+        kv[:, :, 0],
+        kv[:, :, 1],
+        padded_case(batch, 1, seqlen, 1, 1, 64, torch.float16, "left").key_mask,
+        causal=True,
+        softmax_scale=0.3,
+    )
     assert not case.q.is_contiguous() and not case.k.is_contiguous()
     emulator.run(case)
 
@@ -273,7 +339,9 @@ def test_emulator_reports_planted_bugs(emulator, bug):
     emulator._register(True, out=out)
     report = lib.emu_selftest_bug(bug, pointer(source), pointer(out)).decode()
     if BUG_REPORTS[bug]:
-        assert BUG_REPORTS[bug] in report, f"bug {bug}: expected a report containing {BUG_REPORTS[bug]!r}, got {report!r}"
+        assert BUG_REPORTS[bug] in report, (
+            f"bug {bug}: expected a report containing {BUG_REPORTS[bug]!r}, got {report!r}"
+        )
     else:
         assert report == "", report
         assert not out.isnan().any(), "the correct kernel writes every output"

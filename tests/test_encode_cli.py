@@ -211,6 +211,8 @@ def test_progress_bar_advances_per_batch_with_texts_and_tokens_per_second(tmp_pa
     source = tmp_path / "texts.txt"
     source.write_text("\n".join(LINES + ["One more line.", "And the last one."]) + "\n")
     assert _run("encode", str(MODEL), str(source), str(tmp_path / "out.npy"), "--batch-size", "2") == 0
-    (bar,) = [bar for bar in bars if bar.shown]  # one chunk of 6 texts (the default chunk size is 4096): three forwards of 2
+    (bar,) = [
+        bar for bar in bars if bar.shown
+    ]  # one chunk of 6 texts (the default chunk size is 4096): three forwards of 2
     assert bar.total == 6 and bar.steps == [2, 2, 2] and bar.n == 6
     assert all(set(postfix) == {"texts/s", "tokens/s"} for postfix in bar.postfixes) and len(bar.postfixes) == 3

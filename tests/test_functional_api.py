@@ -1,15 +1,16 @@
 """Public API contracts: validation errors, backend choice, custom-op registration, torch.compile,
 and the padding helpers. Runs on the exact PyTorch reference backend (CPU) unless stated."""
+
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from oracle import assert_close, attention_oracle, varlen_oracle
 
 import llm2vec_fast
 from llm2vec_fast import flash_attn_func, flash_attn_varlen_func, pad_input, resolve_backend, unpad_input
-from oracle import assert_close, attention_oracle, varlen_oracle
 
 
 def qkv(batch=2, seqlen=9, heads_q=4, heads_kv=2, head_dim=16, dtype=torch.float32, requires_grad=False):
@@ -29,6 +30,7 @@ def packed(lengths=(3, 5, 1), heads_q=4, heads_kv=2, head_dim=16):
 
 # ----- the reference backend against the oracle (the CPU path every Hugging Face test relies on)
 
+
 @pytest.mark.parametrize("mask_kind", ["none", "left", "holes"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_reference_backend_matches_oracle(mask_kind, causal):
@@ -39,8 +41,9 @@ def test_reference_backend_matches_oracle(mask_kind, causal):
         mask[0, :4] = False
         if mask_kind == "holes":
             mask[1, 5:8] = False
-    out, lse = flash_attn_func(q, k, v, mask, causal=causal, return_lse=True, backend="reference",
-                               window_size=(6, 4), softcap=3.0)
+    out, lse = flash_attn_func(
+        q, k, v, mask, causal=causal, return_lse=True, backend="reference", window_size=(6, 4), softcap=3.0
+    )
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -79,17 +82,25 @@ def test_integer_mask_equals_bool_mask():
 
 # ----- validation: every bad input names its problem
 
-@pytest.mark.parametrize("mutate,error,message", [
-    (lambda q, k, v: (q.double(), k.double(), v.double()), TypeError, "float64"),
-    (lambda q, k, v: (q, k.half(), v), TypeError, "share one dtype"),
-    (lambda q, k, v: (q[0], k, v), ValueError, "rank 4"),
-    (lambda q, k, v: (q, k[:, :, :1].expand(-1, -1, 3, -1), v[:, :, :1].expand(-1, -1, 3, -1)), ValueError, "multiple"),
-    (lambda q, k, v: (q[..., :12], k[..., :12], v[..., :12]), ValueError, "head_dim"),
-    (lambda q, k, v: (q, k, v[:, :5]), ValueError, "same shape"),
-    (lambda q, k, v: (q[:1], k, v), ValueError, "batch size"),
-    (lambda q, k, v: (q, k[..., :8], v[..., :8]), ValueError, "head_dim"),
-    (lambda q, k, v: (q.tolist(), k, v), TypeError, "torch.Tensor"),
-])
+
+@pytest.mark.parametrize(
+    "mutate,error,message",
+    [
+        (lambda q, k, v: (q.double(), k.double(), v.double()), TypeError, "float64"),
+        (lambda q, k, v: (q, k.half(), v), TypeError, "share one dtype"),
+        (lambda q, k, v: (q[0], k, v), ValueError, "rank 4"),
+        (
+            lambda q, k, v: (q, k[:, :, :1].expand(-1, -1, 3, -1), v[:, :, :1].expand(-1, -1, 3, -1)),
+            ValueError,
+            "multiple",
+        ),
+        (lambda q, k, v: (q[..., :12], k[..., :12], v[..., :12]), ValueError, "head_dim"),
+        (lambda q, k, v: (q, k, v[:, :5]), ValueError, "same shape"),
+        (lambda q, k, v: (q[:1], k, v), ValueError, "batch size"),
+        (lambda q, k, v: (q, k[..., :8], v[..., :8]), ValueError, "head_dim"),
+        (lambda q, k, v: (q.tolist(), k, v), TypeError, "torch.Tensor"),
+    ],
+)
 def test_bad_qkv(mutate, error, message):
     with pytest.raises(error, match=message):
         flash_attn_func(*mutate(*qkv()))
@@ -101,23 +112,29 @@ def test_bad_head_dim_beyond_limit():
         flash_attn_func(q, k, v)
 
 
-@pytest.mark.parametrize("mask,error,message", [
-    (torch.ones(2, 8, dtype=torch.bool), ValueError, r"\(batch, seqlen_k\)"),
-    (torch.ones(2, 9, 1, dtype=torch.bool), ValueError, r"\(batch, seqlen_k\)"),
-    (torch.zeros(2, 9), TypeError, "additive float masks"),
-    ([[1] * 9] * 2, TypeError, "torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "mask,error,message",
+    [
+        (torch.ones(2, 8, dtype=torch.bool), ValueError, r"\(batch, seqlen_k\)"),
+        (torch.ones(2, 9, 1, dtype=torch.bool), ValueError, r"\(batch, seqlen_k\)"),
+        (torch.zeros(2, 9), TypeError, "additive float masks"),
+        ([[1] * 9] * 2, TypeError, "torch.Tensor"),
+    ],
+)
 def test_bad_mask(mask, error, message):
     with pytest.raises(error, match=message):
         flash_attn_func(*qkv(), attention_mask=mask)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(window_size=(3,)), "window_size"),
-    (dict(window_size=(-2, 0)), "window_size"),
-    (dict(softcap=-1.0), "softcap"),
-    (dict(softcap=float("nan")), "softcap"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(window_size=(3,)), "window_size"),
+        (dict(window_size=(-2, 0)), "window_size"),
+        (dict(softcap=-1.0), "softcap"),
+        (dict(softcap=float("nan")), "softcap"),
+    ],
+)
 def test_bad_window_or_softcap(kwargs, message):
     with pytest.raises(ValueError, match=message):
         flash_attn_func(*qkv(), **kwargs)
@@ -128,17 +145,20 @@ def test_bad_softmax_scale():
         flash_attn_func(*qkv(), softmax_scale=float("inf"))
 
 
-@pytest.mark.parametrize("change,error,message", [
-    (lambda cu, m: (cu.long(), cu, m, m), TypeError, "cu_seqlens_q must be int32"),
-    (lambda cu, m: (cu, cu[:-1], m, m), ValueError, "same number of sequences"),
-    (lambda cu, m: (cu.flip(0), cu.flip(0), m, m), ValueError, "start at 0"),
-    (lambda cu, m: (torch.tensor([0, 5, 3, 9], dtype=torch.int32),) * 2 + (m, m), ValueError, "non-decreasing"),
-    (lambda cu, m: (torch.tensor([0, 3, 8, 8], dtype=torch.int32),) * 2 + (m, m), ValueError, "ends at 8"),
-    (lambda cu, m: (cu, cu, m - 1, m), ValueError, "longer than max_seqlen"),
-    (lambda cu, m: (cu, cu, -1, m), TypeError, "max_seqlen_q"),
-    (lambda cu, m: (cu, cu, float(m), m), TypeError, "max_seqlen_q"),
-    (lambda cu, m: (cu[None], cu[None], m, m), ValueError, "1-D"),
-])
+@pytest.mark.parametrize(
+    "change,error,message",
+    [
+        (lambda cu, m: (cu.long(), cu, m, m), TypeError, "cu_seqlens_q must be int32"),
+        (lambda cu, m: (cu, cu[:-1], m, m), ValueError, "same number of sequences"),
+        (lambda cu, m: (cu.flip(0), cu.flip(0), m, m), ValueError, "start at 0"),
+        (lambda cu, m: (torch.tensor([0, 5, 3, 9], dtype=torch.int32),) * 2 + (m, m), ValueError, "non-decreasing"),
+        (lambda cu, m: (torch.tensor([0, 3, 8, 8], dtype=torch.int32),) * 2 + (m, m), ValueError, "ends at 8"),
+        (lambda cu, m: (cu, cu, m - 1, m), ValueError, "longer than max_seqlen"),
+        (lambda cu, m: (cu, cu, -1, m), TypeError, "max_seqlen_q"),
+        (lambda cu, m: (cu, cu, float(m), m), TypeError, "max_seqlen_q"),
+        (lambda cu, m: (cu[None], cu[None], m, m), ValueError, "1-D"),
+    ],
+)
 def test_bad_varlen_arguments(change, error, message):
     q, k, v, cu, max_len = packed()
     with pytest.raises(error, match=message):
@@ -161,6 +181,7 @@ def test_varlen_rank_checked():
 
 
 # ----- backend choice
+
 
 def test_auto_uses_reference_on_cpu():
     q, k, _ = qkv()
@@ -196,6 +217,7 @@ def test_forcing_triton_on_cpu_without_interpreter_explains():
 
 # ----- custom ops, autograd and torch.compile
 
+
 def test_opcheck_forward_and_backward():
     q, k, v = qkv(requires_grad=True)
     mask = torch.ones(2, 9, dtype=torch.bool)
@@ -229,11 +251,13 @@ def test_torch_compile_fullgraph(backend):
 def test_torch_compile_varlen():
     q, k, v, cu, max_len = packed()
     compiled = torch.compile(flash_attn_varlen_func, fullgraph=True)
-    torch.testing.assert_close(compiled(q, k, v, cu, cu, max_len, max_len),
-                               flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len))
+    torch.testing.assert_close(
+        compiled(q, k, v, cu, cu, max_len, max_len), flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len)
+    )
 
 
 # ----- padding helpers
+
 
 def test_unpad_pad_round_trip_and_gradients():
     hidden = torch.randn(3, 6, 5, requires_grad=True)

@@ -8,6 +8,7 @@ the float64 oracle with outputs NaN-poisoned, on the Triton kernels and the refe
 deterministic backward must also be bitwise reproducible (a kernel reading past a zero-stride
 buffer reads different garbage every call).
 """
+
 from __future__ import annotations
 
 import gc
@@ -15,17 +16,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from attention_cases import check, padded_case, varlen_case
+from oracle import assert_close, attention_oracle, varlen_oracle
 from torch import Tensor
 
 import llm2vec_fast.backends.cuda as cuda_backend
 import llm2vec_fast.ops  # noqa: F401  (registers torch.ops.llm2vec_fast)
 import llm2vec_fast.validation as validation
-from attention_cases import check, padded_case, varlen_case
 from llm2vec_fast import flash_attn_func, flash_attn_varlen_func, pad_input, unpad_input
 from llm2vec_fast.attention_options import AttentionLayout, AttentionOptions
 from llm2vec_fast.kernels.launch import unit_last_stride
 from llm2vec_fast.tensor_cache import TensorCache
-from oracle import assert_close, attention_oracle, varlen_oracle
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 BACKENDS = ("triton", "reference")
@@ -61,19 +62,22 @@ def on(device, tensor: Tensor | None) -> Tensor | None:
     return torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device=device).copy_(tensor)
 
 
-def run_with_grads(case, backend: str, dout: Tensor | None, dlse: Tensor | None, deterministic: bool = False,
-                   device="cpu"):
+def run_with_grads(
+    case, backend: str, dout: Tensor | None, dlse: Tensor | None, deterministic: bool = False, device="cpu"
+):
     """(out, lse, dq, dk, dv) backpropagating the given (strided) dout and dlse as they are (None: that
     output takes no part in the loss), every input on `device` with its strides."""
     q, k, v = (on(device, t).clone().requires_grad_() for t in (case.q, case.k, case.v))
     dout, dlse = on(device, dout), on(device, dlse)
-    options = dict(causal=case.causal, softmax_scale=case.scale, return_lse=True, deterministic=deterministic,
-                   backend=backend)
+    options = dict(
+        causal=case.causal, softmax_scale=case.scale, return_lse=True, deterministic=deterministic, backend=backend
+    )
     if case.cu_seqlens_q is None:
         out, lse = flash_attn_func(q, k, v, on(device, case.key_mask), **options)
     else:
-        out, lse = flash_attn_varlen_func(q, k, v, on(device, case.cu_seqlens_q), on(device, case.cu_seqlens_k),
-                                          *case.max_seqlens, **options)
+        out, lse = flash_attn_varlen_func(
+            q, k, v, on(device, case.cu_seqlens_q), on(device, case.cu_seqlens_k), *case.max_seqlens, **options
+        )
     pairs = [(output, grad) for output, grad in ((out, dout), (lse, dlse)) if grad is not None]
     outputs, grads_in = zip(*pairs)
     return (out.detach(), lse.detach(), *torch.autograd.grad(outputs, (q, k, v), grads_in))
@@ -175,6 +179,7 @@ def test_sum_backward_through_public_api(kernel_device):
 
 # ----- masks and offsets as views
 
+
 def mask_views(batch: int, seqlen: int) -> dict[str, Tensor]:
     """(batch, seqlen) key-padding masks whose last stride is not 1, with holes and left padding."""
     by_key = torch.ones(seqlen, batch, dtype=torch.bool)
@@ -210,22 +215,45 @@ def test_cu_seqlens_views(backend):
 
 # ----- the custom ops called directly, with strided inputs the public functions would copy
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("varlen", [False, True])
 def test_custom_ops_take_any_strides(backend, varlen):
     """q/k/v with a last stride of 2, and out/lse/dout/dlse views, straight into torch.ops.llm2vec_fast."""
-    case = varlen_case([6, 25], [6, 25], 2, 1, 16, torch.float32) if varlen else \
-        padded_case(2, 31, 31, 2, 1, 16, torch.float32, "holes")
+    case = (
+        varlen_case([6, 25], [6, 25], 2, 1, 16, torch.float32)
+        if varlen
+        else padded_case(2, 31, 31, 2, 1, 16, torch.float32, "holes")
+    )
     q, k, v = (strided(t, "every_other") for t in (case.q, case.k, case.v))
     max_q, max_k = case.max_seqlens if varlen else (q.shape[1], k.shape[1])
-    args = (case.key_mask, case.cu_seqlens_q, case.cu_seqlens_k, max_q, max_k, False, -1, -1, 0.0, case.scale, True,
-            backend)
+    args = (
+        case.key_mask,
+        case.cu_seqlens_q,
+        case.cu_seqlens_k,
+        max_q,
+        max_k,
+        False,
+        -1,
+        -1,
+        0.0,
+        case.scale,
+        True,
+        backend,
+    )
     out, lse = torch.ops.llm2vec_fast.attention_forward(q, k, v, *args)
     ref_out, ref_lse, ref_dq, ref_dk, ref_dv = case.oracle(with_dlse=True)
     assert_close(out, ref_out, torch.float32, "out")
     grads = torch.ops.llm2vec_fast.attention_backward(
-        strided(case.dout, "every_other"), q, k, v, strided(out, "transposed"),
-        strided(lse, "every_other"), strided(case.dlse, "transposed"), *args)
+        strided(case.dout, "every_other"),
+        q,
+        k,
+        v,
+        strided(out, "transposed"),
+        strided(lse, "every_other"),
+        strided(case.dlse, "transposed"),
+        *args,
+    )
     for name, grad, ref in zip(("dq", "dk", "dv"), grads, (ref_dq, ref_dk, ref_dv)):
         assert_close(grad, ref, torch.float32, name)
 
@@ -237,17 +265,19 @@ def test_cuda_backend_hands_the_binding_contiguous_offsets(monkeypatch):
     def record(name):
         def op(*args):
             seen[name] = args
+
         return op
 
-    monkeypatch.setattr(torch.ops, "llm2vec_fast_cuda", SimpleNamespace(fwd=record("fwd"), bwd=record("bwd")),
-                        raising=False)
+    monkeypatch.setattr(
+        torch.ops, "llm2vec_fast_cuda", SimpleNamespace(fwd=record("fwd"), bwd=record("bwd")), raising=False
+    )
     case = varlen_case([3, 5], [3, 5], 2, 1, 64, torch.float16)
     offsets = torch.stack([case.cu_seqlens_q, case.cu_seqlens_q], dim=1)[:, 0]
     layout, options = AttentionLayout(None, offsets, offsets, 5, 5), AttentionOptions(softmax_scale=0.125)
     cuda_backend.forward(case.q, case.k, case.v, layout, options)
     cuda_backend.backward(case.q, case.q, case.k, case.v, case.q, case.dlse, None, layout, options)
     for name, position in (("fwd", 4), ("bwd", 8)):
-        for cu in seen[name][position:position + 2]:
+        for cu in seen[name][position : position + 2]:
             assert cu.is_contiguous() and torch.equal(cu, case.cu_seqlens_q), name
 
 
@@ -266,13 +296,14 @@ def test_unpad_and_pad_take_views():
 
 # ----- caches keyed by tensor identity
 
+
 def test_mask_filled_in_place_under_inference_mode():
     """Inference tensors keep no version counter: a cache cannot see the edit, so it must not answer."""
     q, k, v = (torch.randn(2, 100, 2, 16) for _ in range(3))
     with torch.inference_mode():
         mask = torch.ones(2, 100, dtype=torch.bool)
         mask[0, 40:70] = False  # a 30-key hole
-        mask[1, :80] = False    # a gap long enough to skip as its own span
+        mask[1, :80] = False  # a gap long enough to skip as its own span
         flash_attn_func(q, k, v, mask, backend="triton")
         mask[0, 40:70] = True
         mask[1, :80] = True
@@ -328,11 +359,11 @@ def test_cache_never_answers_for_a_dead_tensor_whose_id_is_reused():
     for attempt in range(200):
         first = torch.full((4,), attempt, dtype=torch.int32)
         old_id = id(first)
-        assert cache.get(first, None, lambda: compute(first)) == 4 * attempt
+        assert cache.get(first, None, lambda tensor=first: compute(tensor)) == 4 * attempt
         del first
         gc.collect()
         second = torch.full((4,), attempt + 1000, dtype=torch.int32)
-        assert cache.get(second, None, lambda: compute(second)) == 4 * (attempt + 1000)
+        assert cache.get(second, None, lambda tensor=second: compute(tensor)) == 4 * (attempt + 1000)
         reused = reused or id(second) == old_id
         del second
     assert reused, "the interpreter never reused an id: the test did not exercise the case"
@@ -352,5 +383,13 @@ def test_backend_must_be_a_string():
     with pytest.raises(TypeError, match="backend"):
         flash_attn_func(q, q, q, backend=3)
     with pytest.raises(TypeError, match="backend"):
-        flash_attn_varlen_func(q[0], q[0], q[0], torch.tensor([0, 4], dtype=torch.int32),
-                               torch.tensor([0, 4], dtype=torch.int32), 4, 4, backend=["triton"])
+        flash_attn_varlen_func(
+            q[0],
+            q[0],
+            q[0],
+            torch.tensor([0, 4], dtype=torch.int32),
+            torch.tensor([0, 4], dtype=torch.int32),
+            4,
+            4,
+            backend=["triton"],
+        )

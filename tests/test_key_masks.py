@@ -1,4 +1,5 @@
 """Per-mask state is derived once per mask for every backend, and the kernels stand below the package."""
+
 from __future__ import annotations
 
 import ast
@@ -6,12 +7,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from attention_cases import key_padding_mask
 
 import llm2vec_fast.backends as backends
 import llm2vec_fast.backends.cuda as cuda_backend
 import llm2vec_fast.key_masks as key_masks
 import llm2vec_fast.ops  # noqa: F401  (registers torch.ops.llm2vec_fast)
-from attention_cases import key_padding_mask
 
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 
@@ -54,8 +55,9 @@ def test_cuda_binding_gets_the_mask_packed_once_per_mask(monkeypatch):
         packed.append(mask)
         return torch.zeros(mask.shape[0], 4, dtype=torch.int32)
 
-    monkeypatch.setattr(torch.ops, "llm2vec_fast_cuda", SimpleNamespace(fwd=fwd, bwd=bwd, pack_key_mask=pack_key_mask),
-                        raising=False)
+    monkeypatch.setattr(
+        torch.ops, "llm2vec_fast_cuda", SimpleNamespace(fwd=fwd, bwd=bwd, pack_key_mask=pack_key_mask), raising=False
+    )
     monkeypatch.setattr(cuda_backend, "unavailable_reason", lambda: None)
     monkeypatch.setitem(backends._loaded, "cuda", cuda_backend)
     mask = key_padding_mask("left", 2, 24)

@@ -12,20 +12,21 @@ Each case is checked against the float64 oracle of the *clean* inputs: every val
 the clean value, and the NaN positions are those of the reference backend (the semantic model, whose
 own NaN positions the first tests pin down by hand).
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import pytest
 import torch
-from torch import Tensor
-
 from attention_cases import Case, key_padding_mask, offsets, run_public_api
-from llm2vec_fast import flash_attn_func
 from oracle import assert_close
 from test_cuda_emulated import emulator  # noqa: F401  (the session fixture that builds the emulator)
+from torch import Tensor
+
+from llm2vec_fast import flash_attn_func
 
 NAN, INF = float("nan"), float("inf")
 DTYPE = torch.float16  # the CUDA kernels take float16/bfloat16, head dim 64/128
@@ -86,56 +87,115 @@ def _infinite_score_at_own_key(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | N
 
 CASES = [
     # Poison where no row sees it.
-    Poisoned("v nan at padding", "padded", "right", poison=lambda q, k, v, m: v[-1, _right_padded(m):].fill_(NAN)),
+    Poisoned("v nan at padding", "padded", "right", poison=lambda q, k, v, m: v[-1, _right_padded(m) :].fill_(NAN)),
     Poisoned("v inf at a hole", "padded", "holes", poison=lambda q, k, v, m: v[-1, ::3].fill_(INF)),
     Poisoned("k nan at a hole", "padded", "holes", poison=lambda q, k, v, m: k[0, 2:5].fill_(NAN)),
     Poisoned("k inf at padding", "padded", "left", poison=lambda q, k, v, m: k[0, :3].fill_(-INF)),
     # A window or the causal bound hides a key from some rows only: those rows stay clean.
-    Poisoned("v nan beyond some windows", "padded", window_size=(3, 3), poison=lambda q, k, v, m: v[:, 30].fill_(NAN),
-             masked_only=False),
-    Poisoned("k nan beyond some windows", "padded", window_size=(3, 3),
-             poison=lambda q, k, v, m: k[:, 30, :, 5].fill_(NAN), masked_only=False),
-    Poisoned("v nan in the future", "padded", causal=True, poison=lambda q, k, v, m: v[:, -2].fill_(NAN),
-             masked_only=False),
-    Poisoned("k row inf in the future", "padded", causal=True, poison=lambda q, k, v, m: k[:, -2].fill_(INF),
-             masked_only=False),
+    Poisoned(
+        "v nan beyond some windows",
+        "padded",
+        window_size=(3, 3),
+        poison=lambda q, k, v, m: v[:, 30].fill_(NAN),
+        masked_only=False,
+    ),
+    Poisoned(
+        "k nan beyond some windows",
+        "padded",
+        window_size=(3, 3),
+        poison=lambda q, k, v, m: k[:, 30, :, 5].fill_(NAN),
+        masked_only=False,
+    ),
+    Poisoned(
+        "v nan in the future", "padded", causal=True, poison=lambda q, k, v, m: v[:, -2].fill_(NAN), masked_only=False
+    ),
+    Poisoned(
+        "k row inf in the future",
+        "padded",
+        causal=True,
+        poison=lambda q, k, v, m: k[:, -2].fill_(INF),
+        masked_only=False,
+    ),
     Poisoned("q nan on a padded row", "padded", "right", poison=lambda q, k, v, m: q[-1, _right_padded(m)].fill_(NAN)),
-    Poisoned("everything nan on a fully padded sequence", "padded", "empty_row",
-             poison=lambda q, k, v, m: (q[-1].fill_(NAN), k[-1].fill_(NAN), v[-1].fill_(INF))),
-    Poisoned("softcap, inf in k at padding", "padded", "right", softcap=5.0,
-             poison=lambda q, k, v, m: k[-1, _right_padded(m):].fill_(INF)),
+    Poisoned(
+        "everything nan on a fully padded sequence",
+        "padded",
+        "empty_row",
+        poison=lambda q, k, v, m: (q[-1].fill_(NAN), k[-1].fill_(NAN), v[-1].fill_(INF)),
+    ),
+    Poisoned(
+        "softcap, inf in k at padding",
+        "padded",
+        "right",
+        softcap=5.0,
+        poison=lambda q, k, v, m: k[-1, _right_padded(m) :].fill_(INF),
+    ),
     # Poison some rows see: those rows (or elements) are NaN, the others are clean.
     Poisoned("q nan", "padded", poison=lambda q, k, v, m: q[0, 7, 1, 3].fill_(NAN), masked_only=False),
-    Poisoned("q nan, causal", "padded", causal=True, poison=lambda q, k, v, m: q[0, 7, 1, 3].fill_(NAN),
-             masked_only=False),
-    Poisoned("q inf giving a +inf score, window", "padded", "holes", window_size=(5, 2),
-             poison=_infinite_score_at_own_key, masked_only=False),
+    Poisoned(
+        "q nan, causal", "padded", causal=True, poison=lambda q, k, v, m: q[0, 7, 1, 3].fill_(NAN), masked_only=False
+    ),
+    Poisoned(
+        "q inf giving a +inf score, window",
+        "padded",
+        "holes",
+        window_size=(5, 2),
+        poison=_infinite_score_at_own_key,
+        masked_only=False,
+    ),
     Poisoned("q -inf", "padded", poison=lambda q, k, v, m: q[1, 3, 0, 9].fill_(-INF), masked_only=False),
     Poisoned("k row -inf", "padded", causal=True, poison=lambda q, k, v, m: k[0, 12].fill_(-INF), masked_only=False),
     Poisoned("k row +inf", "padded", "holes", poison=lambda q, k, v, m: k[1, 1].fill_(INF), masked_only=False),
-    Poisoned("v nan at a real key, causal", "padded", causal=True, poison=lambda q, k, v, m: v[0, 25, 0, 7].fill_(NAN),
-             masked_only=False),
-    Poisoned("v inf at a real key, window", "padded", "holes", window_size=(4, 4),
-             poison=lambda q, k, v, m: v[1, 19, 0, 2].fill_(INF), masked_only=False),
-    Poisoned("v nan in the neighbour sequence", "varlen", poison=lambda q, k, v, m: v[LENGTHS[0] + 2].fill_(NAN),
-             masked_only=False),
-    Poisoned("q nan, varlen causal", "varlen", causal=True, poison=lambda q, k, v, m: q[4, 1, 0].fill_(NAN),
-             masked_only=False),
-    Poisoned("k nan, varlen window", "varlen", window_size=(2, 6), poison=lambda q, k, v, m: k[30, 0, 1].fill_(NAN),
-             masked_only=False),
+    Poisoned(
+        "v nan at a real key, causal",
+        "padded",
+        causal=True,
+        poison=lambda q, k, v, m: v[0, 25, 0, 7].fill_(NAN),
+        masked_only=False,
+    ),
+    Poisoned(
+        "v inf at a real key, window",
+        "padded",
+        "holes",
+        window_size=(4, 4),
+        poison=lambda q, k, v, m: v[1, 19, 0, 2].fill_(INF),
+        masked_only=False,
+    ),
+    Poisoned(
+        "v nan in the neighbour sequence",
+        "varlen",
+        poison=lambda q, k, v, m: v[LENGTHS[0] + 2].fill_(NAN),
+        masked_only=False,
+    ),
+    Poisoned(
+        "q nan, varlen causal",
+        "varlen",
+        causal=True,
+        poison=lambda q, k, v, m: q[4, 1, 0].fill_(NAN),
+        masked_only=False,
+    ),
+    Poisoned(
+        "k nan, varlen window",
+        "varlen",
+        window_size=(2, 6),
+        poison=lambda q, k, v, m: k[30, 0, 1].fill_(NAN),
+        masked_only=False,
+    ),
 ]
 
 
 # ---- the backends ---------------------------------------------------------------------------------
 
+
 def public_api(backend: str) -> Callable[[Case], tuple[Tensor, ...]]:
     return lambda case: tuple(t.float() for t in run_public_api(case, backend, "cpu"))
 
 
-def cuda_emulated(emulator, deterministic: bool) -> Callable[[Case], tuple[Tensor, ...]]:
+def cuda_emulated(harness, deterministic: bool) -> Callable[[Case], tuple[Tensor, ...]]:
     def run(case: Case) -> tuple[Tensor, ...]:
-        out, lse = emulator.forward(case)
-        return tuple(t.float() for t in (out, lse, *emulator.backward(case, out, lse, deterministic, False)))
+        out, lse = harness.forward(case)
+        return tuple(t.float() for t in (out, lse, *harness.backward(case, out, lse, deterministic, False)))
+
     return run
 
 
@@ -162,8 +222,10 @@ NAMES = ("out", "lse", "dq", "dk", "dv")
 def assert_nan_or_clean(name: str, got: Tensor, clean: Tensor, nan_where: Tensor) -> None:
     """`got` is NaN exactly where `nan_where` says and the clean value everywhere else."""
     if not torch.equal(torch.isnan(got), nan_where):
-        raise AssertionError(f"{name}: NaN at {int(torch.isnan(got).sum())} positions, expected {int(nan_where.sum())} "
-                             f"(first differing index {(torch.isnan(got) != nan_where).nonzero()[:1].tolist()})")
+        raise AssertionError(
+            f"{name}: NaN at {int(torch.isnan(got).sum())} positions, expected {int(nan_where.sum())} "
+            f"(first differing index {(torch.isnan(got) != nan_where).nonzero()[:1].tolist()})"
+        )
     kept = ~nan_where
     if name == "lse":
         empty = clean == -INF
@@ -196,12 +258,28 @@ def _all_scores_minus_inf(q, k, v, mask):
 # compared with the reference backend, NaN for NaN, -inf for -inf, values within the dtype's tolerance.
 VALUE_CASES = [
     Poisoned("every seen score -inf", "padded", "holes", poison=_all_scores_minus_inf, masked_only=False),
-    Poisoned("softcap, inf in q", "padded", softcap=5.0, poison=lambda q, k, v, m: q[0, 5, 1, 1].fill_(INF),
-             masked_only=False),
-    Poisoned("softcap, -inf in k, causal", "padded", causal=True, softcap=3.0,
-             poison=lambda q, k, v, m: k[1, 9, 0, 4].fill_(-INF), masked_only=False),
-    Poisoned("inf in one k element, window", "padded", window_size=(6, 1),
-             poison=lambda q, k, v, m: k[0, 17, 0, 3].fill_(INF), masked_only=False),
+    Poisoned(
+        "softcap, inf in q",
+        "padded",
+        softcap=5.0,
+        poison=lambda q, k, v, m: q[0, 5, 1, 1].fill_(INF),
+        masked_only=False,
+    ),
+    Poisoned(
+        "softcap, -inf in k, causal",
+        "padded",
+        causal=True,
+        softcap=3.0,
+        poison=lambda q, k, v, m: k[1, 9, 0, 4].fill_(-INF),
+        masked_only=False,
+    ),
+    Poisoned(
+        "inf in one k element, window",
+        "padded",
+        window_size=(6, 1),
+        poison=lambda q, k, v, m: k[0, 17, 0, 3].fill_(INF),
+        masked_only=False,
+    ),
 ]
 
 
@@ -214,6 +292,7 @@ def test_nonfinite_values_match_the_reference(request, backend_name, poisoned):
 
 
 # ---- the semantic model itself, by hand ---------------------------------------------------------------
+
 
 def reference_run(q, k, v, mask=None, **options) -> tuple[Tensor, ...]:
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
@@ -270,6 +349,7 @@ def test_reference_softcap_maps_infinite_scores_to_the_cap():
 
 
 # ---- softmax_scale: a documented range instead of a silent NaN ---------------------------------------
+
 
 @pytest.mark.parametrize("scale", [1e30, 1e38, -1e38, 1e300, 2e6])
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])

@@ -3,16 +3,17 @@
 Forward output, log-sum-exp and all three gradients on fresh random inputs, every output buffer
 NaN-poisoned before the kernels run (see attention_cases.check for what is compared).
 """
+
 import pytest
 import torch
 import triton
 import triton.language as tl
-
 from attention_cases import MASK_KINDS, check, key_padding_mask, padded_case, run_public_api, varlen_case
+from oracle import assert_close, attention_oracle
+
 from llm2vec_fast import flash_attn_func, flash_attn_varlen_func
 from llm2vec_fast.kernels.launch import INTERPRETING
 from llm2vec_fast.kernels.tiles import convert
-from oracle import assert_close, attention_oracle
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
@@ -52,12 +53,14 @@ def test_cross_attention_lengths(kernel_device, seqlen_q, seqlen_k, causal):
     check_triton(padded_case(2, seqlen_q, seqlen_k, 2, 1, 16, torch.float32, "right", causal=causal), kernel_device)
 
 
-@pytest.mark.parametrize("window_size,softcap,causal", [((5, 9), 0.0, False), ((12, -1), 0.0, True),
-                                                        ((-1, 3), 0.0, False), ((-1, -1), 2.5, False),
-                                                        ((7, 7), 4.0, True)])
+@pytest.mark.parametrize(
+    "window_size,softcap,causal",
+    [((5, 9), 0.0, False), ((12, -1), 0.0, True), ((-1, 3), 0.0, False), ((-1, -1), 2.5, False), ((7, 7), 4.0, True)],
+)
 def test_window_and_softcap(kernel_device, window_size, softcap, causal):
-    case = padded_case(2, 70, 70, 2, 1, 16, torch.float32, "holes", causal=causal, window_size=window_size,
-                       softcap=softcap)
+    case = padded_case(
+        2, 70, 70, 2, 1, 16, torch.float32, "holes", causal=causal, window_size=window_size, softcap=softcap
+    )
     check_triton(case, kernel_device)
 
 
@@ -78,7 +81,7 @@ def test_long_padding_gaps_are_skipped_correctly(kernel_device):
     """Gaps of 64+ padding keys split a row into several spans; shorter holes stay inside one."""
     case = padded_case(2, 300, 300, 2, 1, 16, torch.float32, "none")
     mask = torch.ones(2, 300, dtype=torch.bool)
-    mask[0, 20:90] = False   # 70 keys: skipped
+    mask[0, 20:90] = False  # 70 keys: skipped
     mask[0, 150:160] = False  # 10 keys: masked
     mask[1, :100] = False
     mask[1, 200:299] = False
@@ -101,17 +104,18 @@ def test_padded_equals_varlen_equals_single_sequences(kernel_device):
     seqlen = max(lengths)
     mask = torch.zeros(len(lengths), seqlen, dtype=torch.bool)
     for row, length in enumerate(lengths):
-        mask[row, seqlen - length:] = True  # left padding
+        mask[row, seqlen - length :] = True  # left padding
     q, k, v = (torch.randn(len(lengths), seqlen, 4, 16, device=kernel_device) for _ in range(3))
     padded = flash_attn_func(q, k, v, mask.to(kernel_device), backend="triton")
     flat_mask = mask.flatten().to(kernel_device)
     cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(kernel_device)
-    packed = flash_attn_varlen_func(*(t.flatten(0, 1)[flat_mask] for t in (q, k, v)), cu, cu, seqlen, seqlen,
-                                    backend="triton")
+    packed = flash_attn_varlen_func(
+        *(t.flatten(0, 1)[flat_mask] for t in (q, k, v)), cu, cu, seqlen, seqlen, backend="triton"
+    )
     torch.testing.assert_close(padded.flatten(0, 1)[flat_mask], packed, rtol=1e-5, atol=1e-6)
     for row, length in enumerate(lengths):
-        alone = flash_attn_func(*(t[row:row + 1, seqlen - length:] for t in (q, k, v)), backend="triton")
-        torch.testing.assert_close(padded[row, seqlen - length:], alone[0], rtol=1e-5, atol=1e-6)
+        alone = flash_attn_func(*(t[row : row + 1, seqlen - length :] for t in (q, k, v)), backend="triton")
+        torch.testing.assert_close(padded[row, seqlen - length :], alone[0], rtol=1e-5, atol=1e-6)
 
 
 def test_mask_edited_in_place_is_seen(kernel_device):
@@ -135,8 +139,24 @@ def _convert_kernel(X, Y, N: tl.constexpr, UPCAST: tl.constexpr):
 def test_bf16_conversion_rounds_to_nearest_even(kernel_device):
     """Kernels store bf16 as a GPU does, bit for bit, interpreter included (it truncates on its own):
     ties, values just below a tie, NaN, +-inf, overflow to inf, subnormals, and a wide random range."""
-    special = [1.0078124, 1.00390625, 1.01171875, -1.0078124, 1.00390626, float("nan"), float("inf"), float("-inf"),
-               3.4e38, -3.4e38, 3.3895e38, 1e-40, -3e-39, 0.0, -0.0, 1.0]
+    special = [
+        1.0078124,
+        1.00390625,
+        1.01171875,
+        -1.0078124,
+        1.00390626,
+        float("nan"),
+        float("inf"),
+        float("-inf"),
+        3.4e38,
+        -3.4e38,
+        3.3895e38,
+        1e-40,
+        -3e-39,
+        0.0,
+        -0.0,
+        1.0,
+    ]
     wide = torch.randn(1024 - len(special)) * torch.logspace(-44, 38, 1024 - len(special))
     x = torch.cat([torch.tensor(special), wide]).to(kernel_device)
     y = torch.empty(x.shape, dtype=torch.bfloat16, device=kernel_device)

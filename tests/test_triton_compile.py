@@ -6,10 +6,11 @@ compiled: on sm_90a (H100/H200, the target) it must not spill, must fit in share
 be software-pipelined (async copies); on sm_80 it must fit, and each kernel keeps at least one
 spill-free choice. Feature variants (windows, softcap, padded head dims, varlen) must compile.
 """
+
 import pytest
+from triton_compile import compile_kernel, compiler_process
 
 from llm2vec_fast.kernels import attention_bwd, attention_fwd
-from triton_compile import compile_kernel, compiler_process
 
 SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory one block may use
 CLASS_INPUT = {"half": ("bf16", 128), "half_wide": ("bf16", 256), "fp32": ("fp32", 128)}
@@ -28,15 +29,40 @@ def compiler():
 
 def pointer_types(dtype: str) -> dict:
     element = f"*{dtype}"
-    return dict(Q=element, K=element, V=element, Out=element, DOut=element, DK=element, DV=element, DQ=element,
-                Lse="*fp32", Delta="*fp32", DLse="*fp32", KeyMask="*u8", KeySpans="*i32", NumSpans="*i32",
-                CuSeqlensQ="*i32", CuSeqlensK="*i32")
+    return dict(
+        Q=element,
+        K=element,
+        V=element,
+        Out=element,
+        DOut=element,
+        DK=element,
+        DV=element,
+        DQ=element,
+        Lse="*fp32",
+        Delta="*fp32",
+        DLse="*fp32",
+        KeyMask="*u8",
+        KeySpans="*i32",
+        NumSpans="*i32",
+        CuSeqlensQ="*i32",
+        CuSeqlensK="*i32",
+    )
 
 
 def flags(dtype: str, head_dim: int, **overrides) -> dict:
-    values = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=1 << (head_dim - 1).bit_length(), IS_VARLEN=False,
-                  HAS_MASK=True, MASK_QUERIES=True, WINDOW_LEFT=False, WINDOW_RIGHT=False, SOFTCAP=False,
-                  UPCAST=False, PRECISION="ieee" if dtype == "fp32" else "tf32")
+    values = dict(
+        GROUP=4,
+        HEAD_DIM=head_dim,
+        BLOCK_D=1 << (head_dim - 1).bit_length(),
+        IS_VARLEN=False,
+        HAS_MASK=True,
+        MASK_QUERIES=True,
+        WINDOW_LEFT=False,
+        WINDOW_RIGHT=False,
+        SOFTCAP=False,
+        UPCAST=False,
+        PRECISION="ieee" if dtype == "fp32" else "tf32",
+    )
     values.update(overrides)
     return values
 
@@ -48,8 +74,12 @@ def compile_spec(compiler, kernel_name, input_class, spec, arch, **overrides):
     return compiler(KERNELS[kernel_name][0], pointer_types(dtype), constexprs, arch, num_warps, num_stages)
 
 
-SHIPPED = [(name, input_class, spec) for name, (_, table) in KERNELS.items()
-           for input_class, specs in table.items() for spec in specs]
+SHIPPED = [
+    (name, input_class, spec)
+    for name, (_, table) in KERNELS.items()
+    for input_class, specs in table.items()
+    for spec in specs
+]
 
 
 @pytest.mark.parametrize("kernel_name,input_class,spec", SHIPPED)
@@ -59,8 +89,9 @@ def test_hopper_tiles_do_not_spill(compiler, kernel_name, input_class, spec):
     assert report.shared_bytes <= SHARED_LIMIT[90], report
     assert report.async_copies > 0, f"loads are not software-pipelined: {report}"
     if input_class == "half":
-        packed = compile_spec(compiler, kernel_name, input_class, spec, 90,
-                              IS_VARLEN=True, HAS_MASK=False, MASK_QUERIES=False)
+        packed = compile_spec(
+            compiler, kernel_name, input_class, spec, 90, IS_VARLEN=True, HAS_MASK=False, MASK_QUERIES=False
+        )
         assert packed.spill_bytes == 0, packed
 
 

@@ -8,6 +8,7 @@ The test session runs Triton's interpreter (TRITON_INTERPRET=1 turns every @trit
 Triton's own standard library included, into an interpreter function), so compilation happens in
 a separate process started with the variable cleared: see :func:`compiler_process`.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -52,8 +53,9 @@ def _kernel(name: str):
     return getattr(attention_fwd if name.startswith("attention_fwd") else attention_bwd, name)
 
 
-def compile_kernel(kernel_name: str, pointer_types: dict, constexprs: dict, arch: int, num_warps: int,
-                   num_stages: int) -> CompileReport:
+def compile_kernel(
+    kernel_name: str, pointer_types: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int
+) -> CompileReport:
     """Compile ``llm2vec_fast.kernels`` kernel `kernel_name` (run this inside :func:`compiler_process`)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -66,19 +68,28 @@ def compile_kernel(kernel_name: str, pointer_types: dict, constexprs: dict, arch
         name: "constexpr" if name in constexprs else pointer_types.get(name, "fp32" if name in FLOAT_ARGS else "i32")
         for name in jit_fn.arg_names
     }
-    aligned = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(jit_fn.arg_names)
-               if signature[name].startswith("*") or name.startswith("stride")}
+    aligned = {
+        (index,): [["tt.divisibility", 16]]
+        for index, name in enumerate(jit_fn.arg_names)
+        if signature[name].startswith("*") or name.startswith("stride")
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compiled = triton.compile(ASTSource(jit_fn, signature, constexprs, aligned),
-                                  target=GPUTarget("cuda", arch, 32),
-                                  options=dict(num_warps=num_warps, num_stages=num_stages))
+        compiled = triton.compile(
+            ASTSource(jit_fn, signature, constexprs, aligned),
+            target=GPUTarget("cuda", arch, 32),
+            options=dict(num_warps=num_warps, num_stages=num_stages),
+        )
     ptx = compiled.asm["ptx"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
         handle.write(ptx)
     try:
-        report = subprocess.run([_ptxas(triton), f"-arch={ARCH_NAMES[arch]}", "-v", handle.name, "-o", os.devnull],
-                                capture_output=True, text=True, check=True).stderr
+        report = subprocess.run(
+            [_ptxas(triton), f"-arch={ARCH_NAMES[arch]}", "-v", handle.name, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
     finally:
         os.unlink(handle.name)
     return CompileReport(

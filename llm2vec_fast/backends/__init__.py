@@ -9,7 +9,11 @@ backend is the kernels' entry point, ``llm2vec_fast.kernels.backend``.
 The choice is, in order: an explicit ``backend=`` argument, the environment variable
 ``LLM2VEC_FAST_BACKEND``, then "auto" (CUDA extension > Triton on CUDA tensors; the exact
 PyTorch reference on any other device).
+
+Every backend spells out the same ``forward``/``backward`` signatures: that repetition is the
+contract itself (reported by ``duplicates``), the bodies share nothing.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -24,6 +28,8 @@ BACKEND_ENV_VAR = "LLM2VEC_FAST_BACKEND"
 MODULES = {"cuda": f"{__name__}.cuda", "triton": "llm2vec_fast.kernels.backend", "reference": f"{__name__}.reference"}
 BACKENDS = tuple(MODULES)
 _GPU_PRIORITY = ("cuda", "triton")
+DEFAULT_OPTIONS = AttentionOptions()
+"""Options of a plain call (non-causal, no window or softcap, default scale): what a probe of a backend assumes."""
 
 _loaded: dict[str, ModuleType | ImportError] = {}
 
@@ -69,7 +75,7 @@ def resolve_backend(
     q: Tensor,
     k: Tensor,
     requested: str | None = None,
-    options: AttentionOptions = AttentionOptions(),
+    options: AttentionOptions = DEFAULT_OPTIONS,
 ) -> str:
     """Name of the backend that will run attention on these inputs.
 

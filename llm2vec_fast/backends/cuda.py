@@ -6,6 +6,7 @@ falls through to Triton. The extension is imported lazily, so importing this mod
 on a machine without it. Its ops, ``torch.ops.llm2vec_fast_cuda.fwd`` and ``.bwd``, get fake
 implementations here so that they trace under ``torch.compile`` on their own too.
 """
+
 from __future__ import annotations
 
 import functools
@@ -69,13 +70,17 @@ def unsupported_reason(q: Tensor, k: Tensor, options: AttentionOptions) -> str |
         return f"it runs on CUDA tensors, got a {q.device.type} tensor"
     capability, shared_memory, built_for_it = _device_limits(q.device.index if q.device.index is not None else 0)
     if capability < MIN_CAPABILITY:
-        return f"it needs compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer, got {capability[0]}.{capability[1]}"
+        needed_arch, arch = ".".join(map(str, MIN_CAPABILITY)), ".".join(map(str, capability))
+        return f"it needs compute capability {needed_arch} or newer, got {arch}"
     if not built_for_it:
         arch = f"{capability[0]}.{capability[1]}"
         return f"the extension was not built for compute capability {arch}: rebuild with TORCH_CUDA_ARCH_LIST={arch}"
     needed = _shared_memory_needed(head_dim)
     if needed > shared_memory:
-        return f"its head-dim-{head_dim} kernels need {needed} bytes of shared memory per block, this GPU allows {shared_memory}"
+        return (
+            f"its head-dim-{head_dim} kernels need {needed} bytes of shared memory per block, "
+            f"this GPU allows {shared_memory}"
+        )
     return None  # sliding windows and soft caps are supported
 
 
@@ -96,11 +101,18 @@ def forward(
     )
 
 
-def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None,
-             layout: AttentionLayout, options: AttentionOptions) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.ops.llm2vec_fast_cuda.bwd(
-        dout, q, k, v, out, lse, dlse, *_layout_args(layout), *options.schema_args()
-    )
+def backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dlse: Tensor | None,
+    layout: AttentionLayout,
+    options: AttentionOptions,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.ops.llm2vec_fast_cuda.bwd(dout, q, k, v, out, lse, dlse, *_layout_args(layout), *options.schema_args())
 
 
 def _register_fakes() -> None:

@@ -10,6 +10,7 @@ row follows IEEE arithmetic: a NaN or +inf score makes its output and lse NaN, a
 of a seen key makes the output (or gradient) elements that use it NaN, and a row that sees no
 key or only -inf scores outputs zeros with lse = -inf.
 """
+
 from __future__ import annotations
 
 import torch
@@ -135,7 +136,11 @@ def _backward_padded(dout, q, k, v, out, lse, dlse, key_mask, options):
     dk = _seen_product(dscores.transpose(-1, -2), allowed_t, q32).sum(2) * scale
     dv = _seen_product(probs.transpose(-1, -2), allowed_t, do32).sum(2)
     dq = dq.permute(0, 3, 1, 2, 4).reshape(q.shape)
-    return dq.to(q.dtype).contiguous(), dk.transpose(1, 2).contiguous().to(k.dtype), dv.transpose(1, 2).contiguous().to(v.dtype)
+    return (
+        dq.to(q.dtype).contiguous(),
+        dk.transpose(1, 2).contiguous().to(k.dtype),
+        dv.transpose(1, 2).contiguous().to(v.dtype),
+    )
 
 
 def _sequence_bounds(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor) -> list[tuple[int, int, int, int]]:
@@ -179,8 +184,15 @@ def backward(
             continue
         seq_dlse = None if dlse is None else dlse[None, :, q0:q1]
         grads = _backward_padded(
-            dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], out[None, q0:q1],
-            lse[None, :, q0:q1], seq_dlse, None, options,
+            dout[None, q0:q1],
+            q[None, q0:q1],
+            k[None, k0:k1],
+            v[None, k0:k1],
+            out[None, q0:q1],
+            lse[None, :, q0:q1],
+            seq_dlse,
+            None,
+            options,
         )
         dq[q0:q1], dk[k0:k1], dv[k0:k1] = (g[0] for g in grads)
     return dq, dk, dv

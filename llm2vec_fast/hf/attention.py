@@ -14,6 +14,7 @@ Sliding windows are honoured when causal; bidirectional, Gemma 2/3 sliding layer
 symmetric window (``_window``) while the other families see the whole sequence, as LLM2Vec does.
 Gemma 2's logit softcapping goes to the ops' ``softcap``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -100,9 +101,13 @@ def llm2vec_fast_attention(
             )
         cu_seqlens_k = kwargs.get("cu_seq_lens_k", cu_seqlens_q)
         out = flash_attn_varlen_func(
-            q[0], k[0], v[0],
-            cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
-            int(kwargs.get("max_length_q") or q.shape[1]), int(kwargs.get("max_length_k") or k.shape[1]),
+            q[0],
+            k[0],
+            v[0],
+            cu_seqlens_q.to(torch.int32),
+            cu_seqlens_k.to(torch.int32),
+            int(kwargs.get("max_length_q") or q.shape[1]),
+            int(kwargs.get("max_length_k") or k.shape[1]),
             **options,
         )
         return out.unsqueeze(0), None

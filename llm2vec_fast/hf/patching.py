@@ -5,6 +5,7 @@ attention, ``config.is_causal`` says which direction (transformers then builds b
 and passes ``is_causal`` to every attention call), and each attention layer's ``is_causal`` flag is
 kept in agreement so that layers called on their own behave the same.
 """
+
 from __future__ import annotations
 
 from typing import Any, TypeVar
