@@ -5,6 +5,9 @@ directory the encoder loads: the LoRA adapter, the tokenizer, ``llm2vec_config.j
 objectives), ``lm_head.safetensors`` (MNTP with ``lm_head="train"``), ``train_config.json``, the
 loss log and plot, and the ``checkpoint-*`` directories. Local paths are resolved first, so all
 of these name them absolutely; the final outputs are staged and moved into place file by file.
+
+The two trainer builders end in the same keyword call of `Trainer`, each with its own model, source
+and loss; the keyword lines repeat, the wiring does not.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Each source walks a reproducible order (`sampling`), tokenizes only the examples this process
 uses, and can report and restore its exact position (``state_dict``), including partly consumed
 token buffers, so a resumed run sees exactly the batches an uninterrupted run would have seen.
+
+The contrastive sources take the same keyword-only settings (the ``options`` the objectives build
+once for either), so their constructor signatures repeat; what they read and order differs.
 """
 
 from __future__ import annotations
