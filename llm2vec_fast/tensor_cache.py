@@ -10,6 +10,7 @@ import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 
@@ -44,3 +45,18 @@ class TensorCache:
             self._entries.clear()
         self._entries[id(tensor)] = (weakref.ref(tensor), state, value)
         return value
+
+
+def cacheable(tensor: Tensor) -> Tensor:
+    """`tensor`, copied into a normal tensor if it is an inference tensor, so that `TensorCache` can cache
+    what is derived from it.
+
+    Inference tensors (``torch.inference_mode()``, where encoders run) have no version counter and are
+    never cached: a mask or offsets tensor made once per forward would have its state (key spans, the
+    offsets check, a host sync on a GPU) derived again in every layer. A copy of these few bytes keeps it
+    once per forward.
+    """
+    if not tensor.is_inference():
+        return tensor
+    with torch.inference_mode(False):
+        return tensor.clone()

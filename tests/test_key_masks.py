@@ -91,3 +91,17 @@ def test_kernels_import_nothing_from_the_package():
     for path in sorted(KERNELS.glob("*.py")):
         for module, level in _imported_modules(path):
             assert level <= 1 and not module.startswith("llm2vec_fast"), (path.name, module, level)
+
+
+def test_hf_padded_forward_under_inference_mode_derives_spans_once(monkeypatch):
+    """Inference tensors are never cached: the HF mask function hands every layer a normal copy instead."""
+    from llm2vec_fast.hf import enable_bidirectional, route_attention
+    from llm2vec_fast.tiny import build_tiny_model
+
+    decoder = enable_bidirectional(build_tiny_model("llama")[0].model)
+    route_attention(decoder, causal=False, backend="triton")
+    calls = _counting(monkeypatch, "spans")
+    with torch.inference_mode():
+        ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+        decoder(input_ids=ids, attention_mask=(ids != 0).long())
+    assert decoder.config.num_hidden_layers > 1 and len(calls) == 1

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import flash_attn_func, flash_attn_varlen_func
+from ..tensor_cache import cacheable
 from .dropout import dropout_disabled
 
 ATTENTION_NAME = "llm2vec_fast"
@@ -141,7 +142,9 @@ def llm2vec_fast_mask(
         mask = mask.bool()
     if mask.shape[-1] == kv_length and not torch.compiler.is_compiling() and bool(mask.all()):
         return None
-    return mask
+    # Made once per forward: a normal tensor lets what the kernels derive from it be cached for every layer
+    # (traced graphs have no such cache, and dynamo cannot trace is_inference()).
+    return mask if torch.compiler.is_compiling() else cacheable(mask)
 
 
 def register() -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..padding import pad_input, unpad_input
+from ..tensor_cache import cacheable
 
 
 @dataclass(frozen=True)
@@ -82,19 +83,6 @@ class PackedBatch:
         return flat.index_select(0, self.indices).unsqueeze(0)
 
 
-def _versioned(offsets: Tensor) -> Tensor:
-    """`offsets` as a normal tensor, copied if it is an inference tensor.
-
-    Inference tensors (``torch.inference_mode()``, where encoders run) have no version counter, so
-    the per-tensor caches cannot trust them and would check the offsets again in every layer (a host
-    sync per layer on a GPU); a normal copy of these B + 1 integers keeps it once per forward.
-    """
-    if not offsets.is_inference():
-        return offsets
-    with torch.inference_mode(False):
-        return offsets.clone()
-
-
 def _positions(cu_seqlens: Tensor, total: int) -> Tensor:
     seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     starts = torch.repeat_interleave(cu_seqlens[:-1].long(), seqlens, output_size=total)
@@ -111,7 +99,7 @@ def pack_sequences(sequences: Sequence[Sequence[int]], device: torch.device | st
     input_ids = torch.tensor(flat, dtype=torch.long).to(device)
     lengths_t = torch.tensor(lengths, dtype=torch.long)
     offsets = torch.nn.functional.pad(torch.cumsum(lengths_t, 0), (1, 0))  # on the host: no device round trip
-    cu_seqlens = _versioned(offsets.to(device=device, dtype=torch.int32))
+    cu_seqlens = cacheable(offsets.to(device=device, dtype=torch.int32))
     rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths_t)
     columns = torch.arange(len(flat)) - torch.repeat_interleave(offsets[:-1], lengths_t)
     return PackedBatch(
@@ -136,7 +124,7 @@ def pack_batch(input_ids: Tensor, attention_mask: Tensor | None = None) -> Packe
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
     packed_ids, indices, cu_seqlens, max_seqlen = unpad_input(input_ids, attention_mask)
-    cu_seqlens = _versioned(cu_seqlens)
+    cu_seqlens = cacheable(cu_seqlens)
     return PackedBatch(
         input_ids=packed_ids.unsqueeze(0),
         position_ids=_positions(cu_seqlens, packed_ids.shape[0]),
