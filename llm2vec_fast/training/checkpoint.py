@@ -27,7 +27,7 @@ from peft import PeftModel
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from .atomic import LEFTOVER_SUFFIXES, TEMPORARY_SUFFIX, publish_directory, remove_directory, sha256
+from ..atomic_files import LEFTOVER_SUFFIXES, TEMPORARY_SUFFIX, publish_directory, remove_directory, sha256
 from .distributed_strategy import TrainedWeights, load_optimizer_state
 from .process_group import Topology, barrier
 

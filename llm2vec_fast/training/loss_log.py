@@ -13,7 +13,7 @@ import json
 import warnings
 from pathlib import Path
 
-from .atomic import write_atomically, write_text_atomically
+from ..atomic_files import write_atomically, write_text_atomically
 
 FIELDS = ("step", "loss", "grad_norm", "learning_rate", "loss_terms", "tokens", "seconds")
 CSV_FILE, JSONL_FILE = "loss_log.csv", "loss_log.jsonl"

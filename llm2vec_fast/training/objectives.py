@@ -21,9 +21,9 @@ from peft import PeftModel
 from torch import Tensor, nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
+from ..atomic_files import TEMPORARY_SUFFIX, publish_files, remove_directory
 from ..loading import CONFIG_NAME, ENCODER_DEFAULTS
 from ..runtime import check_backend, check_device
-from .atomic import TEMPORARY_SUFFIX, publish_files, remove_directory
 from .checkpoint import save_weights
 from .config import ContrastiveConfig, MNTPConfig, SimCSEConfig, SupervisedConfig, TrainConfig
 from .data.batches import ContrastiveBatch

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..atomic_files import remove_directory
 from ..loading import CONFIG_NAME
-from .atomic import remove_directory
 from .checkpoint import (
     ADAPTER_FILE,
     LM_HEAD_FILE,

@@ -1,7 +1,7 @@
 """Files that are either absent, the old version or the complete new one, never half written.
 
-Training may die at any instant (Ctrl-C, kill -9, a full disk, a lost node): everything it
-writes goes to a temporary name beside its destination, is flushed to disk, and is renamed into
+Training and corpus encoding may die at any instant (Ctrl-C, kill -9, a full disk, a lost node):
+everything they write goes to a temporary name beside its destination, is flushed to disk, and is renamed into
 place (`os.replace` is atomic on POSIX and Windows). Checksums let a reader tell a complete file
 from one truncated or damaged after the fact (a copy cut short, a bad disk).
 """
