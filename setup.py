@@ -15,6 +15,9 @@ PACKAGES = find_packages(include=["llm2vec_fast", "llm2vec_fast.*"]) + ["llm2vec
 BUILD_CUDA_ENV = "LLM2VEC_FAST_BUILD_CUDA"
 # Targets with no TORCH_CUDA_ARCH_LIST and no visible GPU: A100 (sm_80) and H100/H200 (sm_90a).
 DEFAULT_ARCHS = ("8.0", "9.0a")
+HOPPER_ARCH = "9.0a"
+HOPPER_SOURCES = "fwd_sm90_*.cu"
+HOPPER_GENCODE = ["-gencode", "arch=compute_90a,code=sm_90a"]
 ROOT = Path(__file__).resolve().parent
 
 
@@ -72,16 +75,54 @@ def _cuda_extension():
         return {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
+    # The Hopper forward (csrc/fwd_sm90_*.cu) is built for sm_90a alone, and only when 9.0a is a target; every
+    # other file for every target (Hopper runs their backward). The binding then dispatches on the device.
+    hopper = HOPPER_ARCH in archs
     os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
-    sources = sorted(path.relative_to(ROOT).as_posix() for path in (ROOT / "csrc").glob("*.cu"))
+    sources = sorted(
+        path.relative_to(ROOT).as_posix() for path in (ROOT / "csrc").glob("*.cu") if not path.match(HOPPER_SOURCES)
+    )
+    defines = ["-DLLM2VEC_FAST_SM90"] if hopper else []
     extension = CUDAExtension(
         name="llm2vec_fast._cuda",
         sources=sources + ["csrc/flash_api.cpp"],
         include_dirs=[str(ROOT / "csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},  # torch adds -std=c++20
+        extra_compile_args={"cxx": ["-O3", *defines], "nvcc": ["-O3", "-lineinfo"]},  # torch adds -std=c++20
     )
     _say(f"building the CUDA extension for {';'.join(archs)}")
-    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+    build_ext = BuildExtension.with_options(use_ninja=True)
+    return {
+        "ext_modules": [extension],
+        "cmdclass": {"build_ext": _with_hopper_objects(build_ext) if hopper else build_ext},
+    }
+
+
+def _with_hopper_objects(build_ext):
+    """build_ext that first compiles csrc/fwd_sm90_*.cu for sm_90a only (in parallel, with plain nvcc: they include
+    no torch header) and links the objects into the extension; torch's own build applies one arch list to all."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    class BuildWithHopper(build_ext):
+        def build_extension(self, ext):
+            import subprocess
+            from concurrent.futures import ThreadPoolExecutor
+
+            out_dir = Path(self.build_temp) / "sm90"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            nvcc = str(Path(CUDA_HOME) / "bin" / "nvcc")
+            flags = ["-std=c++20", "-O3", "-lineinfo", "-Xcompiler", "-fPIC", f"-I{ROOT / 'csrc'}", *HOPPER_GENCODE]
+
+            def compile_one(source):
+                target = out_dir / (source.stem + ".o")
+                subprocess.run([nvcc, *flags, "-c", str(source), "-o", str(target)], check=True)
+                return str(target)
+
+            sources = sorted((ROOT / "csrc").glob(HOPPER_SOURCES))
+            with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+                ext.extra_objects = [*ext.extra_objects, *pool.map(compile_one, sources)]
+            super().build_extension(ext)
+
+    return BuildWithHopper
 
 
 setup(

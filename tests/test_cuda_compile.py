@@ -24,9 +24,15 @@ import pytest
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 ARCHS = ("sm_80", "sm_90a")
 GENCODE = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a"]
+# The Hopper forward (csrc/fwd_sm90_*.cu) is built for sm_90a alone, as setup.py builds it.
+HOPPER_PREFIX = "fwd_sm90_"
+HOPPER_GENCODE = ["-gencode", "arch=compute_90a,code=sm_90a"]
+# Its register budgets after setmaxnreg (HopperFwdConfig in csrc/flash_attn/hopper/fwd_sm90.cuh).
+HOPPER_PRODUCER_REGS, HOPPER_CONSUMER_REGS = 24, 240
 NVCC_FLAGS = ["-std=c++20", "-O3", "-lineinfo", f"-I{CSRC}", "-Xptxas", "-v"]
 # The kernels each file must hold, by the name they carry in their mangled symbol.
 EXPECTED_KERNELS = {
+    HOPPER_PREFIX: {"fwd_sm90_kernel"},
     "fwd_": {"fwd_kernel"},
     "bwd_": {"bwd_preprocess_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel"},
     "mask_bits": {"pack_key_bits_kernel"},
@@ -45,7 +51,8 @@ class KernelReport:
     @property
     def kernel(self) -> str:
         match = re.search(
-            r"(fwd_kernel|bwd_preprocess_kernel|bwd_dkdv_kernel|bwd_dq_kernel|pack_key_bits_kernel)", self.symbol
+            r"(fwd_sm90_kernel|fwd_kernel|bwd_preprocess_kernel|bwd_dkdv_kernel|bwd_dq_kernel|pack_key_bits_kernel)",
+            self.symbol,
         )
         return match.group(1) if match else self.symbol
 
@@ -79,8 +86,13 @@ def nvcc_or_skip() -> str:
     return nvcc
 
 
+def archs_of(source: Path) -> tuple[str, ...]:
+    return ("sm_90a",) if source.name.startswith(HOPPER_PREFIX) else ARCHS
+
+
 def compile_cu(nvcc: str, source: Path, out_dir: Path) -> tuple[Path, subprocess.CompletedProcess]:
-    command = [nvcc, *NVCC_FLAGS, *GENCODE, "-c", str(source), "-o", str(out_dir / (source.stem + ".o"))]
+    gencode = HOPPER_GENCODE if source.name.startswith(HOPPER_PREFIX) else GENCODE
+    command = [nvcc, *NVCC_FLAGS, *gencode, "-c", str(source), "-o", str(out_dir / (source.stem + ".o"))]
     return source, subprocess.run(command, capture_output=True, text=True)
 
 
@@ -141,7 +153,7 @@ def test_kernels_do_not_spill(builds):
     for source, result in sorted(results.items()):
         reports = parse_ptxas(result.stderr)
         expected = next(kernels for prefix, kernels in EXPECTED_KERNELS.items() if source.name.startswith(prefix))
-        for arch in ARCHS:
+        for arch in archs_of(source):
             found = {report.kernel for report in reports if report.arch == arch}
             if not expected <= found:
                 problems.append(
@@ -159,6 +171,68 @@ def test_kernels_do_not_spill(builds):
                     f"{source.name} {report.arch} {report.kernel}: {report.stack_bytes} bytes stack frame, "
                     f"{report.spill_store_bytes}/{report.spill_load_bytes} bytes spilled"
                 )
+    print("\n".join(rows), file=sys.stderr)
+    assert not problems, "\n".join(problems)
+
+
+def cuobjdump_or_skip() -> Path:
+    """Triton's wheel carries cuobjdump (the CUDA toolkit here may not)."""
+    try:
+        import triton
+    except ImportError:
+        pytest.skip("triton is not installed: no cuobjdump to disassemble with")
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        pytest.skip(f"no cuobjdump in the triton wheel ({tool})")
+    return tool
+
+
+def sass_loops(sass: str) -> tuple[list[tuple[int, str]], list[tuple[int, int]]]:
+    """(address, instruction) of every SASS line, and the [target, branch] address spans of backward branches."""
+    lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for address, instruction in lines:
+        branch = re.search(r"\bBRA(?:\.\S+)?\s+(?:\S+,\s*)?0x([0-9a-f]+)", instruction)
+        if branch and int(branch.group(1), 16) < address:
+            loops.append((int(branch.group(1), 16), address))
+    return lines, loops
+
+
+def test_hopper_forward_sass(builds):
+    """The sm_90a forward issues wgmma in both forms (HGMMA with A from shared memory for Q K^T, from
+    registers for P V) and TMA loads (UTMALDG) inside loops, and gives its warpgroups the setmaxnreg
+    budgets of its configuration (ptxas honoured them: no warning C7508)."""
+    results, _ = builds
+    tool = cuobjdump_or_skip()
+    hopper = {source: result for source, result in results.items() if source.name.startswith(HOPPER_PREFIX)}
+    assert hopper, f"no {HOPPER_PREFIX}*.cu in {CSRC}"
+    forms = {
+        "HGMMA SS (Q K^T)": (lambda i: re.match(r"HGMMA\.\S+ R\d+, gdesc", i) is not None, 1),
+        "HGMMA RS (P V)": (lambda i: re.match(r"HGMMA\.\S+ R\d+, R\d+, gdesc", i) is not None, 1),
+        "UTMALDG (K and V)": (lambda i: i.startswith("UTMALDG"), 2),
+    }
+    rows, problems = [], []
+    for source, result in sorted(hopper.items()):
+        assert result.returncode == 0, f"{source.name} did not compile"
+        if "C7508" in result.stderr:
+            problems.append(f"{source.name}: ptxas ignored setmaxnreg (C7508)")
+        obj = result.args[result.args.index("-o") + 1]
+        sass = subprocess.run([str(tool), "--dump-sass", obj], capture_output=True, text=True, check=True).stdout
+        lines, loops = sass_loops(sass)
+        for name, (matches, at_least) in forms.items():
+            in_a_loop = any(sum(lo <= a <= hi and matches(i) for a, i in lines) >= at_least for lo, hi in loops)
+            if not in_a_loop:
+                problems.append(f"{source.name}: no loop issues {at_least}+ {name}")
+        setmaxnreg = r"USETMAXREG\.(?:DEALLOC|TRY_ALLOC)\S*\s+(?:UP\d+,\s*)?0x([0-9a-f]+)"
+        budgets = [int(v, 16) for v in re.findall(setmaxnreg, sass)]
+        if sorted(budgets) != sorted([HOPPER_PRODUCER_REGS, HOPPER_CONSUMER_REGS]):
+            problems.append(f"{source.name}: setmaxnreg budgets {budgets} in SASS")
+        entry = next(r.registers for r in parse_ptxas(result.stderr) if r.kernel == "fwd_sm90_kernel")
+        count = {op: sum(i.startswith(op) for _, i in lines) for op in ("HGMMA", "UTMALDG")}
+        rows.append(
+            f"{source.name:24} sm_90a entry {entry} regs; producer warpgroup {HOPPER_PRODUCER_REGS}, "
+            f"consumers {HOPPER_CONSUMER_REGS} after setmaxnreg; {count['HGMMA']} HGMMA, {count['UTMALDG']} UTMALDG"
+        )
     print("\n".join(rows), file=sys.stderr)
     assert not problems, "\n".join(problems)
 
