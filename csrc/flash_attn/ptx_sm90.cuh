@@ -3,8 +3,9 @@
 // async-proxy fences, setmaxnreg, named barriers and lane election.
 //
 // The CPU emulator (tests/cuda_emulator/emulator_sm90.h) defines this header's include guard and
-// provides every function declared here with the same signature, so a kernel written against
-// this layer runs unchanged on the CPU with its ordering rules checked. Build with
+// provides every function with inline PTX with the same signature (the plain part, Major and
+// make_smem_desc, it includes from here), so a kernel written against this layer runs unchanged
+// on the CPU with its ordering rules checked. Build with
 // -gencode arch=compute_90a,code=sm_90a (wgmma and setmaxnreg exist only on the "a" target).
 //
 // Shared-memory addresses are 32-bit shared-window addresses (smem_u32 of ptx.cuh); an mbarrier
@@ -36,14 +37,45 @@
 //     fence_proxy_async() in each writing thread, then a barrier.
 //   - TMA loads complete on an mbarrier: their bytes count toward the phase's transaction count,
 //     and the data may be read only after waiting for that phase.
-#ifndef LLM2VEC_FAST_PTX_SM90_CUH
-#define LLM2VEC_FAST_PTX_SM90_CUH
+#ifndef LLM2VEC_FAST_PTX_SM90_PLAIN
+#define LLM2VEC_FAST_PTX_SM90_PLAIN
+// The plain (no inline PTX) part, which the emulator shares.
 
 #include <cstdint>
 #include <type_traits>
 
 #include "elements.h"
 #include "tma_host.h"
+
+namespace l2vf {
+
+// Operand major-ness: kK = the reduction dimension is contiguous (imm-trans 0), kMN = the M or N
+// dimension is contiguous (imm-trans 1; 16-bit types only).
+enum class Major : int { kK = 0, kMN = 1 };
+
+// A 64-bit shared-memory matrix descriptor. With T = 8 elements per 16 bytes, in CuTe notation
+// ((shape):(stride) in elements, LBO/SBO in bytes), the canonical layouts of one 16-deep K slice:
+//   K-major,  no swizzle:  ((8,m),(T,2)):((1T,SBO),(1,LBO))       8-row x 16-byte core matrices
+//   K-major,  span S:      ((8,m),(T,2)):((S/2,SBO),(1,T))        rows S bytes apart, LBO unused
+//   MN-major, no swizzle:  ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO))
+//   MN-major, span S:      ((T,S/16,m),(8,k)):((1,T,LBO),(S/2,SBO))
+// then the span's swizzle on the byte address: bits [4, 4 + log2(S/16)) ^= bits [7, ...).
+// `smem` is the address of element (0, 0) before swizzling; for a swizzled layout it must sit on
+// a multiple of the 8 * S-byte pattern plus less than 128 bytes (address bits 7 and up, which
+// feed the XOR, start at zero: advancing K inside a 128-byte line adds 32 bytes per 16 elements).
+__host__ __device__ constexpr uint64_t make_smem_desc(uint32_t smem, Swizzle swizzle, uint32_t leading_bytes,
+                                                      uint32_t stride_bytes) {
+  const uint64_t mode = swizzle == Swizzle::k128B ? 1 : swizzle == Swizzle::k64B ? 2 : swizzle == Swizzle::k32B ? 3 : 0;
+  return (uint64_t{(smem >> 4) & 0x3fff}) | (uint64_t{(leading_bytes >> 4) & 0x3fff} << 16) |
+         (uint64_t{(stride_bytes >> 4) & 0x3fff} << 32) | (mode << 62);
+}
+
+}  // namespace l2vf
+
+#endif  // LLM2VEC_FAST_PTX_SM90_PLAIN
+
+#ifndef LLM2VEC_FAST_PTX_SM90_CUH
+#define LLM2VEC_FAST_PTX_SM90_CUH
 
 namespace l2vf {
 
@@ -177,27 +209,6 @@ __device__ __forceinline__ void tma_store_wait() {
 }
 
 // ---- wgmma ------------------------------------------------------------------------------------------
-
-// Operand major-ness: kK = the reduction dimension is contiguous (imm-trans 0), kMN = the M or N
-// dimension is contiguous (imm-trans 1; 16-bit types only).
-enum class Major : int { kK = 0, kMN = 1 };
-
-// A 64-bit shared-memory matrix descriptor. With T = 8 elements per 16 bytes, in CuTe notation
-// ((shape):(stride) in elements, LBO/SBO in bytes), the canonical layouts of one 16-deep K slice:
-//   K-major,  no swizzle:  ((8,m),(T,2)):((1T,SBO),(1,LBO))       8-row x 16-byte core matrices
-//   K-major,  span S:      ((8,m),(T,2)):((S/2,SBO),(1,T))        rows S bytes apart, LBO unused
-//   MN-major, no swizzle:  ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO))
-//   MN-major, span S:      ((T,S/16,m),(8,k)):((1,T,LBO),(S/2,SBO))
-// then the span's swizzle on the byte address: bits [4, 4 + log2(S/16)) ^= bits [7, ...).
-// `smem` is the address of element (0, 0) before swizzling; for a swizzled layout it must sit
-// at a multiple of 8 lines (8 * 128 B for the 128-byte span, 8 * S generally) plus at most the
-// in-line offset (advancing K inside a swizzled line: + 32 bytes per 16 elements).
-__host__ __device__ constexpr uint64_t make_smem_desc(uint32_t smem, Swizzle swizzle, uint32_t leading_bytes,
-                                                      uint32_t stride_bytes) {
-  const uint64_t mode = swizzle == Swizzle::k128B ? 1 : swizzle == Swizzle::k64B ? 2 : swizzle == Swizzle::k32B ? 3 : 0;
-  return (uint64_t{(smem >> 4) & 0x3fff}) | (uint64_t{(leading_bytes >> 4) & 0x3fff} << 16) |
-         (uint64_t{(stride_bytes >> 4) & 0x3fff} << 32) | (mode << 62);
-}
 
 // Orders earlier register accesses to accumulators and A fragments before the next wgmma.
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
