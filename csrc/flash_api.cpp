@@ -16,10 +16,14 @@
 #include <cstdlib>
 #include <limits>
 #include <optional>
+#include <string>
 #include <type_traits>
 
 #include "flash_attn/api.h"
 #include "flash_attn/params_builder.h"
+#ifdef LLM2VEC_FAST_SM90  // setup.py defines it when the Hopper forward (csrc/fwd_sm90_*.cu) is built
+#include "flash_attn/hopper/api_sm90.h"
+#endif
 
 namespace {
 
@@ -83,6 +87,44 @@ cudaError_t dispatch(at::ScalarType dtype, int64_t head_dim, F&& f) {
     return half ? f(l2vf::Fp16{}, std::integral_constant<int, 64>{}) : f(l2vf::Bf16{}, std::integral_constant<int, 64>{});
   }
   return half ? f(l2vf::Fp16{}, std::integral_constant<int, 128>{}) : f(l2vf::Bf16{}, std::integral_constant<int, 128>{});
+}
+
+// Whether the forward runs the Hopper kernel: this build has it, the device is compute capability 9.x with
+// the shared memory it needs, and the scores are soft-capped or scaled by a positive factor (the plain
+// softmax folds the scale into its exponent, which needs the row max of the raw scores to be the max of
+// the scaled ones). LLM2VEC_FAST_CUDA_HOPPER=0 keeps the sm80 kernel there (for comparisons).
+bool use_hopper_forward(int device, int64_t head_dim, double softcap, double softmax_scale) {
+#ifdef LLM2VEC_FAST_SM90
+  const char* env = std::getenv("LLM2VEC_FAST_CUDA_HOPPER");
+  if ((env != nullptr && env[0] == '0') || (softcap <= 0.0 && softmax_scale <= 0.0)) return false;
+  int major = 0, smem_optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int needed = head_dim == 64 ? l2vf::smem_bytes_needed_sm90<l2vf::Bf16, 64>()
+                                    : l2vf::smem_bytes_needed_sm90<l2vf::Bf16, 128>();
+  return major == 9 && smem_optin >= needed;
+#else
+  (void)device, (void)head_dim, (void)softcap, (void)softmax_scale;
+  return false;
+#endif
+}
+
+// The Hopper forward for the compiled instantiations; kv_tokens = the length of k/v's token dimension.
+void run_hopper_forward(const l2vf::FwdParams& p, at::ScalarType dtype, int64_t head_dim, int64_t kv_tokens,
+                        cudaStream_t stream) {
+#ifdef LLM2VEC_FAST_SM90
+  const bool half = dtype == at::kHalf;
+  const std::string problem =
+      head_dim == 64
+          ? (half ? l2vf::run_fwd_sm90<l2vf::Fp16, 64>(p, kv_tokens, stream)
+                  : l2vf::run_fwd_sm90<l2vf::Bf16, 64>(p, kv_tokens, stream))
+          : (half ? l2vf::run_fwd_sm90<l2vf::Fp16, 128>(p, kv_tokens, stream)
+                  : l2vf::run_fwd_sm90<l2vf::Bf16, 128>(p, kv_tokens, stream));
+  TORCH_CHECK(problem.empty(), "llm2vec_fast_cuda: the Hopper attention forward failed: ", problem);
+#else
+  (void)p, (void)dtype, (void)head_dim, (void)kv_tokens, (void)stream;
+  TORCH_CHECK(false, "llm2vec_fast_cuda: this build has no Hopper forward");
+#endif
 }
 
 // A (B, Sk) bool key-padding mask (any strides) packed to the bit rows (B, key_bits_words(Sk)) the kernels read.
@@ -157,6 +199,10 @@ std::tuple<Tensor, Tensor> fwd(const Tensor& q_in, const Tensor& k_in, const Ten
   const l2vf::AttnArgs a = attn_args(q, k, v, bits, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                      causal, window_left, window_right, softcap, softmax_scale);
   const l2vf::FwdParams p = l2vf::make_fwd_params(a, view_of(out), lse.data_ptr<float>());
+  if (use_hopper_forward(q.get_device(), q.size(-1), softcap, softmax_scale)) {
+    run_hopper_forward(p, q.scalar_type(), q.size(-1), varlen ? k.size(0) : k.size(1), stream);
+    return {out, lse};
+  }
   check_cuda(dispatch(q.scalar_type(), q.size(-1),
                       [&](auto elem, auto dim) { return l2vf::run_fwd<decltype(elem), decltype(dim)::value>(p, stream); }),
              "the attention forward");

@@ -122,6 +122,7 @@ def syntax_check_binding(out_dir: Path) -> subprocess.CompletedProcess | None:
         f"-I{CSRC}",
         # CPU wheels of torch lack this generated header; it only sets export macros.
         "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+        "-DLLM2VEC_FAST_SM90",  # as setup.py builds it with the Hopper forward: both dispatch paths
         *[arg for path in includes for arg in ("-isystem", path)],
         str(CSRC / "flash_api.cpp"),
     ]
