@@ -183,10 +183,10 @@ def test_varlen_rank_checked():
 # ----- backend choice
 
 
-def test_auto_uses_reference_on_cpu():
+def test_auto_uses_the_cpu_fast_path_on_cpu():
     q, k, _ = qkv()
-    assert resolve_backend(q, k) == "reference"
-    assert resolve_backend(q, k, "auto") == "reference"
+    assert resolve_backend(q, k) == "cpu"
+    assert resolve_backend(q, k, "auto") == "cpu"
 
 
 def test_unknown_backend_is_named():

@@ -7,8 +7,8 @@ A backend is a module exposing the contract that `reference` defines:
 backend is the kernels' entry point, ``llm2vec_fast.kernels.backend``.
 
 The choice is, in order: an explicit ``backend=`` argument, the environment variable
-``LLM2VEC_FAST_BACKEND``, then "auto" (CUDA extension > Triton on CUDA tensors; the exact
-PyTorch reference on any other device).
+``LLM2VEC_FAST_BACKEND``, then "auto" (CUDA extension > Triton on CUDA tensors; torch's fused CPU
+attention on CPU tensors where the options allow, see `cpu`; the exact PyTorch reference otherwise).
 
 Every backend spells out the same ``forward``/``backward`` signatures: that repetition is the
 contract itself (reported by ``duplicates``), the bodies share nothing.
@@ -25,9 +25,15 @@ from torch import Tensor
 from ..attention_options import AttentionOptions
 
 BACKEND_ENV_VAR = "LLM2VEC_FAST_BACKEND"
-MODULES = {"cuda": f"{__name__}.cuda", "triton": "llm2vec_fast.kernels.backend", "reference": f"{__name__}.reference"}
+MODULES = {
+    "cuda": f"{__name__}.cuda",
+    "triton": "llm2vec_fast.kernels.backend",
+    "cpu": f"{__name__}.cpu",
+    "reference": f"{__name__}.reference",
+}
 BACKENDS = tuple(MODULES)
-_GPU_PRIORITY = ("cuda", "triton")
+_PRIORITY = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+"""What "auto" tries per device type, in order, before the reference."""
 DEFAULT_OPTIONS = AttentionOptions()
 """Options of a plain call (non-causal, no window or softcap, default scale): what a probe of a backend assumes."""
 
@@ -90,12 +96,11 @@ def resolve_backend(
         if reason is not None:
             raise ValueError(f"attention backend {name!r} cannot run these inputs: {reason}")
         return name
-    if q.device.type == "cuda":
-        for candidate in _GPU_PRIORITY:
-            try:
-                module = get_backend(candidate)
-            except RuntimeError:
-                continue
-            if module.unsupported_reason(q, k, options) is None:
-                return candidate
+    for candidate in _PRIORITY.get(q.device.type, ()):
+        try:
+            module = get_backend(candidate)
+        except RuntimeError:
+            continue
+        if module.unsupported_reason(q, k, options) is None:
+            return candidate
     return "reference"
