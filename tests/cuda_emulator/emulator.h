@@ -61,7 +61,7 @@ inline int max(int a, int b) { return a > b ? a : b; }
 
 namespace emu {
 
-constexpr int kMaxWarps = 8;
+constexpr int kMaxWarps = 16;  // 512 threads: three warpgroups of a Hopper kernel fit
 constexpr size_t kStackBytes = 256 * 1024;
 
 // ---- fibers: a stack and a saved stack pointer each --------------------------------------------
@@ -149,7 +149,21 @@ struct WordState {
   uint32_t r_epoch[kMaxWarps], r_wepoch[kMaxWarps], r_lanes[kMaxWarps];
 };
 
+// Hooks for an instruction set layered on top (emulator_sm90.h). When one is installed, its
+// happens-before model replaces the barrier-epoch race check below, since named barriers and
+// mbarriers order threads that __syncthreads/__syncwarp epochs cannot describe.
+struct Extension {
+  virtual ~Extension() = default;
+  virtual void on_launch_block() = 0;                                      // a block starts
+  virtual void on_access(uint32_t word, bool write, const char* what) = 0;  // ordinary shared access
+  virtual void on_barrier(int first_thread, int count) = 0;                // __syncthreads/__syncwarp completed
+  virtual void on_store(const void* src, size_t bytes, const char* what) = 0;  // values a store writes
+  virtual void on_exit() = 0;                                                 // the current thread ends
+  virtual std::string deadlock_detail() = 0;                                 // appended to a deadlock report
+};
+
 struct Emulator {
+  Extension* extension = nullptr;
   // registry
   std::vector<Buffer> buffers;
   // launch
@@ -201,6 +215,7 @@ struct Emulator {
     check_global(p, bytes, bytes, what);
     Buffer& b = find(p, bytes, what);
     if (!b.writable) fail(std::string(what) + ": store into read-only buffer " + b.name);
+    if (extension != nullptr) extension->on_store(src, bytes, what);
     const size_t word0 = (static_cast<const char*>(p) - b.base) / 4;
     for (size_t w = word0; w < word0 + (bytes + 3) / 4; ++w) {
       if (b.stored[w]) fail(std::string(what) + ": second store to one word of " + b.name + " in a launch");
@@ -226,8 +241,11 @@ struct Emulator {
   void on_write(uint32_t word, const char* what, bool completing_copy) {
     WordState& s = shadow[word];
     if (s.pending > 0 && !completing_copy) fail(std::string(what) + ": write to shared memory with a cp.async in flight");
-    if (s.written && !ordered(s.writer, s.w_epoch, s.w_wepoch)) fail(std::string(what) + ": write-write race in shared memory");
-    for (int w = 0; w < kMaxWarps; ++w) {
+    if (extension != nullptr) extension->on_access(word, true, what);
+    if (extension == nullptr && s.written && !ordered(s.writer, s.w_epoch, s.w_wepoch)) {
+      fail(std::string(what) + ": write-write race in shared memory");
+    }
+    for (int w = 0; w < kMaxWarps && extension == nullptr; ++w) {
       if (s.r_epoch[w] != epoch) continue;
       const uint32_t others = w == warp() ? s.r_lanes[w] & ~(1u << lane()) : s.r_lanes[w];
       if (others != 0 && (w != warp() || s.r_wepoch[w] == warp_epoch[warp()])) {
@@ -243,6 +261,10 @@ struct Emulator {
     WordState& s = shadow[word];
     if (s.pending > 0) fail(std::string(what) + ": read of shared memory with a cp.async in flight");
     if (!s.written) fail(std::string(what) + ": read of never-written shared memory at " + std::to_string(word * 4));
+    if (extension != nullptr) {
+      extension->on_access(word, false, what);
+      return;
+    }
     if (!ordered(s.writer, s.w_epoch, s.w_wepoch)) fail(std::string(what) + ": read after an unsynchronised write (shared memory race)");
     const int w = warp();
     if (s.r_epoch[w] != epoch || s.r_wepoch[w] != warp_epoch[w]) {
@@ -259,6 +281,7 @@ struct Emulator {
   }
   void smem_write(uint32_t addr, const void* src, size_t bytes, const char* what) {
     check_smem(addr, bytes, std::min<size_t>(bytes, 16), what);
+    if (extension != nullptr) extension->on_store(src, bytes, what);
     for (uint32_t w = addr / 4; w < (addr + bytes + 3) / 4; ++w) on_write(w, what, false);
     std::memcpy(smem.data() + addr, src, bytes);
   }
@@ -307,6 +330,7 @@ struct Emulator {
     const uint32_t e = epoch;
     if (++barrier_arrived == threads) {
       barrier_arrived = 0;
+      if (extension != nullptr) extension->on_barrier(0, threads);
       ++epoch;
       for (auto& f : fibers) f->blocked = false;
       return;
@@ -319,6 +343,7 @@ struct Emulator {
     const uint32_t e = warp_epoch[w];
     if (++warp_barrier_arrived[w] == 32) {
       warp_barrier_arrived[w] = 0;
+      if (extension != nullptr) extension->on_barrier(w * 32, 32);
       ++warp_epoch[w];
       for (int l = 0; l < 32; ++l) fibers[w * 32 + l]->blocked = false;
       return;
@@ -512,6 +537,7 @@ inline void Emulator::fiber_main() {
   e.body();
   Thread& t = *e.fibers[e.current];
   if (!t.open_group.empty() || !t.groups.empty()) e.fail("thread exited with cp.async copies in flight");
+  if (e.extension != nullptr) e.extension->on_exit();
   t.done = true;
   switch_context(t.ctx, e.scheduler);
   std::abort();  // a finished fiber is never resumed
@@ -526,6 +552,7 @@ inline void Emulator::launch_block(dim3 b) {
   barrier_arrived = 0;
   std::fill(std::begin(warp_barrier_arrived), std::end(warp_barrier_arrived), 0);
   for (Collective& c : collective) c = Collective{};
+  if (extension != nullptr) extension->on_launch_block();
   for (int t = 0; t < threads; ++t) {
     Thread& f = *fibers[t];
     f.done = false;
@@ -554,7 +581,8 @@ inline void Emulator::launch_block(dim3 b) {
       current = -1;
       error = "deadlock in block (" + std::to_string(b.x) + "," + std::to_string(b.y) + "," + std::to_string(b.z) +
               "): " + std::to_string(done) + " threads exited, " + std::to_string(at_barrier) +
-              " wait at __syncthreads, the rest at a warp barrier or collective that not every lane reaches";
+              " wait at __syncthreads, the rest at a warp barrier or collective that not every lane reaches" +
+              (extension != nullptr ? extension->deadlock_detail() : std::string());
       return;
     }
   }
