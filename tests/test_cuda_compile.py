@@ -238,6 +238,45 @@ def test_hopper_forward_sass(builds):
     assert not problems, "\n".join(problems)
 
 
+def test_ptx_sm90_layer_assembles(tmp_path):
+    """Every wrapper of csrc/flash_attn/ptx_sm90.cuh, through the emulator's test pipeline
+    (tests/cuda_emulator/sm90_pipeline.cu), assembles for sm_90a into the Hopper instructions
+    meant: wgmma in both forms, TMA loads of 2-4 dimensions, a TMA store and prefetch, mbarrier
+    SYNCS, setmaxnreg with its budgets, named barriers, the proxy fence and elect; no spills."""
+    nvcc, tool = nvcc_or_skip(), cuobjdump_or_skip()
+    source = Path(__file__).resolve().parent / "cuda_emulator" / "sm90_pipeline.cu"
+    obj = tmp_path / "sm90_pipeline.o"
+    command = [nvcc, *NVCC_FLAGS, f"-I{source.parent}", *HOPPER_GENCODE, "-c", str(source), "-o", str(obj)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = parse_ptxas(result.stderr)
+    assert len(reports) == 2, result.stderr  # the fp16 and bf16 instantiations
+    for report in reports:
+        assert (report.stack_bytes, report.spill_store_bytes, report.spill_load_bytes) == (0, 0, 0), report
+    assert "C7508" not in result.stderr, "ptxas ignored setmaxnreg"
+    sass = subprocess.run([str(tool), "--dump-sass", str(obj)], capture_output=True, text=True, check=True).stdout
+    instructions = [i for _, i in sass_loops(sass)[0]]
+    expected = {
+        "wgmma SS": r"HGMMA\.64x64x16\.F32\S* R\d+, gdesc",
+        "wgmma RS, B N-major": r"HGMMA\.64x64x16\.F32\S* R\d+, R\d+, gdesc\[UR\d+\]\.tnspB",
+        "TMA load 2-D": r"UTMALDG\.2D",
+        "TMA load 3-D": r"UTMALDG\.3D",
+        "TMA load 4-D": r"UTMALDG\.4D",
+        "TMA store": r"UTMASTG\.2D",
+        "tensor map prefetch": r"UTMACCTL\.PF",
+        "mbarrier arrive": r"SYNCS\.ARRIVE\.TRANS64",
+        "mbarrier try_wait.parity": r"SYNCS\.PHASECHK\.TRANS64\.TRYWAIT",
+        "wgmma fence / wait": r"WARPGROUP\.(ARRIVE|DEPBAR)",
+        "setmaxnreg.dec 40": r"USETMAXREG\.DEALLOC\S* 0x28\b",
+        "setmaxnreg.inc 232": r"USETMAXREG\.TRY_ALLOC\S* (UP\d+, )?0xe8\b",
+        "bar.sync / bar.arrive": r"BAR\.(SYNC|ARV)",
+        "fence.proxy.async": r"FENCE\.VIEW\.ASYNC\.S",
+        "elect.sync": r"ELECT",
+    }
+    missing = [name for name, pattern in expected.items() if not any(re.match(pattern, i) for i in instructions)]
+    assert not missing, f"SASS of sm90_pipeline.cu lacks {missing}"
+
+
 def test_binding_compiles_against_torch_headers(builds):
     _, binding = builds
     if binding is None:
