@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+from llm2vec_fast.chunk_store import ChunkStore
 from llm2vec_fast.demo import add_demo_command
 from llm2vec_fast.encode_cli import add_encode_command
 from llm2vec_fast.encoder import LLM2Vec
@@ -89,7 +90,7 @@ def test_jsonl_to_safetensors_with_instructions(tmp_path: Path) -> None:
     [
         (lambda d: ("model", d / "missing.txt", d / "o.npy"), "input file .*missing.txt does not exist"),
         (lambda d: ("model", d / "in.csv", d / "o.npy"), r"must end in \.txt or \.jsonl"),
-        (lambda d: ("model", d / "in.txt", d / "o.csv"), r"must end in \.npy or \.safetensors"),
+        (lambda d: ("model", d / "in.txt", d / "o.csv"), r"must end in \.npy, \.safetensors or \.chunks"),
         (lambda d: ("model", d / "in.txt", d / "nowhere" / "o.npy"), "output directory .*nowhere does not exist"),
         (lambda d: ("model", d / "bad.jsonl", d / "o.npy"), r"bad.jsonl:2: invalid JSON"),
         (lambda d: ("model", d / "wrong.jsonl", d / "o.npy"), r"wrong.jsonl:1: expected a string"),
@@ -174,17 +175,60 @@ def test_triton_backend_without_a_gpu_is_refused(tmp_path: Path, capsys, monkeyp
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
-def test_ctrl_c_reports_progress_and_writes_nothing(tmp_path: Path, capsys, monkeypatch, suffix: str) -> None:
-    def interrupted_stream(self, sentences, **kwargs):
-        yield np.zeros((2, 64), dtype=np.float32)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(LLM2Vec, "encode_stream", interrupted_stream)
+def test_ctrl_c_keeps_the_finished_chunks_and_the_same_command_resumes(tmp_path: Path, capsys, suffix: str) -> None:
     source = tmp_path / "texts.txt"
     source.write_text("\n".join(LINES) + "\n")
     target = tmp_path / f"out{suffix}"
-    assert _run("encode", str(MODEL), str(source), str(target), "--no-progress") == 130
-    assert capsys.readouterr().err == "llm2vec-fast encode: interrupted after 2 of 4 texts; nothing written\n"
+    argv = ("encode", str(MODEL), str(source), str(target), "--chunk-size", "2", "--no-progress")
+    calls = []
+    original = ChunkStore.commit
+
+    def commit(self, first, stop, block):
+        calls.append(first)
+        if calls == [0, 2]:  # Ctrl-C while the second chunk is being saved
+            raise KeyboardInterrupt
+        return original(self, first, stop, block)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ChunkStore, "commit", commit)
+        assert _run(*argv) == 130
+        chunks = tmp_path / f"out{suffix}.chunks"
+        assert capsys.readouterr().err == (
+            f"llm2vec-fast encode: interrupted after 2 of 4 texts; 1 of 2 chunks are kept in {chunks}: "
+            "run the same command again to resume\n"
+        )
+        assert (
+            not target.exists() and sorted(p.name for p in chunks.iterdir())[0] == "lines-000000000000-000000000002.npy"
+        )
+        assert _run(*argv) == 0
+    assert calls == [0, 2, 2]  # the rerun encoded only the missing chunk
+    assert capsys.readouterr().err == (
+        f"llm2vec-fast encode: resuming: 1 of 2 chunks already in {chunks}\n"
+        f"wrote 4 x 64 float32 embeddings to {target}\n"
+    )
+    embeddings = np.load(target) if suffix == ".npy" else load_file(str(target))["embeddings"]
+    expected = LLM2Vec.from_pretrained(str(MODEL)).encode(LINES, show_progress_bar=False, convert_to_numpy=True)
+    np.testing.assert_allclose(embeddings, expected, rtol=1e-5, atol=1e-6)
+    assert sorted(tmp_path.iterdir()) == sorted([source, target])
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
+def test_an_empty_input_gives_an_empty_matrix(tmp_path: Path, suffix: str) -> None:
+    source = tmp_path / "empty.txt"
+    source.write_bytes(b"")
+    target = tmp_path / f"out{suffix}"
+    assert _run("encode", str(MODEL), str(source), str(target), "--no-progress") == 0
+    embeddings = np.load(target) if suffix == ".npy" else load_file(str(target))["embeddings"]
+    assert embeddings.shape == (0, 64) and embeddings.dtype == np.float32
+    assert sorted(tmp_path.iterdir()) == sorted([source, target])
+
+
+def test_ctrl_c_before_the_first_chunk_writes_nothing(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(ChunkStore, "commit", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(LINES) + "\n")
+    assert _run("encode", str(MODEL), str(source), str(tmp_path / "out.npy"), "--no-progress") == 130
+    assert capsys.readouterr().err == "llm2vec-fast encode: interrupted after 0 of 4 texts; nothing written\n"
     assert list(tmp_path.iterdir()) == [source]
 
 
