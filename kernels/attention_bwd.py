@@ -1,14 +1,25 @@
-"""Backward flash attention: delta preprocess, then dK/dV and dQ in separate kernels.
+"""Backward flash attention: a delta preprocess, then one fused kernel (5 GEMMs per tile pair) or, when
+asked to be deterministic, dK/dV and dQ in separate kernels.
 
-Probabilities are recomputed from the saved log-sum-exp. The dK/dV kernel owns one key tile of
-one KV head and loops over every query head of its GQA group, so the group reduction happens in
-registers: no atomics, bitwise deterministic. The dQ kernel owns one query tile of one query head.
-Rows without any visible key have lse = -inf; they are read as +inf so their probabilities are 0.
-Pairs a row does not see are selected out of P and dS, and their non-finite q, k (and v through dP)
-never reach a gradient (``seen_product``), as in ``llm2vec_fast.backends.reference``.
+Probabilities are recomputed from the saved log-sum-exp. The dK/dV program owns one key tile of one KV
+head and loops over every query head of its GQA group, so the group reduction happens in registers. Per
+(key tile, query tile) pair the fused kernel computes S = K Q^T, dP = V dO^T, dV += P^T dO, dK += dS^T Q
+and dQ = dS K, the last added with fp32 atomics into a zeroed buffer that is scaled and cast after (the
+order of the additions varies from run to run). ``deterministic=True`` keeps the atomic-free pair: the
+dK/dV kernel without dQ and a dQ kernel that owns one query tile of one query head (it recomputes P and
+dP: 7 GEMMs in all), bitwise reproducible.
 
-As in ``attention_fwd``, the repeated lines ``duplicates`` reports here are the flat argument lists
-of one helper's calls (fast pass and exact redo of ``_dkdv_group``/``_dq_spans``), not copied logic.
+Masks only on edges: inside a span, the query tiles that every key of the tile sees (no window edge, no
+span tail) run without pair masks when the key tile itself is full (every key real and in bounds, K and V
+finite): there, query rows that are padding load as zeros with lse = +inf, so their P and dS are exact
+zeros without a select. Rows without any visible key have lse = -inf; they are read as +inf so their
+probabilities are 0. Pairs a row does not see are selected out of P and dS in masked tiles, and their
+non-finite q, k (and v through dP) never reach a gradient (``seen_product``), as in
+``llm2vec_fast.backends.reference``.
+
+As in ``attention_fwd``, the repeated lines ``duplicates`` reports here are the flat argument lists of one
+helper's calls (the masked and unmasked query tiles of ``_dkdv_tiles``, fast pass and exact redo of
+``_dkdv_group``/``_dq_spans``, the two kernels over ``_dkdv_program``), not copied logic.
 """
 
 from __future__ import annotations
@@ -34,6 +45,13 @@ from .tiles import (
     window_allowed,
 )
 
+# The fused kernel: BLOCK_N keys are the M of four GEMMs and BLOCK_M queries the M of dQ = dS K, so both are
+# at least 64 (wgmma's rows per warpgroup on sm_90a).
+BWD_TILES = {
+    "half": [(64, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2)],
+    "half_wide": [(64, 64, 8, 2)],
+    "fp32": [(16, 32, 4, 2)],
+}
 DKDV_TILES = {
     "half": [(32, 128, 8, 2), (64, 32, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2)],
     "half_wide": [(32, 32, 8, 2), (16, 32, 8, 2)],
@@ -131,18 +149,158 @@ def _store_rows(
 
 
 @triton.jit
-def _dkdv_group(
+def _add_rows(
+    Base,
+    offs_m,
+    stride_s,
+    values,
+    rows_ok,
+    offs_d,
+    CHECK_ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Atomically add an fp32 tile to rows offs_m of Base (relaxed: only the sum matters)."""
+    ptrs = Base + offs_m.to(tl.int64)[:, None] * stride_s + offs_d[None, :]
+    if CHECK_ROWS:
+        tl.atomic_add(ptrs, values, mask=tile_mask(rows_ok, offs_d, HEAD_DIM, BLOCK_D), sem="relaxed")
+    elif BLOCK_D != HEAD_DIM:
+        tl.atomic_add(ptrs, values, mask=(offs_d < HEAD_DIM)[None, :], sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, values, sem="relaxed")
+
+
+@triton.jit
+def _dkdv_tiles(
+    dk,
+    dv,
     k,
     v,
     key_ok,
     offs_n,
     offs_d,
+    q_base,
+    do_base,
+    dq_base,
+    Lse,
+    Delta,
+    lse_offset,
+    KeyMask,
+    k_rows,
+    k_nonfinite,
+    start,
+    end,
+    q_hi,
+    keys_left,
+    offset,
+    stride_qs,
+    stride_ds,
+    stride_dqs,
+    stride_ks,
+    window_left,
+    window_right,
+    qk_scale,
+    softcap_scale,
+    MASKED: tl.constexpr,
+    MASK_QUERIES: tl.constexpr,
+    FUSED_DQ: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EXACT: tl.constexpr,
+):
+    """Fold query tiles [start, end) of one head into (dK, dV) and, FUSED_DQ, add their unscaled dQ to
+    dq_base. MASKED selects pairs by window, bounds and padding; unmasked tiles lie inside the window and
+    the span and meet a full, finite key tile, so padding rows (loaded as zeros, lse +inf) give exact zeros.
+    EXACT (the slow redo of windowed tiles) keeps a non-finite q of a row out of the keys it does not see;
+    k_nonfinite (windowed masked tiles) does the same for K in dQ."""
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        rows_ok = offs_m < q_hi
+        if MASK_QUERIES:
+            rows_ok = rows_ok & real_keys(KeyMask, offs_m, rows_ok, True)
+        check_rows = MASKED or MASK_QUERIES
+        q = load_tile(
+            q_base + offs_m[:, None] * stride_qs + offs_d[None, :], rows_ok, offs_d, check_rows, HEAD_DIM, BLOCK_D
+        )
+        do = load_tile(
+            do_base + offs_m[:, None] * stride_ds + offs_d[None, :], rows_ok, offs_d, check_rows, HEAD_DIM, BLOCK_D
+        )
+        lse, delta = _rows_lse_delta(Lse, Delta, lse_offset, offs_m, rows_ok)
+        # Transposed tiles (keys x queries): P^T = exp2(S^T - lse).
+        scores_t, tanh_t = capped_scores(mma(k, tl.trans(q), UPCAST, PRECISION), qk_scale, softcap_scale, SOFTCAP)
+        p_t = tl.exp2(scores_t - lse[None, :])
+        if MASKED:
+            allowed_t = tl.trans(
+                window_allowed(offs_m, offs_n, offset, window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT)
+            )
+            allowed_t = allowed_t & key_ok[:, None] & rows_ok[None, :]
+            p_t = tl.where(allowed_t, p_t, 0.0)
+        dv += mma(convert(p_t, do.dtype, UPCAST), do, UPCAST, PRECISION)
+        dp_t = mma(v, tl.trans(do), UPCAST, PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - tanh_t * tanh_t)
+        if MASKED:
+            ds_t = tl.where(allowed_t, ds_t, 0.0)
+        ds_low = convert(ds_t, q.dtype, UPCAST)
+        if EXACT and MASKED and (WINDOW_LEFT or WINDOW_RIGHT):
+            if any_nonfinite(q):
+                dk = seen_product(
+                    dk,
+                    ds_t,
+                    allowed_t,
+                    q_base + start_m * stride_qs + offs_d,
+                    stride_qs,
+                    q_hi - start_m,
+                    offs_d < HEAD_DIM,
+                )
+            else:
+                dk += mma(ds_low, q, UPCAST, PRECISION)
+        else:
+            dk += mma(ds_low, q, UPCAST, PRECISION)
+        if FUSED_DQ:
+            if MASKED and (WINDOW_LEFT or WINDOW_RIGHT):
+                if k_nonfinite:
+                    dq = seen_product(
+                        tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32),
+                        tl.trans(ds_t),
+                        tl.trans(allowed_t),
+                        k_rows,
+                        stride_ks,
+                        keys_left,
+                        offs_d < HEAD_DIM,
+                    )
+                else:
+                    dq = mma(tl.trans(ds_low), k, UPCAST, PRECISION)
+            else:
+                dq = mma(tl.trans(ds_low), k, UPCAST, PRECISION)
+            _add_rows(dq_base, offs_m, stride_dqs, dq, rows_ok, offs_d, check_rows, HEAD_DIM, BLOCK_D)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_group(
+    k,
+    v,
+    key_ok,
+    key_clean,
+    k_nonfinite,
+    offs_n,
+    offs_d,
     Q,
     DOut,
+    DQAccum,
     Lse,
     Delta,
     KeyMask,
     KeySpans,
+    k_rows,
     num_spans,
     batch,
     kv_head,
@@ -150,6 +308,7 @@ def _dkdv_group(
     q_len,
     key_first,
     key_last,
+    k_len,
     offset,
     stride_qb,
     stride_qs,
@@ -157,6 +316,10 @@ def _dkdv_group(
     stride_db,
     stride_ds,
     stride_dh,
+    stride_dqb,
+    stride_dqs,
+    stride_dqh,
+    stride_ks,
     stride_lb,
     stride_lh,
     window_left,
@@ -165,6 +328,7 @@ def _dkdv_group(
     softcap_scale,
     GROUP: tl.constexpr,
     MASK_QUERIES: tl.constexpr,
+    FUSED_DQ: tl.constexpr,
     WINDOW_LEFT: tl.constexpr,
     WINDOW_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr,
@@ -176,64 +340,519 @@ def _dkdv_group(
     PRECISION: tl.constexpr,
     EXACT: tl.constexpr,
 ):
-    """Unscaled (dK, dV) of one key tile over the queries of every head of its group that see it. EXACT
-    (the slow redo of windowed tiles) keeps a non-finite q of a row out of the keys it does not see."""
+    """Unscaled (dK, dV) of one key tile over the queries of every head of its group that see it (and,
+    FUSED_DQ, their dQ added to DQAccum). Per span, the query tiles every key of the tile sees run unmasked
+    when key_clean; the window edges and the span's tail are masked. EXACT masks every tile (the redo)."""
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    keys_left = k_len - key_first
     for group_member in range(GROUP):
         head = kv_head * GROUP + group_member
         q_base = Q + batch.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + head * stride_qh
         do_base = DOut + batch.to(tl.int64) * stride_db + q_start.to(tl.int64) * stride_ds + head * stride_dh
+        dq_base = DQAccum + batch.to(tl.int64) * stride_dqb + q_start.to(tl.int64) * stride_dqs + head * stride_dqh
         lse_offset = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
         for span in range(num_spans):
             q_lo, q_hi = span_bounds(KeySpans, span, q_len, MASK_QUERIES)
-            if WINDOW_RIGHT:
-                q_lo = tl.maximum(q_lo, key_first - offset - window_right)
-            if WINDOW_LEFT:
-                q_hi = tl.minimum(q_hi, key_last - offset + window_left + 1)
-            for start_m in range(q_lo, q_hi, BLOCK_M):
-                offs_m = start_m + tl.arange(0, BLOCK_M)
-                rows_ok = offs_m < q_hi
-                if MASK_QUERIES:
-                    rows_ok = rows_ok & real_keys(KeyMask, offs_m, rows_ok, True)
-                q = load_tile(
-                    q_base + offs_m[:, None] * stride_qs + offs_d[None, :], rows_ok, offs_d, True, HEAD_DIM, BLOCK_D
+            # Rows that see some key of the tile, and those that see all of them (the window seen from a key).
+            q_lo, q_hi, full_lo, full_hi = clip_to_window(
+                q_lo, q_hi, key_first, key_last, -offset, window_right, window_left, WINDOW_RIGHT, WINDOW_LEFT
+            )
+            q_hi = tl.maximum(q_hi, q_lo)
+            if EXACT:  # one masked range
+                full_start = q_lo
+                full_end = q_lo
+            else:
+                full_start = tl.minimum(q_lo + tl.cdiv(tl.maximum(full_lo - q_lo, 0), BLOCK_M) * BLOCK_M, q_hi)
+                full_end = full_start + (tl.maximum(full_hi - full_start, 0) // BLOCK_M) * BLOCK_M
+                full_end = tl.where(key_clean, full_end, full_start)
+            if WINDOW_RIGHT:  # without a right window the rows before full_start see the whole tile
+                dk, dv = _dkdv_tiles(
+                    dk,
+                    dv,
+                    k,
+                    v,
+                    key_ok,
+                    offs_n,
+                    offs_d,
+                    q_base,
+                    do_base,
+                    dq_base,
+                    Lse,
+                    Delta,
+                    lse_offset,
+                    KeyMask,
+                    k_rows,
+                    k_nonfinite,
+                    q_lo,
+                    full_start,
+                    q_hi,
+                    keys_left,
+                    offset,
+                    stride_qs,
+                    stride_ds,
+                    stride_dqs,
+                    stride_ks,
+                    window_left,
+                    window_right,
+                    qk_scale,
+                    softcap_scale,
+                    True,
+                    MASK_QUERIES,
+                    FUSED_DQ,
+                    WINDOW_LEFT,
+                    WINDOW_RIGHT,
+                    SOFTCAP,
+                    HEAD_DIM,
+                    BLOCK_M,
+                    BLOCK_D,
+                    UPCAST,
+                    PRECISION,
+                    EXACT,
                 )
-                do = load_tile(
-                    do_base + offs_m[:, None] * stride_ds + offs_d[None, :], rows_ok, offs_d, True, HEAD_DIM, BLOCK_D
-                )
-                lse, delta = _rows_lse_delta(Lse, Delta, lse_offset, offs_m, rows_ok)
-                # Transposed tiles (keys x queries): P^T = exp2(S^T - lse).
-                scores_t, tanh_t = capped_scores(
-                    mma(k, tl.trans(q), UPCAST, PRECISION), qk_scale, softcap_scale, SOFTCAP
-                )
-                allowed_t = tl.trans(
-                    window_allowed(offs_m, offs_n, offset, window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT)
-                )
-                allowed_t = allowed_t & key_ok[:, None] & rows_ok[None, :]
-                p_t = tl.where(allowed_t, tl.exp2(scores_t - lse[None, :]), 0.0)
-                dv += mma(convert(p_t, do.dtype, UPCAST), do, UPCAST, PRECISION)
-                dp_t = mma(v, tl.trans(do), UPCAST, PRECISION)
-                ds_t = p_t * (dp_t - delta[None, :])
-                if SOFTCAP:
-                    ds_t = ds_t * (1.0 - tanh_t * tanh_t)
-                ds_t = tl.where(allowed_t, ds_t, 0.0)
-                if EXACT and (WINDOW_LEFT or WINDOW_RIGHT):
-                    if any_nonfinite(q):
-                        dk = seen_product(
-                            dk,
-                            ds_t,
-                            allowed_t,
-                            q_base + start_m * stride_qs + offs_d,
-                            stride_qs,
-                            q_hi - start_m,
-                            offs_d < HEAD_DIM,
-                        )
-                    else:
-                        dk += mma(convert(ds_t, q.dtype, UPCAST), q, UPCAST, PRECISION)
-                else:
-                    dk += mma(convert(ds_t, q.dtype, UPCAST), q, UPCAST, PRECISION)
+            dk, dv = _dkdv_tiles(
+                dk,
+                dv,
+                k,
+                v,
+                key_ok,
+                offs_n,
+                offs_d,
+                q_base,
+                do_base,
+                dq_base,
+                Lse,
+                Delta,
+                lse_offset,
+                KeyMask,
+                k_rows,
+                k_nonfinite,
+                full_start,
+                full_end,
+                q_hi,
+                keys_left,
+                offset,
+                stride_qs,
+                stride_ds,
+                stride_dqs,
+                stride_ks,
+                window_left,
+                window_right,
+                qk_scale,
+                softcap_scale,
+                False,
+                MASK_QUERIES,
+                FUSED_DQ,
+                WINDOW_LEFT,
+                WINDOW_RIGHT,
+                SOFTCAP,
+                HEAD_DIM,
+                BLOCK_M,
+                BLOCK_D,
+                UPCAST,
+                PRECISION,
+                EXACT,
+            )
+            dk, dv = _dkdv_tiles(
+                dk,
+                dv,
+                k,
+                v,
+                key_ok,
+                offs_n,
+                offs_d,
+                q_base,
+                do_base,
+                dq_base,
+                Lse,
+                Delta,
+                lse_offset,
+                KeyMask,
+                k_rows,
+                k_nonfinite,
+                full_end,
+                q_hi,
+                q_hi,
+                keys_left,
+                offset,
+                stride_qs,
+                stride_ds,
+                stride_dqs,
+                stride_ks,
+                window_left,
+                window_right,
+                qk_scale,
+                softcap_scale,
+                True,
+                MASK_QUERIES,
+                FUSED_DQ,
+                WINDOW_LEFT,
+                WINDOW_RIGHT,
+                SOFTCAP,
+                HEAD_DIM,
+                BLOCK_M,
+                BLOCK_D,
+                UPCAST,
+                PRECISION,
+                EXACT,
+            )
     return dk, dv
+
+
+@triton.jit
+def _dkdv_program(
+    Q,
+    K,
+    V,
+    DOut,
+    DK,
+    DV,
+    DQAccum,
+    Lse,
+    Delta,
+    KeyMask,
+    KeySpans,
+    NumSpans,
+    CuSeqlensQ,
+    CuSeqlensK,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_db,
+    stride_ds,
+    stride_dh,
+    stride_dkb,
+    stride_dks,
+    stride_dkh,
+    stride_dvb,
+    stride_dvs,
+    stride_dvh,
+    stride_dqb,
+    stride_dqs,
+    stride_dqh,
+    stride_lb,
+    stride_lh,
+    stride_mb,
+    stride_sb,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
+    qk_scale,
+    softcap_scale,
+    sm_scale,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_QUERIES: tl.constexpr,
+    FUSED_DQ: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One key tile of one KV head: its dK and dV stored, and (FUSED_DQ) its share of dQ added to DQAccum."""
+    pid_n = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    batch = tl.program_id(2)
+    q_start, q_len, k_start, k_len = sequence_bounds(CuSeqlensQ, CuSeqlensK, batch, seqlen_q, seqlen_k, IS_VARLEN)
+    key_first = pid_n * BLOCK_N
+    if key_first >= k_len:
+        return
+    offs_n = key_first + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    keys_in = offs_n < k_len
+    key_ok = keys_in
+    KeyMask += batch.to(tl.int64) * stride_mb
+    KeySpans += batch.to(tl.int64) * stride_sb
+    if HAS_MASK:
+        key_ok = keys_in & real_keys(KeyMask, offs_n, keys_in, True)
+    # Queries are walked span by span: the key spans when queries are masked too, else [0, q_len).
+    num_spans = span_count(NumSpans, batch, MASK_QUERIES)
+    if tl.max(key_ok.to(tl.int32), axis=0) == 0:
+        num_spans = 0
+    offset = k_len - q_len
+    key_last = tl.minimum(key_first + BLOCK_N, k_len) - 1
+
+    kv_tokens = (k_start + offs_n).to(tl.int64)[:, None]
+    K += batch.to(tl.int64) * stride_kb + kv_head * stride_kh
+    k = load_tile(K + kv_tokens * stride_ks + offs_d[None, :], key_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+    v = load_tile(
+        V + batch.to(tl.int64) * stride_vb + kv_tokens * stride_vs + kv_head * stride_vh + offs_d[None, :],
+        key_ok,
+        offs_d,
+        True,
+        HEAD_DIM,
+        BLOCK_D,
+    )
+    # A full key tile (every key real, K and V finite) lets the query tiles inside the window and span skip masks.
+    k_nonfinite = any_nonfinite(k)
+    key_clean = (tl.min(key_ok.to(tl.int32), axis=0) > 0) & ~(k_nonfinite | any_nonfinite(v))
+    k_rows = K + (k_start + key_first).to(tl.int64) * stride_ks + offs_d
+    dk, dv = _dkdv_group(
+        k,
+        v,
+        key_ok,
+        key_clean,
+        k_nonfinite,
+        offs_n,
+        offs_d,
+        Q,
+        DOut,
+        DQAccum,
+        Lse,
+        Delta,
+        KeyMask,
+        KeySpans,
+        k_rows,
+        num_spans,
+        batch,
+        kv_head,
+        q_start,
+        q_len,
+        key_first,
+        key_last,
+        k_len,
+        offset,
+        stride_qb,
+        stride_qs,
+        stride_qh,
+        stride_db,
+        stride_ds,
+        stride_dh,
+        stride_dqb,
+        stride_dqs,
+        stride_dqh,
+        stride_ks,
+        stride_lb,
+        stride_lh,
+        window_left,
+        window_right,
+        qk_scale,
+        softcap_scale,
+        GROUP,
+        MASK_QUERIES,
+        FUSED_DQ,
+        WINDOW_LEFT,
+        WINDOW_RIGHT,
+        SOFTCAP,
+        HEAD_DIM,
+        BLOCK_M,
+        BLOCK_D,
+        BLOCK_N,
+        UPCAST,
+        PRECISION,
+        False,
+    )
+    DK += batch.to(tl.int64) * stride_dkb + kv_head * stride_dkh
+    DV += batch.to(tl.int64) * stride_dvb + kv_head * stride_dvh
+    if WINDOW_LEFT or WINDOW_RIGHT:
+        # A non-finite q of a row that does not see some of these keys (a window edge) reaches their dK as
+        # 0 * NaN and stays non-finite to the end. Rare: then redo dK and dV exactly (dQ is already right).
+        if any_nonfinite(dk):
+            dk, dv = _dkdv_group(
+                k,
+                v,
+                key_ok,
+                key_clean,
+                k_nonfinite,
+                offs_n,
+                offs_d,
+                Q,
+                DOut,
+                DQAccum,
+                Lse,
+                Delta,
+                KeyMask,
+                KeySpans,
+                k_rows,
+                num_spans,
+                batch,
+                kv_head,
+                q_start,
+                q_len,
+                key_first,
+                key_last,
+                k_len,
+                offset,
+                stride_qb,
+                stride_qs,
+                stride_qh,
+                stride_db,
+                stride_ds,
+                stride_dh,
+                stride_dqb,
+                stride_dqs,
+                stride_dqh,
+                stride_ks,
+                stride_lb,
+                stride_lh,
+                window_left,
+                window_right,
+                qk_scale,
+                softcap_scale,
+                GROUP,
+                MASK_QUERIES,
+                False,
+                WINDOW_LEFT,
+                WINDOW_RIGHT,
+                SOFTCAP,
+                HEAD_DIM,
+                BLOCK_M,
+                BLOCK_D,
+                BLOCK_N,
+                UPCAST,
+                PRECISION,
+                True,
+            )
+            _store_rows(DK, kv_tokens, stride_dks, dk * sm_scale, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+            _store_rows(DV, kv_tokens, stride_dvs, dv, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+        else:
+            _store_rows(DK, kv_tokens, stride_dks, dk * sm_scale, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+            _store_rows(DV, kv_tokens, stride_dvs, dv, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+    else:
+        _store_rows(DK, kv_tokens, stride_dks, dk * sm_scale, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+        _store_rows(DV, kv_tokens, stride_dvs, dv, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+
+
+@triton.autotune(key=_BWD_KEY, reset_to_zero=["DQAccum"], **autotuned(BWD_TILES))
+@triton.jit
+def attention_bwd_kernel(
+    Q,
+    K,
+    V,
+    DOut,
+    DK,
+    DV,
+    DQAccum,
+    Lse,
+    Delta,
+    KeyMask,
+    KeySpans,
+    NumSpans,
+    CuSeqlensQ,
+    CuSeqlensK,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_db,
+    stride_ds,
+    stride_dh,
+    stride_dkb,
+    stride_dks,
+    stride_dkh,
+    stride_dvb,
+    stride_dvs,
+    stride_dvh,
+    stride_dqb,
+    stride_dqs,
+    stride_dqh,
+    stride_lb,
+    stride_lh,
+    stride_mb,
+    stride_sb,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
+    qk_scale,
+    softcap_scale,
+    sm_scale,
+    SEQLEN_BUCKET,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_QUERIES: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The default backward: dK, dV stored, dQ (unscaled, fp32) added to the zeroed DQAccum; 5 GEMMs per pair."""
+    _dkdv_program(
+        Q,
+        K,
+        V,
+        DOut,
+        DK,
+        DV,
+        DQAccum,
+        Lse,
+        Delta,
+        KeyMask,
+        KeySpans,
+        NumSpans,
+        CuSeqlensQ,
+        CuSeqlensK,
+        stride_qb,
+        stride_qs,
+        stride_qh,
+        stride_kb,
+        stride_ks,
+        stride_kh,
+        stride_vb,
+        stride_vs,
+        stride_vh,
+        stride_db,
+        stride_ds,
+        stride_dh,
+        stride_dkb,
+        stride_dks,
+        stride_dkh,
+        stride_dvb,
+        stride_dvs,
+        stride_dvh,
+        stride_dqb,
+        stride_dqs,
+        stride_dqh,
+        stride_lb,
+        stride_lh,
+        stride_mb,
+        stride_sb,
+        seqlen_q,
+        seqlen_k,
+        window_left,
+        window_right,
+        qk_scale,
+        softcap_scale,
+        sm_scale,
+        GROUP,
+        HEAD_DIM,
+        BLOCK_D,
+        IS_VARLEN,
+        HAS_MASK,
+        MASK_QUERIES,
+        True,
+        WINDOW_LEFT,
+        WINDOW_RIGHT,
+        SOFTCAP,
+        UPCAST,
+        PRECISION,
+        BLOCK_M,
+        BLOCK_N,
+    )
 
 
 @triton.autotune(key=_BWD_KEY, **autotuned(DKDV_TILES))
@@ -296,149 +915,69 @@ def attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    batch = tl.program_id(2)
-    q_start, q_len, k_start, k_len = sequence_bounds(CuSeqlensQ, CuSeqlensK, batch, seqlen_q, seqlen_k, IS_VARLEN)
-    key_first = pid_n * BLOCK_N
-    if key_first >= k_len:
-        return
-    offs_n = key_first + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    keys_in = offs_n < k_len
-    key_ok = keys_in
-    KeyMask += batch.to(tl.int64) * stride_mb
-    KeySpans += batch.to(tl.int64) * stride_sb
-    if HAS_MASK:
-        key_ok = keys_in & real_keys(KeyMask, offs_n, keys_in, True)
-    # Queries are walked span by span: the key spans when queries are masked too, else [0, q_len).
-    num_spans = span_count(NumSpans, batch, MASK_QUERIES)
-    if tl.max(key_ok.to(tl.int32), axis=0) == 0:
-        num_spans = 0
-    offset = k_len - q_len
-    key_last = tl.minimum(key_first + BLOCK_N, k_len) - 1
-
-    kv_tokens = (k_start + offs_n).to(tl.int64)[:, None]
-    k = load_tile(
-        K + batch.to(tl.int64) * stride_kb + kv_tokens * stride_ks + kv_head * stride_kh + offs_d[None, :],
-        key_ok,
-        offs_d,
-        True,
-        HEAD_DIM,
-        BLOCK_D,
-    )
-    v = load_tile(
-        V + batch.to(tl.int64) * stride_vb + kv_tokens * stride_vs + kv_head * stride_vh + offs_d[None, :],
-        key_ok,
-        offs_d,
-        True,
-        HEAD_DIM,
-        BLOCK_D,
-    )
-    dk, dv = _dkdv_group(
-        k,
-        v,
-        key_ok,
-        offs_n,
-        offs_d,
+    """The deterministic backward's dK and dV (dQ comes from attention_bwd_dq_kernel)."""
+    _dkdv_program(
         Q,
+        K,
+        V,
         DOut,
+        DK,
+        DV,
+        DK,
         Lse,
         Delta,
         KeyMask,
         KeySpans,
-        num_spans,
-        batch,
-        kv_head,
-        q_start,
-        q_len,
-        key_first,
-        key_last,
-        offset,
+        NumSpans,
+        CuSeqlensQ,
+        CuSeqlensK,
         stride_qb,
         stride_qs,
         stride_qh,
+        stride_kb,
+        stride_ks,
+        stride_kh,
+        stride_vb,
+        stride_vs,
+        stride_vh,
         stride_db,
         stride_ds,
         stride_dh,
+        stride_dkb,
+        stride_dks,
+        stride_dkh,
+        stride_dvb,
+        stride_dvs,
+        stride_dvh,
+        0,
+        0,
+        0,
         stride_lb,
         stride_lh,
+        stride_mb,
+        stride_sb,
+        seqlen_q,
+        seqlen_k,
         window_left,
         window_right,
         qk_scale,
         softcap_scale,
+        sm_scale,
         GROUP,
+        HEAD_DIM,
+        BLOCK_D,
+        IS_VARLEN,
+        HAS_MASK,
         MASK_QUERIES,
+        False,
         WINDOW_LEFT,
         WINDOW_RIGHT,
         SOFTCAP,
-        HEAD_DIM,
-        BLOCK_M,
-        BLOCK_D,
-        BLOCK_N,
         UPCAST,
         PRECISION,
-        False,
+        BLOCK_M,
+        BLOCK_N,
     )
-    DK += batch.to(tl.int64) * stride_dkb + kv_head * stride_dkh
-    DV += batch.to(tl.int64) * stride_dvb + kv_head * stride_dvh
-    if WINDOW_LEFT or WINDOW_RIGHT:
-        # A non-finite q of a row that does not see some of these keys (a window edge) reaches their dK as
-        # 0 * NaN and stays non-finite to the end. Rare: then redo the tile exactly.
-        if any_nonfinite(dk):
-            dk, dv = _dkdv_group(
-                k,
-                v,
-                key_ok,
-                offs_n,
-                offs_d,
-                Q,
-                DOut,
-                Lse,
-                Delta,
-                KeyMask,
-                KeySpans,
-                num_spans,
-                batch,
-                kv_head,
-                q_start,
-                q_len,
-                key_first,
-                key_last,
-                offset,
-                stride_qb,
-                stride_qs,
-                stride_qh,
-                stride_db,
-                stride_ds,
-                stride_dh,
-                stride_lb,
-                stride_lh,
-                window_left,
-                window_right,
-                qk_scale,
-                softcap_scale,
-                GROUP,
-                MASK_QUERIES,
-                WINDOW_LEFT,
-                WINDOW_RIGHT,
-                SOFTCAP,
-                HEAD_DIM,
-                BLOCK_M,
-                BLOCK_D,
-                BLOCK_N,
-                UPCAST,
-                PRECISION,
-                True,
-            )
-            _store_rows(DK, kv_tokens, stride_dks, dk * sm_scale, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
-            _store_rows(DV, kv_tokens, stride_dvs, dv, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
-        else:
-            _store_rows(DK, kv_tokens, stride_dks, dk * sm_scale, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
-            _store_rows(DV, kv_tokens, stride_dvs, dv, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
-    else:
-        _store_rows(DK, kv_tokens, stride_dks, dk * sm_scale, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
-        _store_rows(DV, kv_tokens, stride_dvs, dv, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
 
 
 @triton.jit
@@ -695,6 +1234,12 @@ def _dlse_strides(dlse: torch.Tensor | None, is_varlen: bool) -> tuple[int, int,
     return (0, *dlse.stride()) if is_varlen else dlse.stride()
 
 
+def _finish_dq(dq_sum: torch.Tensor, softmax_scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """The fused kernel's fp32 dQ sum scaled and cast in place of a store: non-finite results as NaN."""
+    dq_sum.mul_(softmax_scale)
+    return dq_sum.masked_fill_(dq_sum.isinf(), float("nan")).to(dtype)
+
+
 def attention_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -706,8 +1251,8 @@ def attention_backward(
     layout,
     options,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch preprocess, dK/dV and dQ on an ``llm2vec_fast`` AttentionLayout and AttentionOptions (as the
-    forward); returns contiguous (dq, dk, dv). Always deterministic (options.deterministic is moot).
+    """Launch the preprocess and the fused kernel (or, options.deterministic, the dK/dV and dQ kernels) on an
+    ``llm2vec_fast`` AttentionLayout and AttentionOptions (as the forward); returns contiguous (dq, dk, dv).
 
     dlse is read with whatever strides it has; q, k, v, out and dout need a unit last stride (the
     all-zero-stride dout of ``out.sum()`` costs one head-dim row, see unit_last_stride) and lse a
@@ -715,11 +1260,10 @@ def attention_backward(
     q, k, v, out, dout = (unit_last_stride(t) for t in (q, k, v, out, dout))
     lse = lse.contiguous()
     shape = launch_shape(q, k, layout, options)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if q.numel() == 0 or k.numel() == 0 or shape.seqlen_q == 0 or shape.seqlen_k == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return torch.zeros_like(q, memory_format=torch.contiguous_format), dk.zero_(), dv.zero_()
     heads_q, heads_kv, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     is_varlen = shape.is_varlen
     delta = torch.empty_like(lse)
@@ -774,26 +1318,35 @@ def attention_backward(
         UPCAST=INTERPRETING,
         PRECISION=dot_precision(q.dtype),
     )
-    attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(shape.seqlen_k, meta["BLOCK_N"]), heads_kv, shape.batch)](
-        q,
-        k,
-        v,
-        dout,
-        dk,
-        dv,
-        lse,
-        delta,
-        *masks,
-        *common_strides,
-        *token_strides(dk, is_varlen),
-        *token_strides(dv, is_varlen),
-        *lse_strides(lse, is_varlen),
-        shape.stride_mask,
-        shape.stride_spans,
-        *common_scalars,
-        seqlen_bucket(shape.seqlen_k),
-        **flags,
+
+    def kv_grid(meta):
+        return triton.cdiv(shape.seqlen_k, meta["BLOCK_N"]), heads_kv, shape.batch
+
+    key_args = (*masks, *common_strides, *token_strides(dk, is_varlen), *token_strides(dv, is_varlen))
+    tail_args = (*lse_strides(lse, is_varlen), shape.stride_mask, shape.stride_spans, *common_scalars)
+    if not options.deterministic:
+        dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        attention_bwd_kernel[kv_grid](
+            q,
+            k,
+            v,
+            dout,
+            dk,
+            dv,
+            dq_sum,
+            lse,
+            delta,
+            *key_args,
+            *token_strides(dq_sum, is_varlen),
+            *tail_args,
+            seqlen_bucket(shape.seqlen_k),
+            **flags,
+        )
+        return _finish_dq(dq_sum, softmax_scale, q.dtype), dk, dv
+    attention_bwd_dkdv_kernel[kv_grid](
+        q, k, v, dout, dk, dv, lse, delta, *key_args, *tail_args, seqlen_bucket(shape.seqlen_k), **flags
     )
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     attention_bwd_dq_kernel[lambda meta: (triton.cdiv(shape.seqlen_q, meta["BLOCK_M"]), heads_q, shape.batch)](
         q,
         k,
