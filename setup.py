@@ -151,6 +151,8 @@ setup(
         # texts) and 6.2; mteb 2.20 and 2.26. [train] brings datasets for SentenceTransformerTrainer.
         "sentence-transformers": ["sentence-transformers[train]>=5.4,<7"],
         "mteb": ["mteb>=2.20,<3"],
+        # The Ray Data recipe (llm2vec_fast/ray_encode.py); tested with 2.60 (.ci/run, last job).
+        "ray": ["ray[data]>=2.60,<3"],
         "test": [
             "pytest",
             "pytest-xdist",
