@@ -241,8 +241,9 @@ def test_hopper_forward_sass(builds):
 def test_ptx_sm90_layer_assembles(tmp_path):
     """Every wrapper of csrc/flash_attn/ptx_sm90.cuh, through the emulator's test pipeline
     (tests/cuda_emulator/sm90_pipeline.cu), assembles for sm_90a into the Hopper instructions
-    meant: wgmma in both forms, TMA loads of 2-4 dimensions, a TMA store and prefetch, mbarrier
-    SYNCS, setmaxnreg with its budgets, named barriers, the proxy fence and elect; no spills."""
+    meant: wgmma in both forms and every N, TMA loads of 2-4 dimensions, a TMA store and
+    prefetch, mbarrier SYNCS, setmaxnreg with its budgets, named barriers, the proxy fence and
+    elect; no spills."""
     nvcc, tool = nvcc_or_skip(), cuobjdump_or_skip()
     source = Path(__file__).resolve().parent / "cuda_emulator" / "sm90_pipeline.cu"
     obj = tmp_path / "sm90_pipeline.o"
@@ -250,7 +251,7 @@ def test_ptx_sm90_layer_assembles(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     reports = parse_ptxas(result.stderr)
-    assert len(reports) == 2, result.stderr  # the fp16 and bf16 instantiations
+    assert len(reports) == 2 + 2 * 6, result.stderr  # the pipeline and each wgmma shape, fp16 and bf16
     for report in reports:
         assert (report.stack_bytes, report.spill_store_bytes, report.spill_load_bytes) == (0, 0, 0), report
     assert "C7508" not in result.stderr, "ptxas ignored setmaxnreg"
@@ -273,6 +274,8 @@ def test_ptx_sm90_layer_assembles(tmp_path):
         "fence.proxy.async": r"FENCE\.VIEW\.ASYNC\.S",
         "elect.sync": r"ELECT",
     }
+    for n in (64, 96, 128, 176, 192, 256):
+        expected[f"wgmma N={n}"] = rf"HGMMA\.64x{n}x16\.F32\.BF16 R\d+, R\d+, gdesc"
     missing = [name for name, pattern in expected.items() if not any(re.match(pattern, i) for i in instructions)]
     assert not missing, f"SASS of sm90_pipeline.cu lacks {missing}"
 

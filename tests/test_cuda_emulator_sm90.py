@@ -37,7 +37,7 @@ def lib(tmp_path_factory) -> ctypes.CDLL:
             pytest.fail("g++ is not on PATH: CI must run the Hopper emulator tests")
         pytest.skip("g++ is not on PATH (CI fails instead of skipping)")
     library = tmp_path_factory.mktemp("cuda_emulator_sm90") / "libsm90.so"
-    command = [compiler, "-std=c++17", "-O2", "-fPIC", "-shared", f"-I{CSRC}", f"-I{EMULATOR}"]
+    command = [compiler, "-std=c++17", "-O2", "-fPIC", "-shared", "-Wno-psabi", f"-I{CSRC}", f"-I{EMULATOR}"]
     command += [str(EMULATOR / "selftest_sm90.cpp"), "-o", str(library)]
     build = subprocess.run(command, capture_output=True, text=True)
     assert build.returncode == 0, f"building the Hopper emulator failed:\n{build.stderr[-4000:]}"
@@ -56,15 +56,16 @@ def pointer(tensor: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(tensor.data_ptr())
 
 
-def run_pipeline(lib, dtype, span: int, bug: int = 0, keys: int = 150, heads: int = 2):
-    """(report, inputs, o, probe): o and probe NaN-poisoned before the run."""
+def run_pipeline(entry, dtype, span: int, bug: int = 0, keys: int = 150, heads: int = 2):
+    """(report, inputs, o, probe) of emu_sm90_pipeline or gpu_sm90_pipeline: o and probe
+    NaN-poisoned before the run."""
     head = int(torch.randint(0, heads, ()))
     q = (torch.randn(ROWS, DIM) * 0.5).to(dtype)
     k = (torch.randn(keys, heads, DIM) * 0.5).to(dtype)
     v = torch.randn(keys, heads, DIM).to(dtype)
     o = torch.full((ROWS, DIM), float("nan"))
     probe = torch.full((256,), float("nan"))
-    report = lib.emu_sm90_pipeline(
+    report = entry(
         ELEM[dtype], bug, span, keys, heads, head, pointer(q), pointer(k), pointer(v), pointer(o), pointer(probe)
     ).decode()
     return report, (q, k[:, head], v[:, head]), o, probe
@@ -81,11 +82,9 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("span", [32, 64, 128])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_pipeline_matches_float64(lib, span, dtype):
+def check_pipeline(entry, span, dtype):
     """150 keys: three tiles, the last 22 keys real and the rest zero-filled by TMA out of bounds."""
-    report, (q, k, v), o, probe = run_pipeline(lib, dtype, span)
+    report, (q, k, v), o, probe = run_pipeline(entry, dtype, span)
     assert report == "", report
     assert not o.isnan().any(), "the TMA store writes every output element"
     expected, scores = reference(q, k, v, dtype)
@@ -97,27 +96,67 @@ def test_pipeline_matches_float64(lib, span, dtype):
     assert relative_error(probe, scores[rows, 2 * (t % 4)]) < 1e-6
 
 
-# Planted bug (sm90_pipeline.cuh's Bug enum) -> the words its report must contain.
+@pytest.mark.parametrize("span", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pipeline_matches_float64(lib, span, dtype):
+    check_pipeline(lib.emu_sm90_pipeline, span, dtype)
+
+
+def build_gpu_runner(directory: Path) -> Path:
+    """tests/cuda_emulator/sm90_pipeline_gpu.cu as a shared library (nvcc, sm_90a)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        if os.environ.get("CI"):
+            pytest.fail("nvcc is not on PATH: CI must build the Hopper pipeline's GPU runner")
+        pytest.skip("nvcc is not on PATH (CI fails instead of skipping)")
+    library = directory / "libsm90_gpu.so"
+    command = [nvcc, "-std=c++17", "-O2", "-shared", "-Xcompiler", "-fPIC", "-gencode", "arch=compute_90a,code=sm_90a"]
+    command += [f"-I{CSRC}", f"-I{EMULATOR}", str(EMULATOR / "sm90_pipeline_gpu.cu"), "-o", str(library)]
+    build = subprocess.run(command, capture_output=True, text=True)
+    assert build.returncode == 0, f"building the GPU runner failed:\n{build.stderr[-4000:]}"
+    return library
+
+
+def test_gpu_runner_builds(tmp_path):
+    """The runner that checks the same pipeline on a GPU compiles here (driver encoder included)."""
+    assert build_gpu_runner(tmp_path).stat().st_size > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("span", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pipeline_on_gpu_matches_float64(tmp_path, span, dtype):
+    """On an sm_90 GPU: the layouts, swizzles and fragments the emulator assumes are the hardware's."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("needs an sm_90 GPU")
+    gpu = ctypes.CDLL(str(build_gpu_runner(tmp_path)))
+    gpu.gpu_sm90_pipeline.restype = ctypes.c_char_p
+    check_pipeline(gpu.gpu_sm90_pipeline, span, dtype)
+
+
+# Planted bug (sm90_pipeline.cuh's Bug enum) -> words its report must contain.
 BUG_REPORTS = {
-    1: "(wrong swizzle)",
-    2: "fence.proxy.async missing",
-    3: "deadlock",  # waiting for the wrong parity hangs; the report names the parity waited for
-    4: "before waiting for the mbarrier phase it completes on",
-    5: "producer reused a stage its consumers had not released",
-    6: "in-flight accumulator read",
-    7: "wgmma.fence missing",
-    8: "does expect_tx match the bytes its TMA loads deliver?",
-    9: "accumulator registers were written while their wgmma was in flight",
-    10: "waiting for registers other warpgroups hold",
+    1: ("wgmma operand", "(wrong swizzle)"),
+    2: ("TMA store", "fence.proxy.async missing"),
+    3: ("deadlock", "wait for parity 1"),  # waiting for the wrong parity hangs
+    4: ("wgmma operand B", "before waiting for the mbarrier phase it completes on"),
+    5: ("TMA load", "producer reused a stage its consumers had not released"),
+    6: ("st.global.f32", "in-flight accumulator read"),
+    7: ("wgmma.fence missing",),
+    8: ("deadlock", "does expect_tx match the bytes its TMA loads deliver?"),
+    9: ("accumulator registers were written while their wgmma was in flight",),
+    10: ("deadlock", "waiting for registers other warpgroups hold"),
+    11: ("st.shared.u32", "writes shared memory an in-flight wgmma reads (before its wgmma_wait)"),
+    12: ("wgmma operand A", "fence.proxy.async missing"),
+    13: ("bar.sync", "threads disagree on named barrier 1's thread count"),
 }
 
 
 @pytest.mark.parametrize("bug", sorted(BUG_REPORTS))
 def test_planted_bug_is_caught(lib, bug):
-    report, *_ = run_pipeline(lib, torch.bfloat16, 128, bug=bug)
-    assert BUG_REPORTS[bug] in report, f"bug {bug}: expected {BUG_REPORTS[bug]!r} in the report, got {report!r}"
-    if bug == 3:
-        assert "wait for parity 1" in report, report
+    report, *_ = run_pipeline(lib.emu_sm90_pipeline, torch.bfloat16, 128, bug=bug)
+    for words in BUG_REPORTS[bug]:
+        assert words in report, f"bug {bug}: expected {words!r} in the report, got {report!r}"
 
 
 def tma_image_reference(src: torch.Tensor, span: int, box: tuple[int, int], stride1: int, c0: int, c1: int):

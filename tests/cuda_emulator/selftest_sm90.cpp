@@ -23,31 +23,6 @@ void register_buffer(const void* data, size_t bytes, const char* name, bool writ
   emu::emulator().buffers.push_back(std::move(b));
 }
 
-// Encodes `spec`, or records why not and returns false.
-bool encode(const l2vf::TmaTensorSpec& spec, l2vf::TmaDescriptor* out) {
-  g_error = l2vf::encode_tma_descriptor(spec, out);
-  return g_error.empty();
-}
-
-l2vf::TmaTensorSpec spec(const void* base, int rank, int elem_bytes, std::initializer_list<uint64_t> dims,
-                         std::initializer_list<uint32_t> box, l2vf::Swizzle swizzle) {
-  l2vf::TmaTensorSpec s;
-  s.base = base;
-  s.rank = rank;
-  s.elem_bytes = elem_bytes;
-  int i = 0;
-  for (uint64_t d : dims) s.dims[i++] = d;
-  i = 0;
-  for (uint32_t b : box) s.box[i++] = b;
-  uint64_t stride = static_cast<uint64_t>(elem_bytes);
-  for (i = 0; i < rank; ++i) {
-    if (i > 0) s.strides[i] = stride;
-    stride *= s.dims[i];
-  }
-  s.swizzle = swizzle;
-  return s;
-}
-
 // A 128-thread kernel: thread 0 loads one box through TMA, every thread waits for the barrier and
 // copies the shared-memory image to `image` 16 bytes at a time.
 struct TmaImageParams {
@@ -88,20 +63,9 @@ const char* emu_sm90_pipeline(int elem, int bug, int span, int keys, int heads, 
   register_buffer(v, static_cast<size_t>(keys) * heads * kDim * 2, "v", false);
   register_buffer(o, kRows * kDim * 4, "o", true);
   register_buffer(probe, 256 * 4, "probe", true);
-  const auto swz = span == 32 ? l2vf::Swizzle::k32B : span == 64 ? l2vf::Swizzle::k64B : l2vf::Swizzle::k128B;
-  const uint32_t cols = static_cast<uint32_t>(span / 2), k64 = static_cast<uint64_t>(keys);
   PipelineParams p{};
-  if (!encode(spec(q, 2, 2, {kDim, kRows}, {cols, kRows}, swz), &p.q) ||
-      !encode(spec(k, 3, 2, {kDim, uint64_t(heads), k64}, {cols, 1, kKeyTile}, swz), &p.k) ||
-      !encode(spec(v, 4, 2, {kDim, uint64_t(heads), k64, 1}, {cols, 1, kKeyTile, 1}, swz), &p.v) ||
-      !encode(spec(o, 2, 4, {kDim, kRows}, {kDim, kRows}, l2vf::Swizzle::kNone), &p.o)) {
-    return g_error.c_str();
-  }
-  p.probe = probe;
-  p.key_tiles = (keys + kKeyTile - 1) / kKeyTile;
-  p.head = head;
-  p.span = span;
-  p.bug = bug;
+  g_error = make_pipeline_params(p, bug, span, keys, heads, head, q, k, v, o, probe);
+  if (!g_error.empty()) return g_error.c_str();
   g_error = emu::run_sm90(dim3(1), kThreads, static_cast<int>(kSmemBytes), [&] {
     if (elem == 0) {
       sm90_pipeline_kernel<l2vf::Fp16>(p);
@@ -118,11 +82,12 @@ const char* emu_sm90_tma_image(int span, int box0, int box1, int elem_stride1, i
                                const uint16_t* src, uint8_t* image) {
   emu::emulator().buffers.clear();
   register_buffer(src, static_cast<size_t>(rows) * cols * 2, "src", false);
-  l2vf::TmaTensorSpec s = spec(src, 2, 2, {uint64_t(cols), uint64_t(rows)}, {uint32_t(box0), uint32_t(box1)},
-                               static_cast<l2vf::Swizzle>(span));
+  l2vf::TmaTensorSpec s = l2vf_test::dense_spec(src, 2, {uint64_t(cols), uint64_t(rows)},
+                                                {uint32_t(box0), uint32_t(box1)}, static_cast<l2vf::Swizzle>(span));
   s.elem_strides[1] = static_cast<uint32_t>(elem_stride1);
   TmaImageParams p{};
-  if (!encode(s, &p.map)) return g_error.c_str();
+  g_error = l2vf::encode_tma_descriptor(s, &p.map);
+  if (!g_error.empty()) return g_error.c_str();
   p.c0 = c0;
   p.c1 = c1;
   p.bytes = l2vf::tma_box_bytes(s);

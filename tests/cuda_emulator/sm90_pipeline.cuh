@@ -12,6 +12,8 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
+#include <string>
 
 namespace l2vf_test {
 
@@ -34,6 +36,9 @@ enum Bug : int {
   kWrongExpectTx,        // expect_tx announces more bytes than the loads deliver
   kAccumulatorWrite,     // S is written while its wgmma is in flight
   kRegisterOverflow,     // consumers ask for more registers than the file holds
+  kSmemWriteInFlight,    // a consumer overwrites its K stage while the S wgmma reading it is in flight
+  kUnfencedOperand,      // ordinary stores into Q reach the S wgmma without fence.proxy.async
+  kNamedBarrierCount,    // the consumers disagree on the epilogue barrier's thread count
 };
 
 struct PipelineParams {
@@ -82,7 +87,8 @@ __device__ void produce(const PipelineParams& p, uint32_t s) {
   for (int b = 0; b < blocks; ++b) l2vf::tma_load_2d(s + kQ + b * kRows * p.span, p.q, q_full, b * cols, 0);
   for (int t = 0; t < p.key_tiles; ++t) {
     const int stage = t % kStages;
-    if (t >= kStages && p.bug != kNoEmptyWait) l2vf::mbarrier_wait(empty + 8 * stage, (t / kStages - 1) & 1);
+    // The first round waits for parity 1, which a fresh barrier has passed already.
+    if (p.bug != kNoEmptyWait) l2vf::mbarrier_wait(empty + 8 * stage, ((t / kStages) & 1) ^ 1);
     const uint32_t bar = full + 8 * stage;
     l2vf::mbarrier_arrive_expect_tx(bar, 2 * kTileBytes + (p.bug == kWrongExpectTx ? 16 : 0));
     for (int b = 0; b < blocks; ++b) {
@@ -101,6 +107,12 @@ __device__ void consume(const PipelineParams& p, uint32_t s, int consumer) {
   float o[kDim / 2];
   for (float& x : o) x = 0.f;
   l2vf::mbarrier_wait(q_full, 0);
+  // Each thread rewrites one word of its warpgroup's Q rows (same value) with an ordinary store, so
+  // that the S wgmma reads generic-proxy writes: fence.proxy.async, then the warpgroup's barrier.
+  const uint32_t q_word = s + kQ + (64 * consumer + t_wg / 2) * p.span + 8 * (t_wg % 2);
+  l2vf::st_shared_u32(q_word, __float_as_uint(l2vf::ld_shared_f32x2(q_word).x));
+  if (p.bug != kUnfencedOperand) l2vf::fence_proxy_async();
+  l2vf::named_barrier_sync(3 + consumer, 128);
   for (int t = 0; t < p.key_tiles; ++t) {
     const int stage = t % kStages;
     const uint32_t parity = (t / kStages) & 1;
@@ -116,6 +128,7 @@ __device__ void consume(const PipelineParams& p, uint32_t s, int consumer) {
     l2vf::wgmma_commit();
     if (p.bug == kEarlyAccumulatorRead && t == 0) l2vf::st_global_f32(p.probe + 128 * consumer + t_wg, acc[0]);
     if (p.bug == kAccumulatorWrite) acc[1] = 0.f;
+    if (p.bug == kSmemWriteInFlight) l2vf::st_shared_u32(k_tile + 4 * t_wg, 0u);
     l2vf::wgmma_wait<0>();
     l2vf::wgmma_fence_operands(acc);
     if (p.bug != kEarlyAccumulatorRead && t == 0) l2vf::st_global_f32(p.probe + 128 * consumer + t_wg, acc[0]);
@@ -141,7 +154,7 @@ __device__ void consume(const PipelineParams& p, uint32_t s, int consumer) {
     }
   }
   if (p.bug != kNoProxyFence) l2vf::fence_proxy_async();
-  l2vf::named_barrier_sync(1, 256);
+  l2vf::named_barrier_sync(1, p.bug == kNamedBarrierCount && consumer == 1 ? 128 : 256);
   if (t_wg == 0 && consumer == 0) {
     l2vf::tma_store_2d(p.o, s + kO, 0, 0);
     l2vf::tma_store_commit();
@@ -175,6 +188,49 @@ __global__ void __launch_bounds__(kThreads, 1) sm90_pipeline_kernel(const __grid
     }
     consume<Elem>(p, s, warpgroup - 1);
   }
+}
+
+// A dense row-major tensor's tiled view: dims innermost first, byte strides from them.
+inline l2vf::TmaTensorSpec dense_spec(const void* base, int elem_bytes, std::initializer_list<uint64_t> dims,
+                                      std::initializer_list<uint32_t> box, Swizzle swizzle) {
+  l2vf::TmaTensorSpec s;
+  s.base = base;
+  s.rank = static_cast<int>(dims.size());
+  s.elem_bytes = elem_bytes;
+  int i = 0;
+  for (uint64_t d : dims) s.dims[i++] = d;
+  i = 0;
+  for (uint32_t b : box) s.box[i++] = b;
+  uint64_t stride = static_cast<uint64_t>(elem_bytes);
+  for (i = 0; i < s.rank; ++i) {
+    if (i > 0) s.strides[i] = stride;
+    stride *= s.dims[i];
+  }
+  s.swizzle = swizzle;
+  return s;
+}
+
+// The pipeline's parameters for q (128, 64), k and v (keys, heads, 64) of 16-bit elements, o
+// (128, 64) floats (device addresses on a GPU): the tensor maps encoded, "" or why not.
+inline std::string make_pipeline_params(PipelineParams& p, int bug, int span, int keys, int heads, int head,
+                                        const void* q, const void* k, const void* v, float* o, float* probe) {
+  const Swizzle swz = span == 32 ? Swizzle::k32B : span == 64 ? Swizzle::k64B : Swizzle::k128B;
+  const uint32_t cols = static_cast<uint32_t>(span / 2);
+  const uint64_t h = static_cast<uint64_t>(heads), n = static_cast<uint64_t>(keys);
+  std::string error = l2vf::encode_tma_descriptor(dense_spec(q, 2, {kDim, kRows}, {cols, kRows}, swz), &p.q);
+  if (error.empty()) error = l2vf::encode_tma_descriptor(dense_spec(k, 2, {kDim, h, n}, {cols, 1, kKeyTile}, swz), &p.k);
+  if (error.empty()) {
+    error = l2vf::encode_tma_descriptor(dense_spec(v, 2, {kDim, h, n, 1}, {cols, 1, kKeyTile, 1}, swz), &p.v);
+  }
+  if (error.empty()) {
+    error = l2vf::encode_tma_descriptor(dense_spec(o, 4, {kDim, kRows}, {kDim, kRows}, Swizzle::kNone), &p.o);
+  }
+  p.probe = probe;
+  p.key_tiles = (keys + kKeyTile - 1) / kKeyTile;
+  p.head = head;
+  p.span = span;
+  p.bug = bug;
+  return error;
 }
 
 }  // namespace l2vf_test
