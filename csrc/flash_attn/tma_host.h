@@ -33,12 +33,12 @@ constexpr int kTmaMaxRank = 5;
 // A tiled view of a global tensor. Dimension 0 is the innermost (contiguous) one; coordinates in
 // the device instructions are given in this order too.
 struct TmaTensorSpec {
-  const void* base = nullptr;           // 16-byte aligned
-  int rank = 0;                         // 1..5
-  int elem_bytes = 2;                   // 1, 2, 4 or 8
-  uint64_t dims[kTmaMaxRank] = {};      // elements per dimension, 1..2^32
-  uint64_t strides[kTmaMaxRank] = {};   // bytes between consecutive indices of dim i (i >= 1); [0] unused
-  uint32_t box[kTmaMaxRank] = {};       // box extent per dimension in elements, 1..256
+  const void* base = nullptr;          // 16-byte aligned
+  int rank = 0;                        // 1..5
+  int elem_bytes = 2;                  // 1, 2, 4 or 8
+  uint64_t dims[kTmaMaxRank] = {};     // elements per dimension, 1..2^32
+  uint64_t strides[kTmaMaxRank] = {};  // bytes between consecutive indices of dim i (i >= 1); [0] unused
+  uint32_t box[kTmaMaxRank] = {};      // box extent per dimension in elements, 1..256
   uint32_t elem_strides[kTmaMaxRank] = {1, 1, 1, 1, 1};  // traversal step per dimension, 1..8; [0] ignored
   Swizzle swizzle = Swizzle::kNone;
 };
@@ -68,13 +68,15 @@ inline std::string check_tma_spec(const TmaTensorSpec& spec) {
     const std::string dim = " of dimension " + std::to_string(i);
     if (spec.dims[i] == 0 || spec.dims[i] > (uint64_t{1} << 32)) return "TMA size" + dim + " must be 1..2^32";
     if (spec.box[i] == 0 || spec.box[i] > 256) return "TMA box extent" + dim + " must be 1..256";
-    if (i > 0 && (spec.elem_strides[i] == 0 || spec.elem_strides[i] > 8)) return "TMA element stride" + dim + " must be 1..8";
+    if (i > 0 && (spec.elem_strides[i] == 0 || spec.elem_strides[i] > 8))
+      return "TMA element stride" + dim + " must be 1..8";
     if (i > 0 && (spec.strides[i] % 16 != 0 || spec.strides[i] >= (uint64_t{1} << 40))) {
       return "TMA byte stride" + dim + " must be a multiple of 16 below 2^40";
     }
   }
   const uint32_t inner_bytes = spec.box[0] * static_cast<uint32_t>(spec.elem_bytes);
-  if (inner_bytes % 16 != 0) return "TMA box inner extent must be a multiple of 16 bytes, got " + std::to_string(inner_bytes);
+  if (inner_bytes % 16 != 0)
+    return "TMA box inner extent must be a multiple of 16 bytes, got " + std::to_string(inner_bytes);
   const uint32_t span = static_cast<uint32_t>(spec.swizzle);
   if (span != 0 && inner_bytes > span) {
     return "TMA box inner extent (" + std::to_string(inner_bytes) + " bytes) exceeds the " + std::to_string(span) +
@@ -88,8 +90,8 @@ inline std::string check_tma_spec(const TmaTensorSpec& spec) {
 }  // namespace l2vf
 
 #include <cuda.h>
-#include <cuda_runtime_api.h>
 #include <cudaTypedefs.h>
+#include <cuda_runtime_api.h>
 
 namespace l2vf {
 
@@ -151,10 +153,10 @@ inline std::string encode_tma_descriptor(const TmaTensorSpec& spec, TmaDescripto
     elem_strides[i] = i == 0 ? 1 : spec.elem_strides[i];
     if (i > 0) strides[i - 1] = spec.strides[i];
   }
-  const CUresult result = encode(reinterpret_cast<CUtensorMap*>(out), cu_elem_type(spec.elem_bytes),
-                                 static_cast<cuuint32_t>(spec.rank), const_cast<void*>(spec.base), dims, strides, box,
-                                 elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, cu_swizzle(spec.swizzle),
-                                 CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult result =
+      encode(reinterpret_cast<CUtensorMap*>(out), cu_elem_type(spec.elem_bytes), static_cast<cuuint32_t>(spec.rank),
+             const_cast<void*>(spec.base), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+             cu_swizzle(spec.swizzle), CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (result != CUDA_SUCCESS) return "cuTensorMapEncodeTiled failed with CUresult " + std::to_string(result);
   return "";
 }

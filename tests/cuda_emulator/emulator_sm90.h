@@ -73,21 +73,36 @@ struct PackedTma {
   uint16_t box[l2vf::kTmaMaxRank];
   uint8_t elem_strides[l2vf::kTmaMaxRank];
   uint8_t rank, elem_bytes, swizzle;
+
+  l2vf::TmaTensorSpec spec() const {
+    l2vf::TmaTensorSpec s;
+    s.base = base;
+    s.rank = rank;
+    s.elem_bytes = elem_bytes;
+    for (int i = 0; i < rank; ++i) {
+      s.dims[i] = dims[i];
+      s.strides[i] = strides[i];
+      s.box[i] = box[i];
+      s.elem_strides[i] = elem_strides[i];
+    }
+    s.swizzle = static_cast<l2vf::Swizzle>(swizzle);
+    return s;
+  }
 };
 static_assert(sizeof(PackedTma) <= sizeof(l2vf::TmaDescriptor), "the emulated tensor map must fit a CUtensorMap");
 
 struct SyncWord {
-  int32_t writer = -1;            // clock component of the last write
+  int32_t writer = -1;  // clock component of the last write
   uint32_t w_clock = 0;
-  int16_t unfenced_writer = -1;   // thread whose ordinary store is not yet fenced for the async proxy
-  int16_t wgmma_readers = 0;      // in-flight wgmma groups reading the word
-  int16_t store_readers = 0;      // in-flight TMA stores reading it
-  int16_t tma_swizzle = -1;       // swizzle span of the TMA load that wrote it, -1 if none
+  int16_t unfenced_writer = -1;                     // thread whose ordinary store is not yet fenced for the async proxy
+  int16_t wgmma_readers = 0;                        // in-flight wgmma groups reading the word
+  int16_t store_readers = 0;                        // in-flight TMA stores reading it
+  int16_t tma_swizzle = -1;                         // swizzle span of the TMA load that wrote it, -1 if none
   std::vector<std::pair<int32_t, uint32_t>> reads;  // (component, clock) since the last write
 };
 
 struct MBarrier {
-  int index = 0;                  // its TMA unit is clock component tma_unit(index)
+  int index = 0;  // its TMA unit is clock component tma_unit(index)
   uint32_t expected = 0, pending = 0, phase = 0;
   int64_t tx = 0;
   int init_thread = 0;
@@ -238,7 +253,8 @@ struct Sm90 : Extension {
           e.fail(std::string(what) + ": overwrites a stage that " + who(reader) +
                  " read and did not release to the producer (wait on the stage's empty mbarrier first)" + at);
         }
-        e.fail(std::string(what) + ": write after an unsynchronised read by " + who(reader) + " (shared memory race)" + at);
+        e.fail(std::string(what) + ": write after an unsynchronised read by " + who(reader) + " (shared memory race)" +
+               at);
       }
       w.reads.clear();
       w.writer = record;
@@ -257,8 +273,10 @@ struct Sm90 : Extension {
   void check_not_in_flight(uint32_t word, const char* what) {
     const SyncWord& w = words[word];
     const std::string at = " at shared byte " + std::to_string(word * 4);
-    if (w.wgmma_readers > 0) e.fail(std::string(what) + ": writes shared memory an in-flight wgmma reads (before its wgmma_wait)" + at);
-    if (w.store_readers > 0) e.fail(std::string(what) + ": writes shared memory a TMA store still reads (before tma_store_wait)" + at);
+    if (w.wgmma_readers > 0)
+      e.fail(std::string(what) + ": writes shared memory an in-flight wgmma reads (before its wgmma_wait)" + at);
+    if (w.store_readers > 0)
+      e.fail(std::string(what) + ": writes shared memory a TMA store still reads (before tma_store_wait)" + at);
   }
 
   void on_access(uint32_t word, bool write, const char* what) override {
@@ -291,7 +309,8 @@ struct Sm90 : Extension {
       uint32_t f;
       std::memcpy(&f, static_cast<const uint8_t*>(src) + i, 4);
       if (marker(f)) {
-        e.fail(std::string(what) + ": stores a value read from wgmma accumulator registers before wgmma_wait "
+        e.fail(std::string(what) +
+               ": stores a value read from wgmma accumulator registers before wgmma_wait "
                "retired their group (in-flight accumulator read)");
       }
     }
@@ -300,7 +319,8 @@ struct Sm90 : Extension {
   void on_exit() override {
     Sm90Thread& s = ts[e.tid()];
     if (!s.accumulators.empty()) e.fail("thread exited with wgmma accumulators in flight (wgmma_wait missing)");
-    if (!s.store_open.empty() || !s.store_groups.empty()) e.fail("thread exited with TMA stores not waited for (tma_store_wait missing)");
+    if (!s.store_open.empty() || !s.store_groups.empty())
+      e.fail("thread exited with TMA stores not waited for (tma_store_wait missing)");
   }
 
   std::string deadlock_detail() override {
@@ -308,9 +328,10 @@ struct Sm90 : Extension {
     for (const auto& [addr, b] : mbarriers) {
       if (b.waiting.empty()) continue;
       out += "; mbarrier at shared byte " + std::to_string(addr) + ": " + std::to_string(b.waiting.size()) +
-             " threads wait for parity " + std::to_string(b.waiting_parity) + ", its phase " + std::to_string(b.phase) +
-             " still needs " + std::to_string(b.pending) + " arrivals and " + std::to_string(b.tx) +
-             " transaction bytes" + (b.tx != 0 ? " (does expect_tx match the bytes its TMA loads deliver?)" : "");
+             " thread(s) wait for parity " + std::to_string(b.waiting_parity) + ", its phase " +
+             std::to_string(b.phase) + " still needs " + std::to_string(b.pending) + " arrivals and " +
+             std::to_string(b.tx) + " transaction bytes" +
+             (b.tx != 0 ? " (does expect_tx match the bytes its TMA loads deliver?)" : "");
     }
     for (int id = 0; id < 16; ++id) {
       if (named[id].waiters > 0) {
@@ -333,7 +354,8 @@ struct Sm90 : Extension {
     if (it == mbarriers.end()) e.fail(std::string(what) + ": no mbarrier_init at shared byte " + std::to_string(bar));
     MBarrier& b = it->second;
     if (e.tid() != b.init_thread && clock()[b.init_thread] < b.init_clock) {
-      e.fail(std::string(what) + ": uses an mbarrier before its initialisation was made visible "
+      e.fail(std::string(what) +
+             ": uses an mbarrier before its initialisation was made visible "
              "(mbarrier_init_fence and a barrier after mbarrier_init)");
     }
     return b;
@@ -404,9 +426,11 @@ struct Sm90 : Extension {
   // ---- named barriers ----
   void named_barrier(uint32_t id, uint32_t count, bool wait) {
     const char* what = wait ? "bar.sync" : "bar.arrive";
-    if (id == 0 || id > 15) e.fail(std::string(what) + ": named barrier id " + std::to_string(id) + " (use 1..15; 0 is __syncthreads)");
+    if (id == 0 || id > 15)
+      e.fail(std::string(what) + ": named barrier id " + std::to_string(id) + " (use 1..15; 0 is __syncthreads)");
     if (count == 0 || count % 32 != 0 || static_cast<int>(count) > threads) {
-      e.fail(std::string(what) + ": thread count " + std::to_string(count) + " must be a positive multiple of 32 up to the block size");
+      e.fail(std::string(what) + ": thread count " + std::to_string(count) +
+             " must be a positive multiple of 32 up to the block size");
     }
     NamedBarrier& b = named[id];
     if (b.arrived == 0) {
@@ -533,7 +557,8 @@ struct Sm90 : Extension {
   }
 
   // Reads a rows x 16 operand through `desc` into out[row][k] as floats, checking every word.
-  void read_operand(int g, uint64_t desc, int rows, bool mn_major, int elem, std::vector<float>& out, const char* name) {
+  void read_operand(int g, uint64_t desc, int rows, bool mn_major, int elem, std::vector<float>& out,
+                    const char* name) {
     const uint32_t start = static_cast<uint32_t>(desc & 0x3fff) << 4;
     const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3fff) << 4;
     const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3fff) << 4;
@@ -555,7 +580,8 @@ struct Sm90 : Extension {
         const uint32_t addr = swizzle(start + operand_offset(mn, k, mn_major, span, lbo, sbo), span);
         e.check_smem(addr, 2, 2, what.c_str());
         const uint32_t word = addr / 4;
-        if (!e.shadow[word].written) e.fail(what + ": reads never-written shared memory at byte " + std::to_string(addr));
+        if (!e.shadow[word].written)
+          e.fail(what + ": reads never-written shared memory at byte " + std::to_string(addr));
         if (e.shadow[word].pending > 0) e.fail(what + ": reads shared memory with a cp.async in flight");
         SyncWord& sw = words[word];
         if (sw.unfenced_writer >= 0) {
@@ -587,8 +613,9 @@ struct Sm90 : Extension {
         e.fail("wgmma.mma_async: the threads of the warpgroup disagree on the instruction or its descriptors");
       }
       if (ts[base + i].fence_needed) {
-        e.fail("wgmma.mma_async: no wgmma_fence since the warpgroup's registers were last accessed "
-               "(wgmma.fence missing before the first wgmma of a batch)");
+        e.fail(
+            "wgmma.mma_async: no wgmma_fence since the warpgroup's registers were last accessed "
+            "(wgmma.fence missing before the first wgmma of a batch)");
       }
     }
     wgmma_seen = true;
@@ -605,8 +632,9 @@ struct Sm90 : Extension {
           for (int half = 0; half < 2; ++half) {
             const uint16_t bits = static_cast<uint16_t>(r[j] >> (16 * half));
             if (a0.elem == 1 && marker16(bits)) {
-              e.fail("wgmma.mma_async: its A fragment holds a value read from accumulators before wgmma_wait "
-                     "(in-flight accumulator read)");
+              e.fail(
+                  "wgmma.mma_async: its A fragment holds a value read from accumulators before wgmma_wait "
+                  "(in-flight accumulator read)");
             }
             A[rr * 16 + kk + half] = elem_to_float(bits, a0.elem);
           }
@@ -670,7 +698,8 @@ struct Sm90 : Extension {
   void wait(int g, int pending) {
     Warpgroup& w = wg[g];
     for (int i = 1; i < 128; ++i) {
-      if (w.args[i]->count != pending) e.fail("wgmma.wait_group: the threads of the warpgroup wait for different counts");
+      if (w.args[i]->count != pending)
+        e.fail("wgmma.wait_group: the threads of the warpgroup wait for different counts");
     }
     while (static_cast<int>(w.groups.size()) > pending) {
       const uint32_t seq = w.committed - static_cast<uint32_t>(w.groups.size()) + 1;
@@ -718,7 +747,8 @@ struct Sm90 : Extension {
   // ---- TMA ----
   const PackedTma& tensor_map(const l2vf::TmaDescriptor& map, int rank, const char* what) {
     const auto& packed = *reinterpret_cast<const PackedTma*>(&map);
-    if (packed.magic != kTmaMagic) e.fail(std::string(what) + ": the tensor map was never encoded (encode_tma_descriptor)");
+    if (packed.magic != kTmaMagic)
+      e.fail(std::string(what) + ": the tensor map was never encoded (encode_tma_descriptor)");
     if (packed.rank != rank) {
       e.fail(std::string(what) + ": a rank-" + std::to_string(packed.rank) + " tensor map used with " +
              std::to_string(rank) + " coordinates");
@@ -736,18 +766,17 @@ struct Sm90 : Extension {
   // element of the box at `coords`, in shared-memory order.
   template <class Visit>
   void for_box(const PackedTma& m, uint32_t smem, const int* coords, Visit&& visit) {
+    const l2vf::TmaTensorSpec spec = m.spec();
     uint32_t extent[l2vf::kTmaMaxRank] = {1, 1, 1, 1, 1};
-    for (int i = 0; i < m.rank; ++i) {
-      const uint32_t step = i == 0 ? 1 : m.elem_strides[i];
-      extent[i] = (m.box[i] + step - 1) / step;
-    }
+    for (int i = 0; i < m.rank; ++i) extent[i] = l2vf::tma_box_extent(spec, i);
     uint32_t idx[l2vf::kTmaMaxRank] = {};
     uint32_t linear = 0;
     for (;;) {
       bool inside = true;
       const char* src = static_cast<const char*>(m.base);
       for (int i = 0; i < m.rank; ++i) {
-        const int64_t c = static_cast<int64_t>(coords[i]) + static_cast<int64_t>(idx[i]) * (i == 0 ? 1 : m.elem_strides[i]);
+        const int64_t c =
+            static_cast<int64_t>(coords[i]) + static_cast<int64_t>(idx[i]) * (i == 0 ? 1 : m.elem_strides[i]);
         if (c < 0 || c >= static_cast<int64_t>(m.dims[i])) inside = false;
         src += c * static_cast<int64_t>(i == 0 ? m.elem_bytes : m.strides[i]);
       }
@@ -759,19 +788,14 @@ struct Sm90 : Extension {
     }
   }
 
-  static uint32_t box_bytes(const PackedTma& m) {
-    uint32_t bytes = m.elem_bytes;
-    for (int i = 0; i < m.rank; ++i) bytes *= (m.box[i] + (i == 0 ? 1 : m.elem_strides[i]) - 1) / (i == 0 ? 1 : m.elem_strides[i]);
-    return bytes;
-  }
-
   void tma_load(uint32_t smem, const l2vf::TmaDescriptor& map, uint32_t bar, const int* coords, int rank) {
     const char* what = "cp.async.bulk.tensor (TMA load)";
     const PackedTma& m = tensor_map(map, rank, what);
-    const uint32_t bytes = box_bytes(m);
+    const uint32_t bytes = l2vf::tma_box_bytes(m.spec());
     e.check_smem(smem, bytes, 128, what);
     MBarrier& b = barrier(bar, what);
-    if (!b.fenced) e.fail(std::string(what) + ": completes on an mbarrier whose init was not fenced (mbarrier_init_fence)");
+    if (!b.fenced)
+      e.fail(std::string(what) + ": completes on an mbarrier whose init was not fenced (mbarrier_init_fence)");
     const int unit = tma_unit(b.index);
     join(clocks[unit], clock());
     ++clocks[unit][unit];
@@ -787,9 +811,11 @@ struct Sm90 : Extension {
         const SyncWord& before = words[word];
         const bool this_copy = before.writer == unit && before.w_clock == clocks[unit][unit];
         if (before.writer >= tma_unit(0) && !this_copy && before.reads.empty()) {
-          e.fail(std::string(what) + ": overwrites a stage whose previous TMA contents nobody has read yet (the "
+          e.fail(std::string(what) +
+                 ": overwrites a stage whose previous TMA contents nobody has read yet (the "
                  "producer reused a stage its consumers had not released: wait on the stage's empty mbarrier)"
-                 " at shared byte " + std::to_string(word * 4));
+                 " at shared byte " +
+                 std::to_string(word * 4));
         }
         check_order(word, true, unit, clock(), what);
         words[word].tma_swizzle = m.swizzle;
@@ -806,13 +832,15 @@ struct Sm90 : Extension {
   void tma_store(const l2vf::TmaDescriptor& map, uint32_t smem, const int* coords, int rank) {
     const char* what = "cp.async.bulk.tensor (TMA store)";
     const PackedTma& m = tensor_map(map, rank, what);
-    e.check_smem(smem, box_bytes(m), 128, what);
+    e.check_smem(smem, l2vf::tma_box_bytes(m.spec()), 128, what);
     Sm90Thread& s = ts[e.tid()];
     for_box(m, smem, coords, [&](uint32_t addr, const char* dst) {
       for (uint32_t word = addr / 4; word < (addr + m.elem_bytes + 3) / 4; ++word) {
-        if (!e.shadow[word].written) e.fail(std::string(what) + ": reads never-written shared memory at byte " + std::to_string(addr));
+        if (!e.shadow[word].written)
+          e.fail(std::string(what) + ": reads never-written shared memory at byte " + std::to_string(addr));
         if (words[word].unfenced_writer >= 0) {
-          e.fail(std::string(what) + ": reads shared memory that thread " + std::to_string(words[word].unfenced_writer) +
+          e.fail(std::string(what) + ": reads shared memory that thread " +
+                 std::to_string(words[word].unfenced_writer) +
                  " wrote with ordinary stores without fence_proxy_async (fence.proxy.async missing)");
         }
         check_order(word, false, e.tid(), clock(), what);
@@ -825,7 +853,8 @@ struct Sm90 : Extension {
       if (!buffer.writable) e.fail(std::string(what) + ": store into read-only buffer " + buffer.name);
       const size_t offset = static_cast<size_t>(dst - buffer.base);
       for (size_t w = offset / 4; w < (offset + m.elem_bytes + 3) / 4; ++w) {
-        if (buffer.stored[w] && m.elem_bytes >= 4) e.fail(std::string(what) + ": second store to one word of " + buffer.name);
+        if (buffer.stored[w] && m.elem_bytes >= 4)
+          e.fail(std::string(what) + ": second store to one word of " + buffer.name);
         buffer.stored[w] = 1;
       }
       std::memcpy(const_cast<char*>(dst), e.smem.data() + addr, m.elem_bytes);

@@ -2,11 +2,10 @@
 // correct (its output compared with a float64 reference by tests/test_cuda_emulator_sm90.py) and
 // with each planted bug, which the emulator must report; and a bare TMA load whose shared-memory
 // image (swizzle, element strides, out-of-bounds fill) the test compares byte for byte.
-#include "emulator.h"  // first: replaces csrc/flash_attn/ptx.cuh
-#include "emulator_sm90.h"
-
 #include <string>
 
+#include "emulator.h"  // first: replaces csrc/flash_attn/ptx.cuh
+#include "emulator_sm90.h"
 #include "sm90_pipeline.cuh"
 
 namespace {
@@ -45,7 +44,8 @@ void tma_image_kernel(const TmaImageParams& p) {
     l2vf::tma_load_2d(s, p.map, bar, p.c0, p.c1);
   }
   l2vf::mbarrier_wait(bar, 0);
-  for (uint32_t off = 16 * t; off < p.bytes; off += 16 * 128) l2vf::st_global_16(p.image + off, l2vf::ld_shared_16(s + off));
+  for (uint32_t off = 16 * t; off < p.bytes; off += 16 * 128)
+    l2vf::st_global_16(p.image + off, l2vf::ld_shared_16(s + off));
 }
 
 }  // namespace

@@ -24,7 +24,7 @@ __global__ void __launch_bounds__(128, 1) wgmma_shape_kernel(uint64_t desc_a, ui
   for (int i = 0; i < N / 2; ++i) out[threadIdx.x * (N / 2) + i] = d[i];
 }
 
-#define L2VF_SHAPES(N)                                                                          \
+#define L2VF_SHAPES(N)                                                                    \
   template __global__ void wgmma_shape_kernel<l2vf::Fp16, N>(uint64_t, uint64_t, float*); \
   template __global__ void wgmma_shape_kernel<l2vf::Bf16, N>(uint64_t, uint64_t, float*);
 L2VF_SHAPES(64)

@@ -26,19 +26,19 @@ constexpr int kRows = 128, kDim = 64, kKeyTile = 64, kStages = 2, kThreads = 384
 // Planted bugs: each makes the pipeline wrong in one classic way (kNone is correct).
 enum Bug : int {
   kNone = 0,
-  kWrongSwizzle,         // the wgmma descriptors name another swizzle than the TMA loads
-  kNoProxyFence,         // the epilogue's ordinary stores reach the TMA store without fence.proxy.async
-  kWrongParity,          // consumers wait for the other parity of the full barrier
-  kNoFullWait,           // consumers read a stage (after the first) without waiting for its barrier
-  kNoEmptyWait,          // the producer reloads a stage without waiting for the consumers' release
-  kEarlyAccumulatorRead, // S is read (stored) before wgmma_wait retired it
-  kNoWgmmaFence,         // no wgmma_fence before the P·V wgmmas
-  kWrongExpectTx,        // expect_tx announces more bytes than the loads deliver
-  kAccumulatorWrite,     // S is written while its wgmma is in flight
-  kRegisterOverflow,     // consumers ask for more registers than the file holds
-  kSmemWriteInFlight,    // a consumer overwrites its K stage while the S wgmma reading it is in flight
-  kUnfencedOperand,      // ordinary stores into Q reach the S wgmma without fence.proxy.async
-  kNamedBarrierCount,    // the consumers disagree on the epilogue barrier's thread count
+  kWrongSwizzle,          // the wgmma descriptors name another swizzle than the TMA loads
+  kNoProxyFence,          // the epilogue's ordinary stores reach the TMA store without fence.proxy.async
+  kWrongParity,           // consumers wait for the other parity of the full barrier
+  kNoFullWait,            // consumers read a stage (after the first) without waiting for its barrier
+  kNoEmptyWait,           // the producer reloads a stage without waiting for the consumers' release
+  kEarlyAccumulatorRead,  // S is read (stored) before wgmma_wait retired it
+  kNoWgmmaFence,          // no wgmma_fence before the P·V wgmmas
+  kWrongExpectTx,         // expect_tx announces more bytes than the loads deliver
+  kAccumulatorWrite,      // S is written while its wgmma is in flight
+  kRegisterOverflow,      // consumers ask for more registers than the file holds
+  kSmemWriteInFlight,     // a consumer overwrites its K stage while the S wgmma reading it is in flight
+  kUnfencedOperand,       // ordinary stores into Q reach the S wgmma without fence.proxy.async
+  kNamedBarrierCount,     // the consumers disagree on the epilogue barrier's thread count
 };
 
 struct PipelineParams {
@@ -56,7 +56,7 @@ struct PipelineParams {
 // Shared memory, from a 1024-byte aligned base.
 constexpr uint32_t kQBytes = kRows * kDim * 2, kTileBytes = kKeyTile * kDim * 2;
 constexpr uint32_t kQ = 0, kK = kQ + kQBytes, kV = kK + kStages * kTileBytes, kO = kV + kStages * kTileBytes;
-constexpr uint32_t kBarriers = kO + kRows * kDim * 4;  // full[2], empty[2], q_full
+constexpr uint32_t kBarriers = kO + kRows * kDim * 4;                      // full[2], empty[2], q_full
 constexpr uint32_t kSmemBytes = kBarriers + 8 * (2 * kStages + 1) + 1024;  // + alignment slack
 
 __device__ __forceinline__ Swizzle swizzle_of(int span) {
@@ -116,14 +116,15 @@ __device__ void consume(const PipelineParams& p, uint32_t s, int consumer) {
   for (int t = 0; t < p.key_tiles; ++t) {
     const int stage = t % kStages;
     const uint32_t parity = (t / kStages) & 1;
-    if (!(p.bug == kNoFullWait && t > 0)) l2vf::mbarrier_wait(full + 8 * stage, p.bug == kWrongParity ? parity ^ 1 : parity);
+    if (!(p.bug == kNoFullWait && t > 0))
+      l2vf::mbarrier_wait(full + 8 * stage, p.bug == kWrongParity ? parity ^ 1 : parity);
     const uint32_t k_tile = s + kK + stage * kTileBytes, v_tile = s + kV + stage * kTileBytes;
     float acc[kKeyTile / 2];
     l2vf::wgmma_fence();
     for (int kk = 0; kk < kDim / 16; ++kk) {
-      l2vf::wgmma_ss<Elem, kKeyTile, Major::kK, Major::kK>(
-          acc, k_major_desc(s + kQ, kRows, 64 * consumer, kk, p.span, swz),
-          k_major_desc(k_tile, kKeyTile, 0, kk, p.span, swz), kk > 0);
+      l2vf::wgmma_ss<Elem, kKeyTile, Major::kK, Major::kK>(acc,
+                                                           k_major_desc(s + kQ, kRows, 64 * consumer, kk, p.span, swz),
+                                                           k_major_desc(k_tile, kKeyTile, 0, kk, p.span, swz), kk > 0);
     }
     l2vf::wgmma_commit();
     if (p.bug == kEarlyAccumulatorRead && t == 0) l2vf::st_global_f32(p.probe + 128 * consumer + t_wg, acc[0]);
@@ -218,7 +219,8 @@ inline std::string make_pipeline_params(PipelineParams& p, int bug, int span, in
   const uint32_t cols = static_cast<uint32_t>(span / 2);
   const uint64_t h = static_cast<uint64_t>(heads), n = static_cast<uint64_t>(keys);
   std::string error = l2vf::encode_tma_descriptor(dense_spec(q, 2, {kDim, kRows}, {cols, kRows}, swz), &p.q);
-  if (error.empty()) error = l2vf::encode_tma_descriptor(dense_spec(k, 2, {kDim, h, n}, {cols, 1, kKeyTile}, swz), &p.k);
+  if (error.empty())
+    error = l2vf::encode_tma_descriptor(dense_spec(k, 2, {kDim, h, n}, {cols, 1, kKeyTile}, swz), &p.k);
   if (error.empty()) {
     error = l2vf::encode_tma_descriptor(dense_spec(v, 2, {kDim, h, n, 1}, {cols, 1, kKeyTile, 1}, swz), &p.v);
   }
