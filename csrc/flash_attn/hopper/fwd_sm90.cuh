@@ -9,8 +9,10 @@
 //   S = Q K^T      wgmma m64 n{kBlockN} k16, both operands from shared memory (K-major),
 //   online softmax on the accumulators in log2 units: p = 2^(s * scale log2 e - m * scale log2 e), one FFMA,
 //   O += P V       wgmma m64 n{kHeadDim} k16, P from registers (accumulator layout = A layout), V MN-major.
-// The two consumers take turns on the tensor cores (pingpong): each issues its GEMM only after the
+// The two consumers take turns on the tensor cores (pingpong): each issues its GEMMs only after the
 // other has issued its own (named barriers), so one warpgroup's softmax overlaps the other's GEMMs.
+// Inside a warpgroup, a turn issues the next tile's S and this tile's P V together, and the softmax
+// of that S runs while P V is in flight (intra-warpgroup overlap).
 // The epilogue is the sm80 kernel's (fwd_kernel.cuh): normalise, lse, the exact slow path for
 // rows a 0 * NaN product may have poisoned, O staged through the warpgroup's own Q rows.
 #pragma once
@@ -220,24 +222,19 @@ __device__ __forceinline__ void consume(const HopperFwdParams& hp, const HopperB
     stats.sum[hf] = 0.f;
   }
 
+  // Turns on the tensor cores alternate between the two consumers; the first takes the first one.
   const int other = 1 - consumer;
-  // The first consumer takes the first turn.
-  if (consumer == 1) named_barrier_arrive(kTurnBarrier0, 256);
+  const auto take_turn = [&] { named_barrier_sync(kTurnBarrier0 + consumer, 256); };
+  const auto pass_turn = [&] { named_barrier_arrive(kTurnBarrier0 + other, 256); };
+  if (consumer == 1) pass_turn();
   mbarrier_wait(sm.q_full, 0);
 
-  int tile = blk.t_first;
-#pragma unroll 1
-  for (int it = 0; tile < blk.t_hi; ++it) {
-    const int s = it % kStages;
-    const uint32_t phase = (it / kStages) & 1;
-    const int n0 = tile * BN;
-    const int next = blk.after(tile);
-    const uint32_t k_stage = sm.stage(sm.k, s), v_stage = sm.stage(sm.v, s);
+  float acc_s[BN / 2];  // S, then P of one key tile; n8 tile nt: acc_s[4 nt .. 4 nt + 3]
+  uint32_t a_p[BN / 16][4];  // P as the A operand of P V, 16 keys per k step
 
-    // S = Q K^T, on our turn.
-    float acc_s[BN / 2];  // n8 tile nt: acc_s[4 nt .. 4 nt + 3]
-    mbarrier_wait(sm.k_full + 8 * s, phase);
-    named_barrier_sync(kTurnBarrier0 + consumer, 256);
+  // S = Q K^T of the tile in stage s (one commit group).
+  const auto issue_s = [&](int s) {
+    const uint32_t k_stage = sm.stage(sm.k, s);
     wgmma_fence_operands(acc_s);
     wgmma_fence();
 #pragma unroll
@@ -246,17 +243,28 @@ __device__ __forceinline__ void consume(const HopperFwdParams& hp, const HopperB
                                                KVTile::k_major(k_stage, 0, kk), kk > 0);
     }
     wgmma_commit();
-    named_barrier_arrive(kTurnBarrier0 + other, 256);
-    wgmma_wait<0>();
-    wgmma_fence_operands(acc_s);
-
-    // Soft cap, then mask keys that are padding, past the sequence or outside the window (interior tiles skip it).
+  };
+  // O += P V of the tile in stage s (one commit group).
+  const auto issue_pv = [&](int s) {
+    const uint32_t v_stage = sm.stage(sm.v, s);
+    wgmma_fence_operands(acc_o);
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) wgmma_fence_operands(a_p[kk]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      wgmma_rs<Elem, D, Major::kMN>(acc_o, a_p[kk], KVTile::mn_major(v_stage, kk), true);
+    }
+    wgmma_commit();
+  };
+  // S of key tile `tile` to P in place: soft cap, mask (keys that are padding, past the sequence or outside
+  // the window; interior tiles skip it), new row max, P = 2^(s * mul - max * mul), row sums; `correction`
+  // gets the factor that rescales what O accumulated under the old max.
+  const auto softmax = [&](int tile, float (&correction)[2]) {
+    const int n0 = tile * BN;
     if (capped) {
 #pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_s[4 * nt + e] = cap_log2 * accurate_tanh(acc_s[4 * nt + e] * cap_mul);
-      }
+      for (int i = 0; i < BN / 2; ++i) acc_s[i] = cap_log2 * accurate_tanh(acc_s[i] * cap_mul);
     }
     TileBits<BN> bits;
     bits.load(blk.key_bits, n0, blk.seq.len_k);
@@ -272,8 +280,6 @@ __device__ __forceinline__ void consume(const HopperFwdParams& hp, const HopperB
         }
       }
     }
-
-    // Online softmax: new row max, rescale what was accumulated, P = 2^(s * mul - max * mul).
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       float mx = stats.max[hf];
@@ -283,7 +289,7 @@ __device__ __forceinline__ void consume(const HopperFwdParams& hp, const HopperB
       mx = fmaxf(mx, warp_shfl_xor(mx, 2));
       // A row that has seen only masked keys keeps max -inf; subtract 0 instead (no -inf - -inf).
       const float m_scaled = (mx == -INFINITY ? 0.f : mx) * exp_mul;
-      const float correction = fast_exp2(stats.max[hf] * exp_mul - m_scaled);  // 0 while the old max is -inf
+      correction[hf] = fast_exp2(stats.max[hf] * exp_mul - m_scaled);  // 0 while the old max is -inf
       stats.max[hf] = mx;
       float sum = 0.f;
 #pragma unroll
@@ -294,36 +300,62 @@ __device__ __forceinline__ void consume(const HopperFwdParams& hp, const HopperB
           sum += acc_s[4 * nt + e];
         }
       }
-      stats.sum[hf] = stats.sum[hf] * correction + sum;
-#pragma unroll
-      for (int dt = 0; dt < kDT; ++dt) {
-        acc_o[4 * dt + 2 * hf] *= correction;
-        acc_o[4 * dt + 2 * hf + 1] *= correction;
-      }
+      stats.sum[hf] = stats.sum[hf] * correction[hf] + sum;
     }
-
-    // O += P V, on our turn; then the stage goes back to the producer.
-    uint32_t a_p[BN / 16][4];
+  };
+  const auto rescale_o = [&](const float (&correction)[2]) {
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[4 * dt + e] *= correction[e / 2];
+    }
+  };
+  const auto p_to_a = [&] {
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) accumulator_cols_to_a<Elem>(a_p[kk], acc_s, kk);
-    mbarrier_wait(sm.v_full + 8 * s, phase);
-    named_barrier_sync(kTurnBarrier0 + consumer, 256);
-    wgmma_fence_operands(acc_o);
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) wgmma_fence_operands(a_p[kk]);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      wgmma_rs<Elem, D, Major::kMN>(acc_o, a_p[kk], KVTile::mn_major(v_stage, kk), true);
-    }
-    wgmma_commit();
-    // The second consumer's very last turn has no taker.
-    if (consumer == 0 || next < blk.t_hi) named_barrier_arrive(kTurnBarrier0 + other, 256);
+  };
+
+  // Intra-warpgroup overlap: each turn issues the next tile's S and this tile's P V, and the softmax of
+  // that S runs while P V is in flight; O is rescaled once P V has retired. Tile i sits in stage i % kStages.
+  float correction[2];
+  int tile = blk.t_first, it = 0;
+  mbarrier_wait(sm.k_full, 0);
+  take_turn();
+  issue_s(0);
+  pass_turn();
+  wgmma_wait<0>();
+  wgmma_fence_operands(acc_s);
+  softmax(tile, correction);  // O is still zero: nothing to rescale
+  p_to_a();
+#pragma unroll 1
+  for (int next = blk.after(tile); next < blk.t_hi; tile = next, next = blk.after(tile)) {
+    const int prev = it % kStages;
+    const uint32_t prev_phase = (it / kStages) & 1;
+    ++it;
+    const int s = it % kStages;
+    mbarrier_wait(sm.k_full + 8 * s, (it / kStages) & 1);
+    mbarrier_wait(sm.v_full + 8 * prev, prev_phase);
+    take_turn();
+    issue_s(s);
+    issue_pv(prev);
+    pass_turn();
+    wgmma_wait<1>();  // S has retired, P V may still run
+    wgmma_fence_operands(acc_s);
+    softmax(next, correction);
     wgmma_wait<0>();
     wgmma_fence_operands(acc_o);
-    mbarrier_arrive(sm.empty + 8 * s);
-    tile = next;
+    mbarrier_arrive(sm.empty + 8 * prev);  // K and V of the previous tile are no longer read
+    rescale_o(correction);
+    p_to_a();
   }
+  const int last = it % kStages;
+  mbarrier_wait(sm.v_full + 8 * last, (it / kStages) & 1);
+  take_turn();
+  issue_pv(last);
+  if (consumer == 0) pass_turn();  // the second consumer's last turn has no taker
+  wgmma_wait<0>();
+  wgmma_fence_operands(acc_o);
+  mbarrier_arrive(sm.empty + 8 * last);
 
   // Normalise; padded query rows (and rows that saw no key) get zeros and lse = -inf. Every wgmma
   // of the warpgroup has read its Q rows before they are overwritten with O.
