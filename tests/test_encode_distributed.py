@@ -283,3 +283,15 @@ def test_merge_arguments_are_checked(tmp_path: Path, capsys) -> None:
     assert "takes one more argument, the output .npy or .safetensors" in capsys.readouterr().err
     assert _run("--merge", str(tmp_path), str(tmp_path / "o.chunks")) == 2
     assert "must end in .npy or .safetensors" in capsys.readouterr().err
+
+
+def test_one_process_per_device_commits_each_chunk_with_its_own_lines(tmp_path: Path) -> None:
+    texts = _texts(10, seed=3)
+    source = tmp_path / "corpus.txt"
+    source.write_text("\n".join(texts) + "\n")
+    chunks = tmp_path / "out.chunks"
+    argv = [str(MODEL), str(source), str(chunks), "--chunk-size", "3", "--device", "cpu,cpu", "--no-progress"]
+    assert _run(*argv) == 0
+    assert _records(chunks) == {0: 1, 3: 1, 6: 1, 9: 1}
+    assert merge(chunks, tmp_path / "out.npy") == (10, 64)
+    _assert_fp32_equal(np.load(tmp_path / "out.npy"), _expected(texts))
