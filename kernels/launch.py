@@ -26,6 +26,20 @@ def input_class(dtype: torch.dtype, block_d: int) -> str:
     return "half_wide" if block_d > 128 else "half"
 
 
+TUNE_VARIABLE = "LLM2VEC_FAST_AUTOTUNE"  # unset: tune over every tile of a class; N: over its first N only
+
+
+def tune_limit() -> int | None:
+    """How many tiles of a class the autotuner times (LLM2VEC_FAST_AUTOTUNE=N; 1 = no tuning, for a GPU
+    session that must not spend its minutes compiling candidates); None = all."""
+    value = os.environ.get(TUNE_VARIABLE, "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{TUNE_VARIABLE} must be a positive number of tiles, got {value!r}")
+    return int(value)
+
+
 def autotuned(table: dict[str, list[TileSpec]]) -> dict:
     """``triton.autotune`` arguments (configs and a prune picking the inputs' class) from a table
     class -> tile specs. Every spec in the tables compiles for sm_80 and sm_90a without register
@@ -36,8 +50,9 @@ def autotuned(table: dict[str, list[TileSpec]]) -> dict:
     def prune(configs, named_args, **kwargs):
         if INTERPRETING:
             return configs
-        allowed = set(table[input_class(named_args["Q"].dtype, kwargs["BLOCK_D"])])
-        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+        allowed = table[input_class(named_args["Q"].dtype, kwargs["BLOCK_D"])]
+        spec = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
+        return [c for wanted in allowed for c in configs if spec(c) == wanted][: tune_limit()]  # in table order
 
     return dict(configs=configs, prune_configs_by={"early_config_prune": prune})
 

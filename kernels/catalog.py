@@ -1,0 +1,107 @@
+"""The shipped Triton kernels, one entry each: what the static report (benchmarks/kernel_report.py) and the
+compile tests (tests/test_triton_compile.py) compile for every architecture the kernels ship on.
+
+Registering a kernel is one line in ``KERNELS``: its jit function's name, its module, its tile table
+(input class -> ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``) and, where a launch on one architecture
+passes constexpr flags of its own (a Hopper/TMA switch, say), those flags under that architecture's name.
+A kernel that ships on one architecture only names it in ``archs``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import ModuleType
+
+from . import attention_bwd, attention_fwd
+from .launch import TileSpec
+
+ARCHS = ("sm_80", "sm_90a")
+# The dtype and head dim each input class (launch.input_class) is compiled at.
+CLASS_INPUT = {"half": ("bf16", 128), "half_wide": ("bf16", 256), "fp32": ("fp32", 128)}
+# Batch layouts a launch specialises on, as flags over launch_flags' padded batch.
+LAYOUTS = {
+    "padded": {},
+    "dense": dict(HAS_MASK=False, MASK_QUERIES=False),
+    "packed": dict(IS_VARLEN=True, HAS_MASK=False, MASK_QUERIES=False),
+}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One shipped ``@triton.jit`` function (autotuned or not) and the tiles and flags it is launched with."""
+
+    name: str  # the jit function's name in `module`
+    module: ModuleType
+    tiles: dict[str, list[TileSpec]]  # input class -> tile specs a launch may pick
+    archs: tuple[str, ...] = ARCHS
+    arch_flags: dict[str, dict] = field(default_factory=dict)  # arch -> constexpr flags a launch passes there
+    flags: dict = field(default_factory=dict)  # constexpr flags every launch passes (beyond launch_flags)
+    layouts: tuple[str, ...] = tuple(LAYOUTS)  # the LAYOUTS its launches specialise on
+
+    @property
+    def function(self):
+        return getattr(self.module, self.name)
+
+    def specs(self, input_class: str) -> list[TileSpec]:
+        return self.tiles.get(input_class, [])
+
+
+KERNELS: dict[str, Kernel] = {
+    "fwd": Kernel("attention_fwd_kernel", attention_fwd, attention_fwd.FWD_TILES),
+    "dkdv": Kernel("attention_bwd_dkdv_kernel", attention_bwd, attention_bwd.DKDV_TILES),
+    "dq": Kernel("attention_bwd_dq_kernel", attention_bwd, attention_bwd.DQ_TILES),
+    "preprocess": Kernel(
+        "attention_bwd_preprocess_kernel",
+        attention_bwd,
+        {"half": [(attention_bwd._PREPROCESS_BLOCK_M, 0, 4, 1)]},  # Triton's default 4 warps, 1 stage
+        flags={"HAS_DLSE": True},
+        layouts=("padded", "packed"),
+    ),
+}
+
+
+def kernel_named(function_name: str) -> Kernel:
+    """The catalog entry of jit function `function_name` (several entries may share one function)."""
+    for kernel in KERNELS.values():
+        if kernel.name == function_name:
+            return kernel
+    raise ValueError(f"no shipped Triton kernel named {function_name!r} in kernels/catalog.py")
+
+
+def launch_flags(kernel: Kernel, input_class: str, arch: str, **overrides) -> dict:
+    """The constexpr flags of a padded-batch launch (key mask, GQA 4:1) at `input_class`, as the launchers
+    pass them on a GPU (no interpreter upcast), then the kernel's own and its arch's flags, then `overrides`."""
+    dtype, head_dim = CLASS_INPUT[input_class]
+    values = dict(
+        GROUP=4,
+        HEAD_DIM=head_dim,
+        BLOCK_D=1 << (head_dim - 1).bit_length(),
+        IS_VARLEN=False,
+        HAS_MASK=True,
+        MASK_QUERIES=True,
+        WINDOW_LEFT=False,
+        WINDOW_RIGHT=False,
+        SOFTCAP=False,
+        UPCAST=False,
+        PRECISION="ieee" if dtype == "fp32" else "tf32",
+    )
+    values.update(kernel.flags)
+    values.update(kernel.arch_flags.get(arch, {}))
+    values.update(overrides)
+    return values
+
+
+def argument_types(dtype: str) -> dict:
+    """Triton signature types of the kernels' pointer arguments for inputs of `dtype` (others: i32/fp32)."""
+    element = f"*{dtype}"
+    tensors = dict.fromkeys(("Q", "K", "V", "Out", "DOut", "DK", "DV", "DQ"), element)
+    return tensors | dict(
+        Lse="*fp32",
+        Delta="*fp32",
+        DLse="*fp32",
+        KeyMask="*u8",
+        KeySpans="*i32",
+        NumSpans="*i32",
+        CuSeqlensQ="*i32",
+        CuSeqlensK="*i32",
+    )
