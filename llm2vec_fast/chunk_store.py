@@ -35,7 +35,8 @@ CHUNKS_SUFFIX = ".chunks"
 MATRIX_SUFFIXES = (".npy", ".safetensors")
 SAFETENSORS_KEY = "embeddings"
 IDENTITY_FIELDS = ("format", "input", "chunk_lines", "width", "model", "settings")
-"""Header fields that must match for a directory to be resumed or merged; ``path`` entries inside them do not."""
+"""Header fields that must match for a directory to be resumed or merged; the paths inside them need not (a moved
+input or model with the same contents is the same)."""
 
 
 class StoreError(ValueError):
@@ -61,7 +62,7 @@ def _identity(header: dict[str, Any]) -> dict[str, Any]:
     """What decides the vectors: the header without its paths, world size and rank."""
     kept = {name: header.get(name) for name in IDENTITY_FIELDS}
     return {
-        name: {k: v for k, v in value.items() if k != "path"} if isinstance(value, dict) else value
+        name: {k: v for k, v in value.items() if not k.endswith("path")} if isinstance(value, dict) else value
         for name, value in kept.items()
     }
 

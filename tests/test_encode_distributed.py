@@ -96,6 +96,18 @@ def _records(directory: Path) -> dict[int, int]:
     return counts
 
 
+def _commit_until(stop_line: int):
+    """``ChunkStore.commit`` as it is, but Ctrl-C when the chunk starting at `stop_line` is about to be saved."""
+    original = ChunkStore.commit
+
+    def commit(self, first, stop, block):
+        if first == stop_line:
+            raise KeyboardInterrupt
+        return original(self, first, stop, block)
+
+    return commit
+
+
 def _logged(log: Path) -> list[int]:
     return [int(line.split()[1]) for line in log.read_text().splitlines()] if log.exists() else []
 
@@ -188,17 +200,8 @@ def test_a_directory_made_with_other_settings_is_refused_in_one_line(
     source.write_text("\n".join(_texts(12, seed=2)) + "\n")
     target = tmp_path / "out.npy"
     argv = [str(MODEL), str(source), str(target), "--chunk-size", "5", "--no-progress"]
-    interrupted = {"commits": 0}
-    original = ChunkStore.commit
-
-    def commit_then_stop(self, *args):
-        interrupted["commits"] += 1
-        if interrupted["commits"] == 2:
-            raise KeyboardInterrupt
-        return original(self, *args)
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ChunkStore, "commit", commit_then_stop)
+        patch.setattr(ChunkStore, "commit", _commit_until(5))
         assert _run(*argv) == 130
     capsys.readouterr()
     if change == "edit the input":
@@ -213,6 +216,21 @@ def test_a_directory_made_with_other_settings_is_refused_in_one_line(
     ), error
     assert re.search(difference if difference.startswith(("settings\\", "chunk")) else re.escape(difference), error)
     assert not target.exists()
+
+
+def test_a_moved_input_and_another_batch_size_still_resume(tmp_path: Path, capsys) -> None:
+    texts = _texts(12, seed=4)
+    source = tmp_path / "corpus.txt"
+    source.write_text("\n".join(texts) + "\n")
+    chunks = tmp_path / "out.chunks"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ChunkStore, "commit", _commit_until(5))
+        assert _run(str(MODEL), str(source), str(chunks), "--chunk-size", "5", "--no-progress") == 130
+    moved = source.rename(tmp_path / "moved.txt")
+    assert _run(str(MODEL), str(moved), str(chunks), "--chunk-size", "5", "--batch-size", "3", "--no-progress") == 0
+    assert "resuming: 1 of 3 chunks already in" in capsys.readouterr().err
+    assert merge(chunks, tmp_path / "out.npy") == (12, 64)
+    _assert_fp32_equal(np.load(tmp_path / "out.npy"), _expected(texts))
 
 
 def test_merge_needs_every_line_exactly_once_and_a_cut_manifest_line_only_loses_its_chunk(tmp_path: Path) -> None:
