@@ -20,7 +20,7 @@ import io
 import json
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -271,8 +271,3 @@ def open_matrix(
         return
     with open(path, "wb") as handle:
         yield _SafetensorsWriter(handle, *shape, metadata).write
-
-
-def chunk_starts(lines: int, chunk_lines: int, rank: int, world_size: int) -> Iterable[int]:
-    """First lines of the chunks rank `rank` of `world_size` encodes: chunks ``rank, rank + world_size, ...``."""
-    return range(rank * chunk_lines, lines, world_size * chunk_lines)

@@ -307,25 +307,11 @@ def _todo(store: ChunkStore, index: LineIndex, chunks: list[int], launch: Launch
     return todo
 
 
-def _encode(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
+def _load_encoder(args: argparse.Namespace, dtype: Any) -> Any:
     from .encoder import LLM2Vec
 
-    if args.output is None:
-        raise UsageError("expected MODEL INPUT OUTPUT (or --merge DIR OUTPUT)")
-    source, target = _check_paths(args)
-    _check_numbers(args)
-    launch = _launch()
-    devices = _devices(args, launch)
-    index = index_lines(source, args.chunk_size)
-    mine = list(range(launch.rank, index.chunks, launch.world_size))
-    texts = {chunk: len(read_chunk(index, chunk)) for chunk in mine}  # validates this rank's lines first
-    if launch.world_size > 1:
-        _join_group(launch)
-    dtype = _dtype(args.dtype, devices[0])
     try:
-        encoder = LLM2Vec.from_pretrained(
+        return LLM2Vec.from_pretrained(
             args.model,
             peft_model_name_or_path=args.peft,
             merge_peft=args.merge_peft,
@@ -340,6 +326,24 @@ def _encode(args: argparse.Namespace) -> int:
         )
     except (OSError, ValueError) as error:
         raise UsageError(f"could not load model {args.model}: {error}") from None
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    if args.output is None:
+        raise UsageError("expected MODEL INPUT OUTPUT (or --merge DIR OUTPUT)")
+    source, target = _check_paths(args)
+    _check_numbers(args)
+    launch = _launch()
+    devices = _devices(args, launch)
+    index = index_lines(source, args.chunk_size)
+    mine = list(range(launch.rank, index.chunks, launch.world_size))
+    texts = {chunk: len(read_chunk(index, chunk)) for chunk in mine}  # validates this rank's lines first
+    if launch.world_size > 1:
+        _join_group(launch)
+    dtype = _dtype(args.dtype, devices[0])
+    encoder = _load_encoder(args, dtype)
     store = ChunkStore(_chunk_directory(target), _header(args, index, encoder, dtype), launch.rank, launch.world_size)
     todo = _todo(store, index, mine, launch)
     total = sum(texts[chunk] for chunk in todo)
