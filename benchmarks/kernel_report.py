@@ -95,8 +95,24 @@ def triton_jobs(archs: tuple[str, ...], kernels: list[str] | None = None) -> lis
 
 
 def triton_rows(jobs: list[TileJob], workers: int) -> list[dict]:
+    """Report rows of `jobs`; a tile that fails to compile is a row naming the error (--check fails on it)."""
     with compiler_pool(workers) as pool:
-        return [report.row() for report in pool.map(compile_tile, jobs)]
+        futures = [(job, pool.submit(compile_tile, job)) for job in jobs]
+        return [_triton_row(job, future) for job, future in futures]
+
+
+def _triton_row(job: TileJob, future) -> dict:
+    try:
+        return future.result().row()
+    except Exception as error:  # a compiler error of any kind: keep the other tiles' figures
+        block_m, block_n, warps, stages = job.spec
+        tile = dict(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
+        message = (str(error).strip().splitlines() or [type(error).__name__])[-1][:160]
+        return (
+            dict(source="triton", kernel=job.kernel, input_class=job.input_class, arch=job.arch)
+            | tile
+            | dict(variant=job.variant, error=message)
+        )
 
 
 def cuda_archs(source: Path) -> tuple[str, ...]:
@@ -119,7 +135,15 @@ def _cuda_build(source: Path, arch: str, scratch: Path) -> list[dict]:
     command = [_nvcc(), *NVCC_FLAGS, f"-I{ROOT / 'csrc'}", "-gencode", gencode, "-cubin", str(source), "-o", str(cubin)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        return [dict(source="cuda", file=source.name, kernel=source.name, arch=arch, error=(result.stderr.strip().splitlines() or ["?"])[-1][:160])]
+        return [
+            dict(
+                source="cuda",
+                file=source.name,
+                kernel=source.name,
+                arch=arch,
+                error=(result.stderr.strip().splitlines() or ["?"])[-1][:160],
+            )
+        ]
     resources = {name: entry for (name, _), entry in parse_ptxas_log(result.stderr).items()}
     sass = subprocess.run([triton_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
     return [_cuda_row(source, arch, name, instructions, resources) for name, instructions in parse_sass(sass).items()]
@@ -210,7 +234,9 @@ def row_label(row: dict) -> str:
 def table_row(row: dict) -> dict:
     """A report row in the printed table's columns."""
     if "error" in row:
-        return dict(kernel=row["kernel"], arch=row["arch"], tile=f"compile error: {row['error']}")
+        return dict(
+            kernel=row["kernel"], arch=row["arch"], layout=row.get("variant", "-"), tile=f"error: {row['error']}"
+        )
     cuda = row.get("source") == "cuda"
     tile = f"{row['block_m']}x{row['block_n']} w{row['num_warps']}" + ("" if cuda else f" s{row['num_stages']}")
     kernel = f"{row['file'].removesuffix('.cu')}: {row['kernel']}" if cuda else row["kernel"]

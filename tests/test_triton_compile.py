@@ -49,36 +49,52 @@ def job_id(job: TileJob) -> str:
 
 
 @pytest.fixture(scope="module")
-def reports(request):
-    """Rows of the jobs of the tests this session selected, compiled once, in parallel, on first use."""
-    selected = set()
-    for item in request.session.items:
-        params = getattr(item, "callspec", None)
-        if item.module is request.module and params is not None:
-            selected |= set(params.params.get("jobs", [params.params.get("job")]))
-    jobs = sorted((job for job in selected if job is not None), key=job_id)
-    with compiler_pool(2) as pool:
-        return dict(zip(jobs, (report.row() for report in pool.map(compile_tile, jobs))))
+def compiled(request):
+    """jobs -> report rows, each job compiled once in worker processes started with the interpreter off.
+    Alone, the session submits every job its selected tests need at once, to two workers; under xdist
+    (one process per core already) each test submits its own jobs, to one worker."""
+    distributed = hasattr(request.config, "workerinput")
+    with compiler_pool(1 if distributed else 2) as pool:
+        futures = {}
+
+        def submit(jobs):
+            for job in jobs:
+                if job not in futures:
+                    futures[job] = pool.submit(compile_tile, job)
+
+        if not distributed:
+            for item in request.session.items:
+                params = getattr(item, "callspec", None)
+                if item.module is request.module and params is not None:
+                    submit(params.params.get("jobs", [params.params.get("job")]))
+
+        def rows(jobs):
+            submit(jobs)
+            return [futures[job].result().row() for job in jobs]
+
+        yield rows
 
 
 @pytest.mark.parametrize("job", [job for job in SHIPPED if job.arch == "sm_90a"], ids=job_id)
-def test_hopper_tile_passes_the_report_check(reports, job):
-    assert not problems([reports[job]]), problems([reports[job]])
+def test_hopper_tile_passes_the_report_check(compiled, job):
+    rows = compiled([job])
+    assert not problems(rows), problems(rows)
 
 
 @pytest.mark.parametrize("jobs", list(AMPERE_GROUPS.values()), ids=list(AMPERE_GROUPS))
-def test_ampere_tiles_fit_and_one_is_spill_free(reports, jobs):
-    rows = [reports[job] for job in jobs]
+def test_ampere_tiles_fit_and_one_is_spill_free(compiled, jobs):
+    rows = compiled(jobs)
     assert not problems(rows), problems(rows)
 
 
 @pytest.mark.parametrize("job", VARIANTS, ids=job_id)
-def test_feature_variants_compile_and_fit(reports, job):
-    row = reports[job]
+def test_feature_variants_compile_and_fit(compiled, job):
+    (row,) = compiled([job])
     assert row["shared_bytes"] <= SHARED_LIMIT[job.arch], row_label(row)
 
 
 @pytest.mark.parametrize("jobs", [HEAD_DIM_80], ids=["fwd-sm_90a-head-dim-80"])
-def test_padded_head_dim_has_a_spill_free_tile(reports, jobs):
+def test_padded_head_dim_has_a_spill_free_tile(compiled, jobs):
     """Head dim 80 runs in 128-wide tiles with masked columns; the autotuner needs a clean choice."""
-    assert any(reports[job]["spill_bytes"] == 0 for job in jobs), [row_label(reports[job]) for job in jobs]
+    rows = compiled(jobs)
+    assert any(row["spill_bytes"] == 0 for row in rows), [row_label(row) for row in rows]
