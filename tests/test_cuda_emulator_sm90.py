@@ -149,6 +149,7 @@ BUG_REPORTS = {
     11: ("st.shared.u32", "writes shared memory an in-flight wgmma reads (before its wgmma_wait)"),
     12: ("wgmma operand A", "fence.proxy.async missing"),
     13: ("bar.sync", "threads disagree on named barrier 1's thread count"),
+    14: ("written after the last wgmma_fence", "wgmma.fence missing"),
 }
 
 

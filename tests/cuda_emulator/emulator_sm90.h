@@ -182,6 +182,8 @@ struct InFlightA {
 
 struct Sm90Thread {
   bool fence_needed = true;
+  // Registers wgmmas have used (accumulators, A fragments) and their contents at the last wgmma_fence.
+  std::vector<std::pair<const uint32_t*, std::vector<uint32_t>>> fenced_regs;
   std::vector<uint32_t> unfenced;
   std::vector<InFlightRegs> accumulators;
   std::vector<InFlightA> a_fragments;
@@ -488,7 +490,10 @@ struct Sm90 : Extension {
     const int base = 128 * g;
     switch (w.op) {
       case WgOp::kFence:
-        for (int t = base; t < base + 128; ++t) ts[t].fence_needed = false;
+        for (int t = base; t < base + 128; ++t) {
+          ts[t].fence_needed = false;
+          for (auto& [regs, contents] : ts[t].fenced_regs) std::copy(regs, regs + contents.size(), contents.begin());
+        }
         break;
       case WgOp::kMma:
         mma(g);
@@ -601,6 +606,22 @@ struct Sm90 : Extension {
     }
   }
 
+  // Whether the registers [regs, regs + words) changed since the thread's last wgmma_fence (false
+  // the first time a wgmma uses them; they are remembered from then on).
+  static bool written_since_fence(Sm90Thread& s, const void* regs, int words) {
+    const auto* r = static_cast<const uint32_t*>(regs);
+    for (const auto& [known, contents] : s.fenced_regs) {
+      if (known == r && static_cast<int>(contents.size()) == words)
+        return !std::equal(contents.begin(), contents.end(), r);
+    }
+    s.fenced_regs.emplace_back(r, std::vector<uint32_t>(r, r + words));
+    return false;
+  }
+
+  bool in_flight(const Sm90Thread& s, const float* d) const {
+    return std::any_of(s.accumulators.begin(), s.accumulators.end(), [&](const InFlightRegs& r) { return r.d == d; });
+  }
+
   void mma(int g) {
     Warpgroup& w = wg[g];
     const WgArgs& a0 = *w.args[0];
@@ -612,10 +633,17 @@ struct Sm90 : Extension {
           a.accumulate != a0.accumulate) {
         e.fail("wgmma.mma_async: the threads of the warpgroup disagree on the instruction or its descriptors");
       }
-      if (ts[base + i].fence_needed) {
+      Sm90Thread& s = ts[base + i];
+      if (s.fence_needed) {
         e.fail(
             "wgmma.mma_async: no wgmma_fence since the warpgroup's registers were last accessed "
             "(wgmma.fence missing before the first wgmma of a batch)");
+      }
+      if ((!in_flight(s, a.d) && written_since_fence(s, a.d, n / 2)) ||
+          (a.register_a && written_since_fence(s, a.a, 4))) {
+        e.fail(
+            "wgmma.mma_async: its accumulator or A registers were written after the last wgmma_fence "
+            "(wgmma.fence missing between register writes and the wgmma)");
       }
     }
     wgmma_seen = true;

@@ -39,6 +39,7 @@ enum Bug : int {
   kSmemWriteInFlight,     // a consumer overwrites its K stage while the S wgmma reading it is in flight
   kUnfencedOperand,       // ordinary stores into Q reach the S wgmma without fence.proxy.async
   kNamedBarrierCount,     // the consumers disagree on the epilogue barrier's thread count
+  kWriteAfterFence,       // O is rescaled after the wgmma_fence that precedes its P·V wgmmas
 };
 
 struct PipelineParams {
@@ -138,6 +139,7 @@ __device__ void consume(const PipelineParams& p, uint32_t s, int consumer) {
       for (int r = 0; r < 4; ++r) pa[j][r] = l2vf::pack_pair<Elem>(acc[8 * j + 2 * r], acc[8 * j + 2 * r + 1]);
     }
     if (p.bug != kNoWgmmaFence) l2vf::wgmma_fence();
+    if (p.bug == kWriteAfterFence) o[0] *= 0.5f;
     for (int j = 0; j < kKeyTile / 16; ++j) {
       l2vf::wgmma_rs<Elem, kDim, Major::kMN>(o, pa[j], n_major_desc(v_tile, j, p.span, swz), t > 0 || j > 0);
     }
