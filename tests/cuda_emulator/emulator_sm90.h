@@ -14,7 +14,8 @@
 //   - mbarriers: arrival count, transaction bytes (expect_tx up, TMA landings down), a phase
 //     completes when both reach zero, try_wait.parity true once the phase of that parity is
 //     done (a fresh barrier's parity-1 wait passes at once). A waiting thread blocks until the
-//     phase completes, so a hang is reported as a deadlock with each barrier's state.
+//     phase completes (try_wait never returns false here), so a hang is reported as a deadlock
+//     with each barrier's state.
 //   - TMA: 2-D..4-D boxes, element strides, out-of-bounds zero fill, the 32/64/128-byte swizzle
 //     on the shared address bits as the hardware applies it; a load's bytes land at issue but
 //     count as written by the barrier's TMA unit, so reading them is ordered only after a wait
@@ -25,7 +26,8 @@
 //     accumulator registers filled with a marker NaN until wgmma_wait retires the group (a
 //     marker reaching a store, or an accumulator changed before the wait, is reported); shared
 //     memory an in-flight wgmma reads must not be written; wgmma_fence is required after every
-//     wait (and at the start) before the next wgmma.
+//     wait (and at the start) before the next wgmma, and registers a wgmma uses must not change
+//     between the last wgmma_fence and it (their contents at the fence are remembered).
 //   - async proxy: ordinary stores read next by wgmma or a TMA store need fence_proxy_async in
 //     the writing thread; a wgmma reading with another swizzle than the TMA load that wrote the
 //     data is reported.
@@ -33,7 +35,8 @@
 //     the warpgroups' sum stays within the 64K-register file (an inc that does not fit waits).
 //   - named barriers 1..15: thread counts (multiples of 32, agreeing per use), ids.
 // Not modelled: clusters and multicast, L2/global memory ordering between blocks, timing,
-// the tensor cores' internal rounding (products are summed in double, rounded once to float).
+// the tensor cores' internal rounding (products are summed in double, rounded to float once per
+// instruction); races that only another interleaving than fibers-in-thread-order would show.
 #pragma once
 
 #include <deque>
