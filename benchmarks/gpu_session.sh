@@ -98,8 +98,9 @@ if [ "$phase" = quick ]; then
     # Without the extension the Triton path still needs the package installed: then install it without CUDA.
     step build 150 "${build[@]}" || [ "$dry_run" = 1 ] ||
         step install-triton-only 40 env LLM2VEC_FAST_BUILD_CUDA=0 "${build[@]:4}"
-    export LLM2VEC_FAST_AUTOTUNE=1
-    step smoke 100 smoke_shards
+    export LLM2VEC_FAST_AUTOTUNE=1 work
+    export -f smoke_shards
+    step smoke 100 bash -c smoke_shards
     [ "$dry_run" = 0 ] && wait "$report_pid"
     static=()
     [ -s "$work/static_report.json" ] && static=(--static-report "$work/static_report.json")
