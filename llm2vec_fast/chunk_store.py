@@ -220,7 +220,7 @@ def _read_chunk(directory: Path, records: list[ChunkRecord], width: int) -> np.n
 
 def merge(directory: Path, target: Path) -> tuple[int, int]:
     """Write every chunk of `directory`, in input order, into one ``.npy``/``.safetensors`` `target` (atomically),
-    verifying coverage and every checksum first-read; returns ``(rows, width)``."""
+    checking that every input line is covered once and every chunk file's checksum; returns ``(rows, width)``."""
     header, plan = plan_merge(directory)
     width = header["width"]
     shape = (sum(records[-1].rows for records in plan), width)
