@@ -242,24 +242,24 @@ struct Sm90 : Extension {
   // The race check: `actor` (seeing `seen`) accesses `word`, recorded as component `record`.
   void check_order(uint32_t word, bool write, int record, const Clock& seen, const char* what) {
     SyncWord& w = words[word];
-    const std::string at = " at shared byte " + std::to_string(word * 4);
+    const auto at = [word] { return " at shared byte " + std::to_string(word * 4); };
     if (w.writer >= 0 && w.writer != record && seen[w.writer] < w.w_clock) {
       if (w.writer >= tma_unit(0)) {
         e.fail(std::string(what) + ": reads shared memory that " + who(w.writer) +
-               " wrote, before waiting for the mbarrier phase it completes on" + at);
+               " wrote, before waiting for the mbarrier phase it completes on" + at());
       }
       e.fail(std::string(what) + (write ? ": write-write race with " : ": read after an unsynchronised write by ") +
-             who(w.writer) + " (shared memory race)" + at);
+             who(w.writer) + " (shared memory race)" + at());
     }
     if (write) {
       for (const auto& [reader, c] : w.reads) {
         if (reader == record || seen[reader] >= c) continue;
         if (record >= tma_unit(0)) {
           e.fail(std::string(what) + ": overwrites a stage that " + who(reader) +
-                 " read and did not release to the producer (wait on the stage's empty mbarrier first)" + at);
+                 " read and did not release to the producer (wait on the stage's empty mbarrier first)" + at());
         }
         e.fail(std::string(what) + ": write after an unsynchronised read by " + who(reader) + " (shared memory race)" +
-               at);
+               at());
       }
       w.reads.clear();
       w.writer = record;
@@ -277,11 +277,14 @@ struct Sm90 : Extension {
 
   void check_not_in_flight(uint32_t word, const char* what) {
     const SyncWord& w = words[word];
+    if (w.wgmma_readers == 0 && w.store_readers == 0) return;
     const std::string at = " at shared byte " + std::to_string(word * 4);
-    if (w.wgmma_readers > 0)
+    if (w.wgmma_readers > 0) {
       e.fail(std::string(what) + ": writes shared memory an in-flight wgmma reads (before its wgmma_wait)" + at);
-    if (w.store_readers > 0)
+    }
+    if (w.store_readers > 0) {
       e.fail(std::string(what) + ": writes shared memory a TMA store still reads (before tma_store_wait)" + at);
+    }
   }
 
   void on_access(uint32_t word, bool write, const char* what) override {
