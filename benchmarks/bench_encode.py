@@ -15,6 +15,21 @@ All methods see the same texts, sorted by length (as llm2vec sorts) and cut into
 batches. Reported: real tokens/s, peak GPU memory, speedup over SDPA, and the worst cosine
 similarity of our embeddings to SDPA's. Writes JSON + markdown under benchmarks/results/. Needs a
 CUDA GPU: on a machine without one it says so and exits 0.
+
+``--device cpu`` times the whole ``encode`` API instead (tokenization included) on a small random Llama
+(``--layers`` 4, hidden 256, 4 heads of 64, 2 KV heads, float32) and real texts of a log-normal word-count
+mix. Each method is warmed up once, then the methods take turns, one full encode each per round, and the
+median of ``--repeats`` rounds is reported, so that load from other processes falls on every method alike:
+
+- ``llm2vec_fast (auto: cpu)``: ``LLM2Vec.encode``, attention by torch's fused CPU kernel (backends/cpu.py);
+- ``llm2vec_fast (reference)``: the same with the exact reference backend forced;
+- ``hf sdpa``: the same weights, text preparation and tokenization (official-format features, left-padded,
+  batches sorted by length), HF SDPA attention with ``is_causal=False``, mean over the text: the official
+  library's way on the current transformers;
+- ``llm2vec 0.2.3``: the official ``LLM2Vec.encode`` on the same saved model, in the interpreter given by
+  ``--official-python`` (a venv with llm2vec 0.2.3 and its transformers 4.44), a fresh process each round
+  (which warms up, then times one encode).
+Threads are pinned (``--threads``) in every process; the load average is recorded with the results.
 """
 
 from __future__ import annotations
@@ -23,7 +38,13 @@ import argparse
 import copy
 import json
 import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -181,21 +202,244 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
 
 COLUMNS = ["model", "method", "tokens_per_second", "speedup_vs_sdpa", "peak_memory_gib", "min_cosine_vs_sdpa"]
 
+# ---------------------------------------------------------------------------------------------- CPU: encode API
+
+CPU_SHAPE = dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+ORACLE_TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "data" / "llm2vec_oracle" / "llama"
+"""The tokenizer files of the llm2vec 0.2.3 fixtures (``llm2vec_fast.tiny``'s tokenizer, saved so that
+transformers 4.44 reads it too, see tests/data/llm2vec_oracle/make_oracle.py)."""
+OFFICIAL = "llm2vec 0.2.3"
+CPU_COLUMNS = [
+    "method",
+    "texts_per_second",
+    "tokens_per_second",
+    "median_seconds",
+    "speedup_vs_official",
+    "speedup_vs_sdpa",
+    "min_cosine_vs_reference",
+]
+
+
+def save_cpu_model(directory: Path, layers: int) -> None:
+    """The small random Llama with the fixtures' tokenizer, in a form transformers 5 and 4.44 both load."""
+    from llm2vec_fast.tiny import build_tiny_model
+
+    model, _ = build_tiny_model("llama", seed=0, num_hidden_layers=layers, **CPU_SHAPE)
+    model.model.save_pretrained(directory)
+    config_file = directory / "config.json"
+    config = json.loads(config_file.read_text())
+    rope_theta = (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    config.update(rope_theta=rope_theta, rope_scaling=None, torch_dtype="float32")
+    config_file.write_text(json.dumps(config, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ORACLE_TOKENIZER / name, directory / name)
+
+
+def cpu_texts(count: int, median_words: int, seed: int) -> list[str]:
+    """Texts of log-normal word counts (sigma 0.8 around `median_words`, 2 to 400 words) from the tiny corpus."""
+    from llm2vec_fast.tiny import CORPUS
+
+    words = " ".join(CORPUS).split()
+    rng = random.Random(seed)
+    counts = [min(400, max(2, round(math.exp(math.log(median_words) + 0.8 * rng.gauss(0, 1))))) for _ in range(count)]
+    return [" ".join(rng.choice(words) for _ in range(n)) for n in counts]
+
+
+def encode_ours(model_dir: Path, backend: str | None):
+    """A timed function: our ``LLM2Vec.encode`` with attention `backend` (None = auto)."""
+    from llm2vec_fast import LLM2Vec
+
+    encoder = LLM2Vec.from_pretrained(str(model_dir), attention_backend=backend, pooling_mode="mean")
+    return lambda texts, batch_size: encoder.encode(texts, batch_size=batch_size, show_progress_bar=False)
+
+
+def encode_sdpa(model_dir: Path):
+    """A timed function: texts prepared and tokenized as llm2vec does (our ``LLM2Vec.tokenize``: official-format
+    left-padded features), HF SDPA bidirectional on those padded batches sorted by length, mean over the text."""
+    from transformers import AutoModel
+
+    from llm2vec_fast import LLM2Vec
+
+    model = AutoModel.from_pretrained(str(model_dir), attn_implementation="sdpa").eval()
+    model.config.is_causal = False
+    text_side = LLM2Vec.from_pretrained(str(model_dir), pooling_mode="mean")  # its tokenizer and text preparation
+    text_side.tokenizer.pad_token, text_side.tokenizer.padding_side = text_side.tokenizer.eos_token, "left"
+
+    @torch.inference_mode()
+    def encode(texts: list[str], batch_size: int) -> torch.Tensor:
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = torch.empty(len(texts), model.config.hidden_size)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            features = text_side.tokenize(text_side.prepare_texts([("", texts[i]) for i in batch]))
+            hidden = model(input_ids=features["input_ids"], attention_mask=features["attention_mask"]).last_hidden_state
+            weights = features["embed_mask"].unsqueeze(-1).float()
+            out[torch.tensor(batch)] = (hidden * weights).sum(1) / weights.sum(1)
+        return out
+
+    return encode
+
+
+def official_worker(job_file: str) -> int:
+    """Under the official library's interpreter: warm up, time one ``LLM2Vec.encode``, save its embeddings."""
+    from llm2vec import LLM2Vec
+
+    job = json.loads(Path(job_file).read_text())
+    torch.set_num_threads(job["threads"])
+    encoder = LLM2Vec.from_pretrained(job["model_dir"], torch_dtype=torch.float32, pooling_mode="mean")
+    texts, batch_size = job["texts"], job["batch_size"]
+    encoder.encode(texts[: 2 * batch_size], batch_size=batch_size, show_progress_bar=False)
+    start = time.perf_counter()
+    embeddings = encoder.encode(texts, batch_size=batch_size, show_progress_bar=False, convert_to_tensor=True)
+    seconds = time.perf_counter() - start
+    torch.save(embeddings.float(), job["embeddings"])
+    import llm2vec
+    import transformers
+
+    versions = {"llm2vec": getattr(llm2vec, "__version__", "0.2.3"), "transformers": transformers.__version__}
+    Path(job["result"]).write_text(json.dumps({"seconds": seconds, "versions": versions}))
+    return 0
+
+
+def encode_official(python: str, model_dir: Path, threads: int, workdir: Path, versions: dict):
+    """A timed function running :func:`official_worker` in `python`: it returns the embeddings and the seconds
+    the worker measured, and records the worker's library versions in `versions`."""
+    paths = {name: str(workdir / name) for name in ("job.json", "result.json", "embeddings.pt")}
+
+    def encode(texts: list[str], batch_size: int) -> tuple[torch.Tensor, float]:
+        job = dict(
+            model_dir=str(model_dir),
+            texts=texts,
+            batch_size=batch_size,
+            threads=threads,
+            result=paths["result.json"],
+            embeddings=paths["embeddings.pt"],
+        )
+        Path(paths["job.json"]).write_text(json.dumps(job))
+        env = dict(os.environ, PYTHONPATH="", TOKENIZERS_PARALLELISM="false")
+        command = [python, str(Path(__file__).resolve()), "--official-worker", paths["job.json"]]
+        subprocess.run(command, check=True, env=env, cwd=str(workdir), capture_output=True)
+        result = json.loads(Path(paths["result.json"]).read_text())
+        versions.update(result["versions"])
+        return torch.load(paths["embeddings.pt"]), result["seconds"]
+
+    return encode
+
+
+def bench_cpu(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    texts = cpu_texts(args.num_texts, args.median_words, args.seed)
+    with tempfile.TemporaryDirectory() as temp:
+        model_dir = Path(temp) / "model"
+        save_cpu_model(model_dir, args.layers)
+        methods = {
+            "llm2vec_fast (auto: cpu)": encode_ours(model_dir, None),
+            "llm2vec_fast (reference)": encode_ours(model_dir, "reference"),
+            "hf sdpa": encode_sdpa(model_dir),
+        }
+        versions: dict = {}
+        if args.official_python:
+            methods[OFFICIAL] = encode_official(args.official_python, model_dir, args.threads, Path(temp), versions)
+        from llm2vec_fast import LLM2Vec
+
+        tokens = sum(LLM2Vec.from_pretrained(str(model_dir)).token_lengths(texts))
+        for name, encode in methods.items():
+            if name != OFFICIAL:
+                encode(texts[: 2 * args.batch_size], args.batch_size)  # warm-up (the official worker warms itself)
+        seconds: dict[str, list[float]] = {name: [] for name in methods}
+        embeddings = {}
+        for _ in range(args.repeats):
+            for name, encode in methods.items():
+                start = time.perf_counter()
+                result = encode(texts, args.batch_size)
+                elapsed = time.perf_counter() - start
+                if name == OFFICIAL:
+                    result, elapsed = result
+                embeddings[name] = torch.as_tensor(result).float()
+                seconds[name].append(elapsed)
+    rows = cpu_rows(seconds, embeddings, len(texts), tokens)
+    for row in rows:
+        print(json.dumps(row))
+    env = environment()
+    env.update(
+        cpu_model=cpu_model(),
+        torch_threads=args.threads,
+        load_average_before=[round(x, 2) for x in load_before],
+        load_average_after=[round(x, 2) for x in os.getloadavg()],
+        official=versions or None,
+    )
+    settings = (
+        f"`LLM2Vec.encode` of {len(texts)} texts ({tokens} tokens; log-normal word counts, median"
+        f" {args.median_words} words), random Llama: {args.layers} layers, hidden 256, 4 heads x 64, 2 KV heads,"
+        f" float32, mean pooling, batch size {args.batch_size}, {args.threads} torch threads. Median of"
+        f" {args.repeats} rounds after one warm-up, methods interleaved in each round (every round's seconds are"
+        " in the JSON). The machine was shared"
+        f" with other processes (load average {env['load_average_before']} before, {env['load_average_after']}"
+        " after)."
+    )
+    stem = write_results(args.name or "encode_cpu", env, rows, settings + "\n\n" + markdown_table(rows, CPU_COLUMNS))
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+def cpu_rows(seconds: dict, embeddings: dict, num_texts: int, tokens: int) -> list[dict]:
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    reference = embeddings["llm2vec_fast (reference)"]
+    rows = []
+    for name, median in medians.items():
+        cosine = torch.nn.functional.cosine_similarity(embeddings[name], reference, dim=-1)
+        row = {
+            "method": name,
+            "texts_per_second": round(num_texts / median, 1),
+            "tokens_per_second": round(tokens / median),
+            "median_seconds": round(median, 3),
+            "speedup_vs_official": round(medians[OFFICIAL] / median, 2) if OFFICIAL in medians else None,
+            "speedup_vs_sdpa": round(medians["hf sdpa"] / median, 2),
+            "min_cosine_vs_reference": round(cosine.min().item(), 6),
+            "seconds_per_round": [round(x, 3) for x in seconds[name]],
+        }
+        rows.append(row)
+    return rows
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"unknown ({os.cpu_count()} cores)"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: the encode API, see above")
     parser.add_argument("--models", default="mistral-7b,llama-3-8b", help=f"comma-separated, from {', '.join(SHAPES)}")
-    parser.add_argument("--layers", type=int, default=32, help="decoder layers (32 = full depth)")
-    parser.add_argument("--num-texts", type=int, default=4096)
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 32 = full depth; cpu: 4)")
+    parser.add_argument("--num-texts", type=int, default=None, help="default 4096; cpu: 480")
     parser.add_argument("--median", type=int, default=60)
+    parser.add_argument("--median-words", type=int, default=24, help="cpu: median word count of a text")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=None, help="default 2 (best of); cpu: 7 (median of)")
+    parser.add_argument("--threads", type=int, default=2, help="cpu: torch threads in every process")
+    parser.add_argument("--official-python", default=None, help="cpu: an interpreter with llm2vec==0.2.3")
+    parser.add_argument("--official-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--backend", default=None, help="force an llm2vec_fast attention backend")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None, help="results file stem (default: encode_<device>)")
     args = parser.parse_args(argv)
+    if args.official_worker:
+        return official_worker(args.official_worker)
+    on_cpu = args.device == "cpu"
+    args.layers = args.layers or (4 if on_cpu else 32)
+    args.num_texts = args.num_texts or (480 if on_cpu else 4096)
+    args.repeats = args.repeats or (7 if on_cpu else 2)
+    if on_cpu:
+        return bench_cpu(args)
     if not require_gpu("bench_encode"):
         return 0
     unknown = set(args.models.split(",")) - set(SHAPES)
