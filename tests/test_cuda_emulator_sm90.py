@@ -4,7 +4,8 @@ A warp-specialised TMA + mbarrier + wgmma pipeline written against csrc/flash_at
 (tests/cuda_emulator/sm90_pipeline.cuh: O = sum over key tiles of cast(Q Kᵀ) V, SS and RS wgmma,
 K-major and N-major operands, a two-stage ring, a TMA store) must match a float64 reference for
 every swizzle span and both 16-bit types, and each classic Hopper pipeline bug planted in it must be
-reported with a message that names it. A bare TMA load's shared-memory image (swizzle, element
+reported with a message that names it. A one-warpgroup SS GEMM covers the other operand
+major-nesses and wider N. A bare TMA load's shared-memory image (swizzle, element
 strides, out-of-bounds zero fill) must match the hardware's layout rule computed here independently.
 What the emulator cannot show (timing, the tensor cores' rounding, clusters) is listed in
 benchmarks/NOTES.md, section "Hopper PTX layer and emulator".
@@ -44,6 +45,7 @@ def lib(tmp_path_factory) -> ctypes.CDLL:
     loaded = ctypes.CDLL(str(library))
     loaded.emu_sm90_pipeline.restype = ctypes.c_char_p
     loaded.emu_sm90_tma_image.restype = ctypes.c_char_p
+    loaded.emu_sm90_gemm.restype = ctypes.c_char_p
     return loaded
 
 
@@ -100,6 +102,24 @@ def check_pipeline(entry, span, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_pipeline_matches_float64(lib, span, dtype):
     check_pipeline(lib.emu_sm90_pipeline, span, dtype)
+
+
+@pytest.mark.parametrize("span", [32, 64, 128])
+@pytest.mark.parametrize("a_major,b_major", [("k", "k"), ("k", "mn"), ("mn", "k"), ("mn", "mn")])
+@pytest.mark.parametrize("n", [64, 192])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ss_wgmma_majors_and_widths(lib, span, a_major, b_major, n, dtype):
+    """D = A Bᵀ through SS wgmma with each operand K- or MN-major in shared memory (MN-major B of
+    192 columns spans several swizzle atoms, so the leading byte offset is exercised)."""
+    a, b = torch.randn(64, 64).to(dtype), torch.randn(n, 64).to(dtype)
+    a_mem = a.T.contiguous() if a_major == "mn" else a
+    b_mem = b.T.contiguous() if b_major == "mn" else b
+    d = torch.full((64, n), float("nan"))
+    report = lib.emu_sm90_gemm(
+        ELEM[dtype], n, a_major == "mn", b_major == "mn", span, pointer(a_mem), pointer(b_mem), pointer(d)
+    ).decode()
+    assert report == "", report
+    assert relative_error(d, a.double() @ b.double().T) < 1e-6
 
 
 def build_gpu_runner(directory: Path) -> Path:
