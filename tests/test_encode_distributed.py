@@ -218,8 +218,8 @@ def test_a_directory_made_with_other_settings_is_refused_in_one_line(
     assert not target.exists()
 
 
-def test_a_moved_input_and_another_batch_size_still_resume(tmp_path: Path, capsys) -> None:
-    texts = _texts(12, seed=4)
+def test_a_moved_input_and_another_batch_size_still_resume(tmp_path: Path, capsys, poisoned_outputs) -> None:
+    texts = _texts(12, seed=4)  # torch.empty NaN-filled (poisoned_outputs): a row no batch writes would show
     source = tmp_path / "corpus.txt"
     source.write_text("\n".join(texts) + "\n")
     chunks = tmp_path / "out.chunks"
