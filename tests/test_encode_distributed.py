@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from llm2vec_fast import chunk_store
@@ -158,6 +159,8 @@ def test_chunks_output_merges_once_complete_and_a_damaged_chunk_is_refused_then_
     assert capsys.readouterr().err == f"wrote 18 x 64 float32 embeddings to {merged}\n"
     expected = _expected([["Represent:", item] if isinstance(item, str) else item for item in items])
     _assert_fp32_equal(load_file(str(merged))["embeddings"], expected)
+    with safe_open(str(merged), "np") as saved:
+        assert saved.metadata() == {"model": str(MODEL), "pooling_mode": "mean", "instruction": "Represent:"}
 
     damaged, truncated = chunks / names[1], chunks / names[3]
     data = bytearray(damaged.read_bytes())
