@@ -45,20 +45,22 @@ from .tiles import (
     window_allowed,
 )
 
-# The fused kernel: BLOCK_N keys are the M of four GEMMs and BLOCK_M queries the M of dQ = dS K, so both are
-# at least 64 (wgmma's rows per warpgroup on sm_90a).
+# Tiles whose every GEMM runs on wgmma on sm_90a with no spill, padded and packed (BLOCK_N keys are the rows
+# of four GEMMs, the head dim those of dQ^T). The fused kernel holds five accumulators: 16 query rows; on
+# sm_80 its tile spills (no spill-free Ampere tile found yet). fp32 compiles to FMA (exact dots) at any tile;
+# 16-bit head dim 256 keeps 32-key tiles, whose GEMMs with 32 rows run on mma.sync.
 BWD_TILES = {
-    "half": [(64, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2)],
-    "half_wide": [(64, 64, 8, 2)],
+    "half": [(16, 64, 8, 2)],
+    "half_wide": [(16, 32, 8, 2)],
     "fp32": [(16, 32, 4, 2)],
 }
 DKDV_TILES = {
-    "half": [(32, 128, 8, 2), (64, 32, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2)],
+    "half": [(16, 64, 8, 2)],
     "half_wide": [(32, 32, 8, 2), (16, 32, 8, 2)],
     "fp32": [(16, 32, 4, 2)],
 }
 DQ_TILES = {
-    "half": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2)],
+    "half": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
     "half_wide": [(32, 64, 4, 2), (16, 64, 4, 2)],
     "fp32": [(16, 32, 8, 2)],  # 4 warps spill since rows that see no key store 0
 }
@@ -149,25 +151,25 @@ def _store_rows(
 
 
 @triton.jit
-def _add_rows(
+def _add_rows_t(
     Base,
     offs_m,
     stride_s,
-    values,
+    values_t,
     rows_ok,
     offs_d,
     CHECK_ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Atomically add an fp32 tile to rows offs_m of Base (relaxed: only the sum matters)."""
-    ptrs = Base + offs_m.to(tl.int64)[:, None] * stride_s + offs_d[None, :]
+    """Atomically add a transposed fp32 tile (head dim x rows offs_m) to Base's rows (relaxed: only the sum matters)."""
+    ptrs = Base + offs_m.to(tl.int64)[None, :] * stride_s + offs_d[:, None]
     if CHECK_ROWS:
-        tl.atomic_add(ptrs, values, mask=tile_mask(rows_ok, offs_d, HEAD_DIM, BLOCK_D), sem="relaxed")
+        tl.atomic_add(ptrs, values_t, mask=tl.trans(tile_mask(rows_ok, offs_d, HEAD_DIM, BLOCK_D)), sem="relaxed")
     elif BLOCK_D != HEAD_DIM:
-        tl.atomic_add(ptrs, values, mask=(offs_d < HEAD_DIM)[None, :], sem="relaxed")
+        tl.atomic_add(ptrs, values_t, mask=(offs_d < HEAD_DIM)[:, None], sem="relaxed")
     else:
-        tl.atomic_add(ptrs, values, sem="relaxed")
+        tl.atomic_add(ptrs, values_t, sem="relaxed")
 
 
 @triton.jit
@@ -218,7 +220,10 @@ def _dkdv_tiles(
     dq_base. MASKED selects pairs by window, bounds and padding; unmasked tiles lie inside the window and
     the span and meet a full, finite key tile, so padding rows (loaded as zeros, lse +inf) give exact zeros.
     EXACT (the slow redo of windowed tiles) keeps a non-finite q of a row out of the keys it does not see;
-    k_nonfinite (windowed masked tiles) does the same for K in dQ."""
+    k_nonfinite (windowed masked tiles) does the same for K in dQ.
+
+    Every GEMM has 64+ rows for wgmma whatever BLOCK_M: four have the BLOCK_N keys as rows, and dQ is
+    computed transposed, dQ^T = K^T dS^T (head dim x queries), with dS^T in shared memory as its B operand."""
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         rows_ok = offs_m < q_hi
@@ -276,11 +281,12 @@ def _dkdv_tiles(
                         keys_left,
                         offs_d < HEAD_DIM,
                     )
+                    dq_t = tl.trans(dq)
                 else:
-                    dq = mma(tl.trans(ds_low), k, UPCAST, PRECISION)
+                    dq_t = mma(tl.trans(k), ds_low, UPCAST, PRECISION)
             else:
-                dq = mma(tl.trans(ds_low), k, UPCAST, PRECISION)
-            _add_rows(dq_base, offs_m, stride_dqs, dq, rows_ok, offs_d, check_rows, HEAD_DIM, BLOCK_D)
+                dq_t = mma(tl.trans(k), ds_low, UPCAST, PRECISION)
+            _add_rows_t(dq_base, offs_m, stride_dqs, dq_t, rows_ok, offs_d, check_rows, HEAD_DIM, BLOCK_D)
     return dk, dv
 
 
