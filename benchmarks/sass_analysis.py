@@ -2,10 +2,12 @@
 
 The steady loop of an attention kernel is the loop over key (or query) tiles that runs once per block of
 scores. In SASS a loop is a backward branch: the instructions from its target up to the branch are its
-body. The steady loop is the loop holding the most MMA instructions (HGMMA or HMMA) among the loops that
-hold MMA instructions and contain no smaller loop that also holds some (a spin-wait on an mbarrier inside
-it is a loop without MMA, so it does not disqualify it); on a tie, the shortest (the mask-free full-tile
-loop comes out ahead of the masked edge loop, which does the same MMA work with more instructions).
+body (unless they hold an unconditional EXIT: then the branch comes back from out-of-line code after the
+kernel's end).
+The steady loop is the loop holding the most MMA instructions (HGMMA or HMMA) among the loops that hold
+MMA instructions and contain no smaller loop that also holds some (a spin-wait on an mbarrier inside it is
+a loop without MMA, so it does not disqualify it); on a tie, the shortest (the mask-free full-tile loop
+comes out ahead of the masked edge loop, which does the same MMA work with more instructions).
 
 Its length is counted two ways: the whole body, and the shortest path through it that still executes
 every MMA instruction of the body (forward branches may skip code, such as a mask applied only on edge
@@ -107,13 +109,16 @@ def parse_sass(text: str) -> dict[str, list[Instruction]]:
 
 
 def loops(instructions: list[Instruction]) -> list[Loop]:
-    """Every backward branch's loop (a branch to itself, the end-of-kernel trap, is not one)."""
+    """Every backward branch's loop. Not loops: a branch to itself (the end-of-kernel trap), and a branch
+    back from out-of-line code that ptxas places after the kernel's exit (an mbarrier wait's retry path,
+    say), whose span holds an unconditional EXIT."""
     found = []
     for branch in instructions:
         target = branch.branch_target
         if target is not None and target < branch.address:
             body = tuple(i for i in instructions if target <= i.address <= branch.address)
-            found.append(Loop(target, branch.address, body))
+            if not any(instruction.opcode == "EXIT" and not instruction.text.startswith("@") for instruction in body):
+                found.append(Loop(target, branch.address, body))
     return found
 
 

@@ -56,6 +56,23 @@ def test_steady_loop_is_the_shortest_innermost_loop_with_the_most_mma():
     assert loop.path == 6  # the branch skips the FMUL
 
 
+def test_a_branch_back_from_code_after_the_exit_is_no_loop():
+    """ptxas places an mbarrier wait's retry path after the kernel's EXIT and branches back into the loop."""
+    instructions = parse_sass(
+        sass(
+            "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ",  # 0x00: the loop
+            "@!P0 BRA 0x50",  # 0x10: to the retry path
+            "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR12], R24",  # 0x20
+            "@P1 BRA 0x0",  # 0x30: the loop's back branch
+            "EXIT",  # 0x40
+            "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8], R3",  # 0x50: the retry path
+            "BRA 0x20",  # 0x60: back into the loop
+        )
+    )["kernel"]
+    loop = steady_loop(instructions)
+    assert (loop.start, loop.end, loop.mma) == (0x0, 0x30, 2)
+
+
 def test_the_path_never_skips_an_mma_instruction():
     instructions = parse_sass(
         sass("HMMA.16816.F32 R4, R8, R12, R4", "@P0 BRA 0x30", "HMMA.16816.F32 R4, R8, R14, R4", "@P1 BRA 0x0")
