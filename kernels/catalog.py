@@ -23,6 +23,9 @@ LAYOUTS = {
     "padded": {},
     "dense": dict(HAS_MASK=False, MASK_QUERIES=False),
     "packed": dict(IS_VARLEN=True, HAS_MASK=False, MASK_QUERIES=False),
+    # The forward's packed launches: the device-side tile schedule, with and without GQA packing.
+    "scheduled": dict(IS_VARLEN=True, HAS_MASK=False, MASK_QUERIES=False, SCHEDULE_BLOCK=64),
+    "scheduled_gqa": dict(IS_VARLEN=True, HAS_MASK=False, MASK_QUERIES=False, SCHEDULE_BLOCK=64, PACK_GQA=True),
 }
 
 
@@ -46,8 +49,24 @@ class Kernel:
         return self.tiles.get(input_class, [])
 
 
+_FWD_FLAGS = dict(HOPPER=False, NEGATIVE_SCALE=False, PACK_GQA=False, SCHEDULE_BLOCK=0)
 KERNELS: dict[str, Kernel] = {
-    "fwd": Kernel("attention_fwd_kernel", attention_fwd, attention_fwd.FWD_TILES),
+    "fwd": Kernel(
+        "attention_fwd_kernel",
+        attention_fwd,
+        attention_fwd.FWD_TILES,
+        flags=_FWD_FLAGS,
+        layouts=("padded", "dense", "scheduled", "scheduled_gqa"),
+    ),
+    "fwd_hopper": Kernel(  # TMA + warp specialization: unmasked 16-bit batches on sm_90a (see warp_specialized)
+        "attention_fwd_kernel",
+        attention_fwd,
+        attention_fwd.FWD_HOPPER_TILES,
+        archs=("sm_90a",),
+        flags=_FWD_FLAGS | dict(HOPPER=True),
+        layouts=("dense", "scheduled"),
+    ),
+    "bwd": Kernel("attention_bwd_kernel", attention_bwd, attention_bwd.BWD_TILES, archs=("sm_90a",)),  # see _fused
     "dkdv": Kernel("attention_bwd_dkdv_kernel", attention_bwd, attention_bwd.DKDV_TILES),
     "dq": Kernel("attention_bwd_dq_kernel", attention_bwd, attention_bwd.DQ_TILES),
     "preprocess": Kernel(
@@ -96,6 +115,7 @@ def argument_types(dtype: str) -> dict:
     element = f"*{dtype}"
     tensors = dict.fromkeys(("Q", "K", "V", "Out", "DOut", "DK", "DV", "DQ"), element)
     return tensors | dict(
+        DQAccum="*fp32",
         Lse="*fp32",
         Delta="*fp32",
         DLse="*fp32",

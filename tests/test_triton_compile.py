@@ -26,7 +26,7 @@ FEATURES = {
     "varlen causal": dict(IS_VARLEN=True, HAS_MASK=False, MASK_QUERIES=False, WINDOW_RIGHT=True),
     "cross-attention mask": dict(MASK_QUERIES=False, GROUP=1),
 }
-ATTENTION = ("fwd", "dkdv", "dq")
+ATTENTION = ("fwd", "bwd", "dkdv", "dq")
 VARIANTS = [
     TileJob(kernel, "half", KERNELS[kernel].specs("half")[-1], arch, feature, FEATURES[feature])
     for feature in sorted(FEATURES)
