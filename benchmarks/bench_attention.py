@@ -325,7 +325,7 @@ def static_figures(row: dict, report: list[dict], tiles: dict[str, tuple]) -> st
     """The static report's figures for the kernels a row of ours ran: for Triton the tiles the autotuner
     chose (`tiles`: catalog key -> (BLOCK_M, BLOCK_N, warps, stages)), for CUDA the csrc kernels of d128
     bf16 on sm_90a. Empty where nothing matches."""
-    wanted = ["fwd"] + (["dkdv", "dq"] if row["mode"] == "fwd+bwd" else [])
+    wanted = ["fwd"] + (["bwd", "dkdv", "dq"] if row["mode"] == "fwd+bwd" else [])
     parts = []
     if "triton" in row["backend"]:
         for kernel in wanted:
@@ -342,7 +342,7 @@ def static_figures(row: dict, report: list[dict], tiles: dict[str, tuple]) -> st
                     parts.append(_figure(kernel, static))
     elif "cuda" in row["backend"]:
         names = {"fwd": ("fwd_kernel", "fwd_sm90_kernel"), "dkdv": ("bwd_dkdv_kernel",), "dq": ("bwd_dq_kernel",)}
-        for kernel in wanted:
+        for kernel in (kernel for kernel in wanted if kernel in names):
             for static in report:
                 if (
                     static.get("source") == "cuda"
