@@ -138,6 +138,10 @@ def test_static_figures_name_the_tiles_the_autotuner_chose():
         "fwd 128x64w8: 1596 instr/64x64, 200 regs"
     )
     assert bench_attention.static_figures(row, [static], {"fwd": (128, 128, 8, 2)}) == ""
+    cuda = dict(source="cuda", file="fwd_sm90_d128_bf16.cu", kernel="fwd_sm90_kernel<HopperFwdConfig<Bf16, 128>>")
+    cuda |= dict(arch="sm_90a", block_m=128, block_n=128, num_warps=8, per_block=1262.0, registers=168)
+    cuda_row = dict(backend="ours-cuda", layout="dense", mode="fwd+bwd")
+    assert bench_attention.static_figures(cuda_row, [cuda], {}) == "fwd 128x128w8: 1262 instr/64x64, 168 regs"
 
 
 def test_benchmark_rejects_bad_arguments(capsys):
