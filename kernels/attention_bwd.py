@@ -5,9 +5,9 @@ Probabilities are recomputed from the saved log-sum-exp. The dK/dV program owns 
 head and loops over every query head of its GQA group, so the group reduction happens in registers. Per
 (key tile, query tile) pair the fused kernel computes S = K Q^T, dP = V dO^T, dV += P^T dO, dK += dS^T Q
 and dQ = dS K, the last added with fp32 atomics into a zeroed buffer that is scaled and cast after (the
-order of the additions varies from run to run). ``deterministic=True`` keeps the atomic-free pair: the
-dK/dV kernel without dQ and a dQ kernel that owns one query tile of one query head (it recomputes P and
-dP: 7 GEMMs in all), bitwise reproducible.
+order of the additions varies from run to run). ``deterministic=True`` (and Ampere, and head dim 256, see
+``_fused``) runs the atomic-free pair instead: the dK/dV kernel without dQ and a dQ kernel that owns one
+query tile of one query head (it recomputes P and dP: 7 GEMMs in all), bitwise reproducible.
 
 Masks only on edges: inside a span, the query tiles that every key of the tile sees (no window edge, no
 span tail) run without pair masks when the key tile itself is full (every key real and in bounds, K and V
@@ -46,12 +46,11 @@ from .tiles import (
 )
 
 # Tiles whose every GEMM runs on wgmma on sm_90a with no spill, padded and packed (BLOCK_N keys are the rows
-# of four GEMMs, the head dim those of dQ^T). The fused kernel holds five accumulators: 16 query rows; on
-# sm_80 its tile spills (no spill-free Ampere tile found yet). fp32 compiles to FMA (exact dots) at any tile;
-# 16-bit head dim 256 keeps 32-key tiles, whose GEMMs with 32 rows run on mma.sync.
+# of four GEMMs, the head dim those of dQ^T). The fused kernel holds five accumulators: 16 query rows, head
+# dims up to 128, sm_90a (see _fused). fp32 compiles to FMA (exact dots). Open: the dK/dV kernel at head dim
+# 256 keeps 32-key tiles on mma.sync (its 64-key tile spills 20 bytes).
 BWD_TILES = {
     "half": [(16, 64, 8, 2)],
-    "half_wide": [(16, 32, 8, 2)],
     "fp32": [(16, 32, 4, 2)],
 }
 DKDV_TILES = {
@@ -61,7 +60,7 @@ DKDV_TILES = {
 }
 DQ_TILES = {
     "half": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
-    "half_wide": [(32, 64, 4, 2), (16, 64, 4, 2)],
+    "half_wide": [(64, 32, 8, 2), (64, 16, 8, 2)],
     "fp32": [(16, 32, 8, 2)],  # 4 warps spill since rows that see no key store 0
 }
 _PREPROCESS_BLOCK_M = 64
@@ -1246,6 +1245,15 @@ def _finish_dq(dq_sum: torch.Tensor, softmax_scale: float, dtype: torch.dtype) -
     return dq_sum.masked_fill_(dq_sum.isinf(), float("nan")).to(dtype)
 
 
+def _fused(q: torch.Tensor, options, block_d: int) -> bool:
+    """Whether the fused kernel runs: unless asked to be deterministic, for head dims up to 128 on sm_90+ (and
+    in the interpreter). Ampere and head dim 256 keep the pair, whose tiles are spill-free there (the fused
+    kernel's five accumulators spill on sm_80 and at head dim 256)."""
+    if options.deterministic or block_d > 128:
+        return False
+    return q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] >= 9
+
+
 def attention_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -1330,7 +1338,7 @@ def attention_backward(
 
     key_args = (*masks, *common_strides, *token_strides(dk, is_varlen), *token_strides(dv, is_varlen))
     tail_args = (*lse_strides(lse, is_varlen), shape.stride_mask, shape.stride_spans, *common_scalars)
-    if not options.deterministic:
+    if _fused(q, options, block_d):
         dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         attention_bwd_kernel[kv_grid](
             q,
