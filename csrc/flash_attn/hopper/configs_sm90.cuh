@@ -4,6 +4,7 @@
 // from encode_tma_descriptor (tma_host.h, or the emulator's).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -53,14 +54,16 @@ inline TmaTensorSpec operand_spec(const void* base, int head_dim, int64_t tokens
   return spec;
 }
 
-// The kernel parameters with q, k and v's tensor maps; kv_tokens is the length of k/v's token
-// dimension (seqlen_k padded, total keys varlen). "" or why a map cannot be encoded.
+// The kernel parameters with q, k and v's tensor maps and the persistent grid's size (at most `ctas`,
+// one block per SM on a GPU); kv_tokens is the length of k/v's token dimension (seqlen_k padded,
+// total keys varlen). "" or why a map cannot be encoded.
 template <class Cfg>
-std::string make_hopper_fwd_params(const FwdParams& p, int64_t kv_tokens, HopperFwdParams& hp) {
+std::string make_hopper_fwd_params(const FwdParams& p, int64_t kv_tokens, int ctas, HopperFwdParams& hp) {
   const bool varlen = p.cu_seqlens_q != nullptr;
   const int sequences = varlen ? 1 : p.batch;
   const int64_t q_tokens = varlen ? p.tokens_q : p.seqlen_q;
   hp.p = p;
+  hp.ctas = std::max(1, std::min(ctas, WorkTiles<Cfg::kBlockM>::total(p)));
   std::string problem = encode_tma_descriptor(
       operand_spec(p.q, Cfg::kHeadDim, q_tokens, p.heads_q, sequences, p.q_row_stride, p.q_head_stride,
                    p.q_batch_stride, Cfg::kBlockM),
@@ -81,7 +84,8 @@ std::string make_hopper_fwd_params(const FwdParams& p, int64_t kv_tokens, Hopper
 template <class Elem, int kHeadDim, class Launch>
 auto launch_forward_sm90(const HopperFwdParams& hp, Launch&& launch) {
   using Cfg = typename HopperConfigs<Elem, kHeadDim>::Fwd;
-  return launch(fwd_sm90_kernel<Cfg>, block_grid_over_queries<Cfg>(hp.p), Cfg::kThreads, Cfg::kSmemBytes, hp);
+  const dim3 grid(WorkTiles<Cfg::kBlockM>::total(hp.p) > 0 ? hp.ctas : 0);
+  return launch(fwd_sm90_kernel<Cfg>, grid, Cfg::kThreads, Cfg::kSmemBytes, hp);
 }
 
 }  // namespace l2vf

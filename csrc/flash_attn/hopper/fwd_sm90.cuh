@@ -1,10 +1,12 @@
-// The attention forward for Hopper (sm_90a) in the FlashAttention-3 structure: one block per
-// (128-row query tile, query head, sequence), three warpgroups.
+// The attention forward for Hopper (sm_90a) in the FlashAttention-3 structure: a persistent grid
+// (one block per SM) whose blocks take turns at the work tiles (128-row query tile, query head,
+// sequence), three warpgroups each.
 //
 // Warpgroup 0 is the producer: it gives its registers away (setmaxnreg) and one thread issues TMA
 // loads of the Q tile and of the K and V tiles the block walks (tiles without a real key are never
 // loaded) into a kStages-deep ring; each load completes on the stage's full mbarrier (transaction
-// bytes), and a stage is reused once both consumers have arrived on its empty mbarrier.
+// bytes), and a stage is reused once both consumers have arrived on its empty mbarrier; the ring and
+// the Q tile (released by the consumers after their epilogue) carry over from one work tile to the next.
 // Warpgroups 1 and 2 are the consumers, 64 query rows each, with the registers: per key tile
 //   S = Q K^T      wgmma m64 n{kBlockN} k16, both operands from shared memory (K-major),
 //   online softmax on the accumulators in log2 units: p = 2^(s * scale log2 e - m * scale log2 e), one FFMA,
@@ -25,6 +27,7 @@
 #include "../ptx_sm90.cuh"
 #include "../tile.cuh"
 #include "../tma_host.h"
+#include "ptx_extra.cuh"
 #include "tile_sm90.cuh"
 
 namespace l2vf {
@@ -34,6 +37,7 @@ namespace l2vf {
 struct HopperFwdParams {
   FwdParams p;
   TmaDescriptor tma_q, tma_k, tma_v;
+  int ctas;  // the persistent grid's size: block c takes work tiles c, c + ctas, ...
 };
 
 template <class Elem_, int kHeadDim_, int kBlockN_, int kStages_>
@@ -51,11 +55,11 @@ struct HopperFwdConfig {
   static constexpr int kBoxBytesQ = QTile::kBytes;
   static constexpr int kBoxBytesKV = KVTile::kBytes;
   // Shared memory from a 1024-byte aligned base: Q, K stages, V stages, then the mbarriers
-  // (q full; per stage k full, v full, empty), 8 bytes each.
+  // (q full, q empty; per stage k full, v full, empty), 8 bytes each.
   static constexpr int kOffK = QTile::kBytes;
   static constexpr int kOffV = kOffK + kStages * KVTile::kBytes;
   static constexpr int kOffBarriers = kOffV + kStages * KVTile::kBytes;
-  static constexpr int kSmemBytes = 1024 + kOffBarriers + 8 * (1 + 3 * kStages);
+  static constexpr int kSmemBytes = 1024 + kOffBarriers + 8 * (2 + 3 * kStages);
 
   static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "wgmma n = head dim, whole 64-column panels");
   static_assert(kBlockN % 32 == 0 && 128 % kBlockN == 0, "key tiles cover whole words of the mask bits");
@@ -69,7 +73,23 @@ struct HopperFwdConfig {
 constexpr int kTurnBarrier0 = 1;     // + consumer index
 constexpr int kConsumerBarrier0 = 3;  // + consumer index
 
-// Where the block's query tile, heads and sequence live, and the key tiles it walks; the same in
+// The persistent schedule: work tile w is query block n_m - 1 - w % n_m (under causal masks and windows
+// the longest key ranges go first), query head (w / n_m) % heads_q, sequence w / (n_m heads_q).
+// Computed from the parameters at each use (they stay in parameter space, not in registers).
+template <int kBlockM>
+struct WorkTiles {
+  __host__ __device__ __forceinline__ static int total(const FwdParams& p) {
+    return ceil_div(p.seqlen_q, kBlockM) * p.heads_q * p.batch;
+  }
+  __device__ __forceinline__ static void coords(int w, const FwdParams& p, int& m_block, int& h, int& b) {
+    const int n_m = ceil_div(p.seqlen_q, kBlockM);
+    m_block = n_m - 1 - w % n_m;
+    h = (w / n_m) % p.heads_q;
+    b = w / n_m / p.heads_q;
+  }
+};
+
+// Where a work tile's queries, heads and sequence live, and the key tiles it walks; the same in
 // every thread (the producer and consumers walk one sequence of tiles).
 template <int kBlockM, int kBlockN>
 struct HopperBlock {
@@ -77,19 +97,21 @@ struct HopperBlock {
   int h, hk, b;
   int m0, rows;  // rows <= 0: the tile lies past the sequence's end
   const uint32_t* key_bits;
-  const uint32_t* query_bits;
   int t_first, t_hi;  // key tiles [t_first, t_hi), those without a real key skipped
 
-  __device__ __forceinline__ explicit HopperBlock(const FwdParams& p)
-      : seq(seq_slice(p, blockIdx.z)), h(blockIdx.y), hk(h / p.group), b(blockIdx.z), m0(blockIdx.x * kBlockM) {
+  __device__ __forceinline__ HopperBlock(const FwdParams& p, int m_block, int h_, int b_)
+      : seq(seq_slice(p, b_)), h(h_), hk(h_ / p.group), b(b_), m0(m_block * kBlockM) {
     rows = min(kBlockM, seq.len_q - m0);
     key_bits = p.key_bits != nullptr ? p.key_bits + static_cast<int64_t>(b) * p.key_bits_stride : nullptr;
-    query_bits = p.query_rows_masked ? key_bits : nullptr;
     t_first = t_hi = 0;
     if (rows <= 0) return;
     int n_lo, n_hi;
     visible_keys(p, seq, m0, rows, n_lo, n_hi);
-    tile_walk<kBlockM, kBlockN>(n_lo, n_hi, query_bits, m0, key_bits, t_first, t_hi);
+    tile_walk<kBlockM, kBlockN>(n_lo, n_hi, query_bits(p), m0, key_bits, t_first, t_hi);
+  }
+  // The mask bits of the query rows, when the key mask marks them too (recomputed, not kept in registers).
+  __device__ __forceinline__ const uint32_t* query_bits(const FwdParams& p) const {
+    return p.query_rows_masked ? key_bits : nullptr;
   }
   __device__ __forceinline__ int after(int tile) const {
     return next_tile_with_tokens<kBlockN>(key_bits, tile + 1, t_hi);
@@ -127,7 +149,7 @@ __device__ __forceinline__ BlockPointers block_pointers(const FwdParams& p, cons
 template <class Cfg>
 struct HopperSmem {
   uint32_t q, k, v;  // k and v: kStages tiles each
-  uint32_t q_full, k_full, v_full, empty;  // k_full .. empty: kStages barriers each, 8 bytes apart
+  uint32_t q_full, q_empty, k_full, v_full, empty;  // k_full .. empty: kStages barriers each, 8 bytes apart
 
   __device__ __forceinline__ explicit HopperSmem(uint32_t base) {
     const uint32_t aligned = (base + 1023u) & ~1023u;
@@ -135,7 +157,8 @@ struct HopperSmem {
     k = aligned + Cfg::kOffK;
     v = aligned + Cfg::kOffV;
     q_full = aligned + Cfg::kOffBarriers;
-    k_full = q_full + 8;
+    q_empty = q_full + 8;
+    k_full = q_empty + 8;
     v_full = k_full + 8 * Cfg::kStages;
     empty = v_full + 8 * Cfg::kStages;
   }
@@ -144,39 +167,48 @@ struct HopperSmem {
   }
 };
 
-// The producer: one thread loads Q, then every key tile the block walks into the ring.
+// The producer: one thread loads, per work tile of this block that sees a key, its Q (once the
+// consumers have released the Q tile, which also stages the previous tile's O) and every key tile
+// it walks into the ring; the ring's stage and phase run on across work tiles.
 template <class Cfg>
-__device__ __forceinline__ void produce(const HopperFwdParams& hp, const HopperBlock<Cfg::kBlockM, Cfg::kBlockN>& blk,
-                                        const HopperSmem<Cfg>& sm) {
+__device__ __forceinline__ void produce(const HopperFwdParams& hp, const HopperSmem<Cfg>& sm) {
   constexpr int BN = Cfg::kBlockN, kPanels = Cfg::QTile::kPanels, kStages = Cfg::kStages;
   setmaxnreg_dec<Cfg::kProducerRegs>();
   if (threadIdx.x != 0) return;
   const FwdParams& p = hp.p;
-  const int bc = blk.batch_coord(p);
-  mbarrier_arrive_expect_tx(sm.q_full, Cfg::kBoxBytesQ);
-#pragma unroll
-  for (int panel = 0; panel < kPanels; ++panel) {
-    tma_load_4d(sm.q + panel * Cfg::QTile::kPanelBytes, hp.tma_q, sm.q_full, 64 * panel, blk.seq.q_token0 + blk.m0,
-                blk.h, bc);
-  }
-  int tile = blk.t_first;
+  int it = 0, q_round = 0;
 #pragma unroll 1
-  for (int it = 0; tile < blk.t_hi; ++it, tile = blk.after(tile)) {
-    const int s = it % kStages;
-    // A fresh barrier counts as having completed the phase before its first: the first pass waits on nothing.
-    mbarrier_wait(sm.empty + 8 * s, ((it / kStages) & 1) ^ 1);
-    const int token = blk.seq.k_token0 + tile * BN;
-    mbarrier_arrive_expect_tx(sm.k_full + 8 * s, Cfg::kBoxBytesKV);
+  for (int w = blockIdx.x; w < WorkTiles<Cfg::kBlockM>::total(p); w += hp.ctas) {
+    int m_block, h, b;
+    WorkTiles<Cfg::kBlockM>::coords(w, p, m_block, h, b);
+    const HopperBlock<Cfg::kBlockM, Cfg::kBlockN> blk(p, m_block, h, b);
+    if (blk.t_first >= blk.t_hi) continue;  // no key to load (the consumers write zeros)
+    const int bc = blk.batch_coord(p);
+    // A fresh barrier counts as having completed the phase before its first: the first wait passes at once.
+    mbarrier_wait(sm.q_empty, (q_round++ & 1) ^ 1);
+    mbarrier_arrive_expect_tx(sm.q_full, Cfg::kBoxBytesQ);
 #pragma unroll
     for (int panel = 0; panel < kPanels; ++panel) {
-      tma_load_4d(sm.stage(sm.k, s) + panel * Cfg::KVTile::kPanelBytes, hp.tma_k, sm.k_full + 8 * s, 64 * panel,
-                  token, blk.hk, bc);
+      tma_load_4d(sm.q + panel * Cfg::QTile::kPanelBytes, hp.tma_q, sm.q_full, 64 * panel, blk.seq.q_token0 + blk.m0,
+                  blk.h, bc);
     }
-    mbarrier_arrive_expect_tx(sm.v_full + 8 * s, Cfg::kBoxBytesKV);
+#pragma unroll 1
+    for (int tile = blk.t_first; tile < blk.t_hi; ++it, tile = blk.after(tile)) {
+      const int s = it % kStages;
+      mbarrier_wait(sm.empty + 8 * s, ((it / kStages) & 1) ^ 1);
+      const int token = blk.seq.k_token0 + tile * BN;
+      mbarrier_arrive_expect_tx(sm.k_full + 8 * s, Cfg::kBoxBytesKV);
 #pragma unroll
-    for (int panel = 0; panel < kPanels; ++panel) {
-      tma_load_4d(sm.stage(sm.v, s) + panel * Cfg::KVTile::kPanelBytes, hp.tma_v, sm.v_full + 8 * s, 64 * panel,
-                  token, blk.hk, bc);
+      for (int panel = 0; panel < kPanels; ++panel) {
+        tma_load_4d(sm.stage(sm.k, s) + panel * Cfg::KVTile::kPanelBytes, hp.tma_k, sm.k_full + 8 * s, 64 * panel,
+                    token, blk.hk, bc);
+      }
+      mbarrier_arrive_expect_tx(sm.v_full + 8 * s, Cfg::kBoxBytesKV);
+#pragma unroll
+      for (int panel = 0; panel < kPanels; ++panel) {
+        tma_load_4d(sm.stage(sm.v, s) + panel * Cfg::KVTile::kPanelBytes, hp.tma_v, sm.v_full + 8 * s, 64 * panel,
+                    token, blk.hk, bc);
+      }
     }
   }
 }
@@ -187,16 +219,17 @@ struct RowStats {
   float sum[2];  // this thread's partial sums; reduced across the quad at the end
 };
 
-// One consumer warpgroup: its 64 query rows against every key tile, then the epilogue.
+// One consumer warpgroup on one work tile: its 64 query rows against every key tile, then the epilogue;
+// `it` counts the ring's tiles across work tiles, q_round the Q tiles.
 template <class Cfg>
-__device__ __forceinline__ void consume(const HopperFwdParams& hp, const HopperBlock<Cfg::kBlockM, Cfg::kBlockN>& blk,
-                                        const HopperSmem<Cfg>& sm, int consumer) {
+__device__ __forceinline__ void consume_tile(const HopperFwdParams& hp,
+                                             const HopperBlock<Cfg::kBlockM, Cfg::kBlockN>& blk,
+                                             const HopperSmem<Cfg>& sm, int consumer, int& it, int q_round) {
   using Elem = typename Cfg::Elem;
   using QTile = typename Cfg::QTile;
   using KVTile = typename Cfg::KVTile;
   constexpr int D = Cfg::kHeadDim, BN = Cfg::kBlockN, kStages = Cfg::kStages;
   constexpr int kNT = BN / 8, kDT = D / 8;  // n8 column tiles of S and of O
-  setmaxnreg_inc<Cfg::kConsumerRegs>();
   const FwdParams& p = hp.p;
   const int thread = static_cast<int>(threadIdx.x) % 128;
   const int warp = thread / 32, lane = thread % 32;
@@ -227,7 +260,7 @@ __device__ __forceinline__ void consume(const HopperFwdParams& hp, const HopperB
   const auto take_turn = [&] { named_barrier_sync(kTurnBarrier0 + consumer, 256); };
   const auto pass_turn = [&] { named_barrier_arrive(kTurnBarrier0 + other, 256); };
   if (consumer == 1) pass_turn();
-  mbarrier_wait(sm.q_full, 0);
+  mbarrier_wait(sm.q_full, q_round & 1);
 
   float acc_s[BN / 2];  // S, then P of one key tile; n8 tile nt: acc_s[4 nt .. 4 nt + 3]
   uint32_t a_p[BN / 16][4];  // P as the A operand of P V, 16 keys per k step
@@ -316,12 +349,12 @@ __device__ __forceinline__ void consume(const HopperFwdParams& hp, const HopperB
   };
 
   // Intra-warpgroup overlap: each turn issues the next tile's S and this tile's P V, and the softmax of
-  // that S runs while P V is in flight; O is rescaled once P V has retired. Tile i sits in stage i % kStages.
+  // that S runs while P V is in flight; O is rescaled once P V has retired. Ring tile i sits in stage i % kStages.
   float correction[2];
-  int tile = blk.t_first, it = 0;
-  mbarrier_wait(sm.k_full, 0);
+  int tile = blk.t_first;
+  mbarrier_wait(sm.k_full + 8 * (it % kStages), (it / kStages) & 1);
   take_turn();
-  issue_s(0);
+  issue_s(it % kStages);
   pass_turn();
   wgmma_wait<0>();
   wgmma_fence_operands(acc_s);
@@ -356,10 +389,15 @@ __device__ __forceinline__ void consume(const HopperFwdParams& hp, const HopperB
   wgmma_wait<0>();
   wgmma_fence_operands(acc_o);
   mbarrier_arrive(sm.empty + 8 * last);
+  ++it;
 
   // Normalise; padded query rows (and rows that saw no key) get zeros and lse = -inf. Every wgmma
   // of the warpgroup has read its Q rows before they are overwritten with O.
   named_barrier_sync(kConsumerBarrier0 + consumer, 128);
+  // The epilogue's shared addresses derive from opaque values (the tile and, below, the warp's first row)
+  // so that they are recomputed per work tile: hoisted out of the persistent loop, they would stay live
+  // in registers across it and spill.
+  const uint32_t o_tile = opaque(sm.q);
   const BlockPointers outs = block_pointers(p, blk);
   uint32_t redo_rows = 0;  // bit r: row warp_row0 + r holds a non-finite value, maybe from 0 * NaN
   bool redo[2];
@@ -369,7 +407,7 @@ __device__ __forceinline__ void consume(const HopperFwdParams& hp, const HopperB
     sum += warp_shfl_xor(sum, 1);
     sum += warp_shfl_xor(sum, 2);
     const int r = warp_row0 + lane / 4 + 8 * hf;  // row within the tile
-    const bool valid = is_token(blk.query_bits, blk.m0 + r, blk.seq.len_q);
+    const bool valid = is_token(blk.query_bits(p), blk.m0 + r, blk.seq.len_q);
     // sum is 0 exactly on rows that saw no key or only -inf scores, NaN on rows with a NaN or +inf score.
     // Zeros are selected, not multiplied in: acc may hold NaN from a padding row's own q.
     const bool row_ok = valid && sum != 0.f;
@@ -380,7 +418,7 @@ __device__ __forceinline__ void consume(const HopperFwdParams& hp, const HopperB
 #pragma unroll
     for (int dt = 0; dt < kDT; ++dt) {
       row_nonfinite = row_nonfinite || nonfinite(acc_o[4 * dt + 2 * hf]) || nonfinite(acc_o[4 * dt + 2 * hf + 1]);
-      store_pair<QTile, Elem>(sm.q, r, dt, row_ok ? nan_if_infinite(acc_o[4 * dt + 2 * hf] * inv) : 0.f,
+      store_pair<QTile, Elem>(o_tile, r, dt, row_ok ? nan_if_infinite(acc_o[4 * dt + 2 * hf] * inv) : 0.f,
                               row_ok ? nan_if_infinite(acc_o[4 * dt + 2 * hf + 1] * inv) : 0.f);
     }
     // A NaN sum (a NaN or +inf score) makes every element NaN already, as it should.
@@ -397,29 +435,57 @@ __device__ __forceinline__ void consume(const HopperFwdParams& hp, const HopperB
       RowSlice<D> o;
       seen_output_row<Elem, D>(p, blk.seq, score, blk.m0 + r, outs.q + r * p.q_row_stride, outs.k, outs.v,
                                blk.key_bits, ld_global_f32(outs.lse + r) * kLog2e, o);
-      store_row_slice<QTile, Elem, D>(sm.q, r, o, 1.f);
+      store_row_slice<QTile, Elem, D>(o_tile, r, o, 1.f);
     }
     __syncwarp();
   }
-  copy_rows_to_global<QTile, 16>(sm.q, warp_row0, outs.out, p.o_row_stride, blk.rows);
+  copy_rows_to_global<QTile, 16>(o_tile, static_cast<int>(opaque(warp_row0)), outs.out, p.o_row_stride, blk.rows);
+  // The Q tile (which staged O) goes back to the producer; its next TMA load overwrites these stores.
+  fence_proxy_async();
+  mbarrier_arrive(sm.q_empty);
 }
 
+// Rows of a work tile that see no key: zeros and lse = -inf, this consumer's 64 of them.
+template <class Cfg>
+__device__ __forceinline__ void write_empty_rows(const FwdParams& p, const HopperBlock<Cfg::kBlockM, Cfg::kBlockN>& blk,
+                                                 int consumer) {
+  constexpr int kChunks = Cfg::kHeadDim / 8;
+  const BlockPointers outs = block_pointers(p, blk);
+  // thread is opaque for the reason given in consume_tile's epilogue.
+  const int r0 = 64 * consumer, rows = min(64, blk.rows - r0), thread = static_cast<int>(opaque(threadIdx.x) % 128);
+  for (int idx = thread; idx < rows * kChunks; idx += 128) {
+    st_global_16(outs.out + (r0 + idx / kChunks) * p.o_row_stride + (idx % kChunks) * 8, make_uint4(0u, 0u, 0u, 0u));
+  }
+  for (int r = thread; r < rows; r += 128) st_global_f32(outs.lse + r0 + r, -INFINITY);
+}
+
+// A consumer warpgroup: every work tile of this block.
+template <class Cfg>
+__device__ __forceinline__ void consume(const HopperFwdParams& hp, const HopperSmem<Cfg>& sm, int consumer) {
+  setmaxnreg_inc<Cfg::kConsumerRegs>();
+  const FwdParams& p = hp.p;
+  int it = 0, q_round = 0;
+#pragma unroll 1
+  for (int w = blockIdx.x; w < WorkTiles<Cfg::kBlockM>::total(p); w += hp.ctas) {
+    int m_block, h, b;
+    WorkTiles<Cfg::kBlockM>::coords(w, p, m_block, h, b);
+    const HopperBlock<Cfg::kBlockM, Cfg::kBlockN> blk(p, m_block, h, b);
+    if (blk.rows <= 0) continue;  // past the end of a shorter varlen sequence
+    if (blk.t_first >= blk.t_hi) {
+      write_empty_rows<Cfg>(p, blk, consumer);
+    } else {
+      consume_tile<Cfg>(hp, blk, sm, consumer, it, q_round++);
+    }
+  }
+}
+
+// A persistent grid of hp.ctas blocks over the work tiles (query tile, query head, sequence).
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_sm90_kernel(const __grid_constant__ HopperFwdParams hp) {
-  const FwdParams& p = hp.p;
-  const HopperBlock<Cfg::kBlockM, Cfg::kBlockN> blk(p);
-  if (blk.rows <= 0) return;
-  if (blk.t_first >= blk.t_hi) {  // no row of this block sees a key: zeros, lse = -inf
-    const BlockPointers outs = block_pointers(p, blk);
-    zero_rows_global<Cfg::kHeadDim, Cfg::kThreads>(outs.out, p.o_row_stride, blk.rows);
-    for (int r = static_cast<int>(threadIdx.x); r < blk.rows; r += Cfg::kThreads) {
-      st_global_f32(outs.lse + r, -INFINITY);
-    }
-    return;
-  }
   const HopperSmem<Cfg> sm(dynamic_smem());
   if (threadIdx.x == 0) {
     mbarrier_init(sm.q_full, 1);
+    mbarrier_init(sm.q_empty, 128 * Cfg::kConsumers);
     for (int s = 0; s < Cfg::kStages; ++s) {
       mbarrier_init(sm.k_full + 8 * s, 1);
       mbarrier_init(sm.v_full + 8 * s, 1);
@@ -429,9 +495,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_sm90_kernel(const __grid
   }
   __syncthreads();
   if (threadIdx.x < 128) {
-    produce<Cfg>(hp, blk, sm);
+    produce<Cfg>(hp, sm);
   } else {
-    consume<Cfg>(hp, blk, sm, static_cast<int>(threadIdx.x) / 128 - 1);
+    consume<Cfg>(hp, sm, static_cast<int>(threadIdx.x) / 128 - 1);
   }
 }
 

@@ -14,10 +14,14 @@ namespace l2vf {
 template <class Elem, int kHeadDim>
 std::string run_fwd_sm90(const FwdParams& p, int64_t kv_tokens, cudaStream_t stream) {
   using Cfg = typename HopperConfigs<Elem, kHeadDim>::Fwd;
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return cudaGetErrorString(err);
   HopperFwdParams hp;
-  const std::string problem = make_hopper_fwd_params<Cfg>(p, kv_tokens, hp);
+  const std::string problem = make_hopper_fwd_params<Cfg>(p, kv_tokens, sms, hp);
   if (!problem.empty()) return problem;
-  const cudaError_t err = launch_forward_sm90<Elem, kHeadDim>(hp, CudaLaunch{stream});
+  err = launch_forward_sm90<Elem, kHeadDim>(hp, CudaLaunch{stream});
   return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
 }
 
