@@ -5,8 +5,9 @@ tests/cuda_emulator/emulator_sm90.h (TMA with the 128-byte swizzle and out-of-bo
 phases and transaction bytes, wgmma from shared-memory descriptors and from registers, setmaxnreg,
 named barriers), with its ordering checks: a TMA box read before its barrier's phase, a stage
 overwritten while a wgmma reads it, an accumulator touched in flight, a pingpong turn taken out of
-order, each fails the launch. The glue is test_cuda_emulated.py's, with emu_forward running the
-Hopper kernel (harness_sm90.cpp); the backward is the sm80 kernels', so the checks against the
+order, each fails the launch. The persistent grid runs on 3 blocks, so that blocks take several work
+tiles. The glue is test_cuda_emulated.py's, with emu_forward running the Hopper kernel
+(harness_sm90.cpp); the backward is the sm80 kernels', so the checks against the
 float64 oracle cover this forward's out and its lse (through delta and the recomputed P) over the
 same matrix as the sm80 tests: padding patterns, lengths, GQA, head dims, dtypes, varlen, windows,
 soft caps, dlse and strided inputs. What it cannot show: timing, the tensor cores' rounding.
