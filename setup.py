@@ -77,7 +77,7 @@ def _cuda_extension():
 
     # The Hopper forward (csrc/fwd_sm90_*.cu) is built for sm_90a alone, and only when 9.0a is a target; every
     # other file for every target (Hopper runs their backward). The binding then dispatches on the device.
-    hopper = HOPPER_ARCH in archs
+    hopper = any(a.split("+")[0] == HOPPER_ARCH for a in archs)
     os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
     sources = sorted(
         path.relative_to(ROOT).as_posix() for path in (ROOT / "csrc").glob("*.cu") if not path.match(HOPPER_SOURCES)
@@ -99,8 +99,12 @@ def _cuda_extension():
 
 def _with_hopper_objects(build_ext):
     """build_ext that first compiles csrc/fwd_sm90_*.cu for sm_90a only (in parallel, with plain nvcc: they include
-    no torch header) and links the objects into the extension; torch's own build applies one arch list to all."""
+    no torch header) and links the objects into the extension; torch's own build applies one arch list to all.
+    They share std::string with the binding, hence torch's C++ ABI flag."""
+    import torch
     from torch.utils.cpp_extension import CUDA_HOME
+
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
 
     class BuildWithHopper(build_ext):
         def build_extension(self, ext):
@@ -110,7 +114,8 @@ def _with_hopper_objects(build_ext):
             out_dir = Path(self.build_temp) / "sm90"
             out_dir.mkdir(parents=True, exist_ok=True)
             nvcc = str(Path(CUDA_HOME) / "bin" / "nvcc")
-            flags = ["-std=c++20", "-O3", "-lineinfo", "-Xcompiler", "-fPIC", f"-I{ROOT / 'csrc'}", *HOPPER_GENCODE]
+            flags = ["-std=c++20", "-O3", "-lineinfo", "-Xcompiler", "-fPIC", abi, f"-I{ROOT / 'csrc'}"]
+            flags += HOPPER_GENCODE
 
             def compile_one(source):
                 target = out_dir / (source.stem + ".o")
