@@ -2,9 +2,11 @@
 
 "auto" picks it on CUDA tensors when the extension is built and the inputs are what it was
 compiled for (compute capability 8.0+, float16/bfloat16, head dim 64 or 128); anything else
-falls through to Triton. The extension is imported lazily, so importing this module never fails
-on a machine without it. Its ops, ``torch.ops.llm2vec_fast_cuda.fwd`` and ``.bwd``, get fake
-implementations here so that they trace under ``torch.compile`` on their own too.
+falls through to Triton. On compute capability 9.x the extension's forward runs its Hopper
+(sm_90a) kernel when it was built with one (csrc/flash_api.cpp decides; the op is the same).
+The extension is imported lazily, so importing this module never fails on a machine without it.
+Its ops, ``torch.ops.llm2vec_fast_cuda.fwd`` and ``.bwd``, get fake implementations here so
+that they trace under ``torch.compile`` on their own too.
 """
 
 from __future__ import annotations
