@@ -164,9 +164,16 @@ def test_lse_gradient_goes_to_the_reference_backward(poisoned_outputs, reference
     assert reference_calls == ["backward", "backward"]
 
 
-def test_backward_is_deterministic():
-    case = varlen_case([50, 7, 33], [50, 7, 33], 4, 2, 32, torch.float32)
-    first, second = (run_public_api(case, "cpu", "cpu", deterministic=True) for _ in range(2))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_backward_is_deterministic(threads):
+    """Bitwise the same twice, with several threads too (GQA: each KV head's gradient sums 4 query heads)."""
+    case = varlen_case([150, 7, 133], [150, 7, 133], 8, 2, 32, torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        first, second = (run_public_api(case, "cpu", "cpu", deterministic=True) for _ in range(2))
+    finally:
+        torch.set_num_threads(before)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -251,6 +258,15 @@ def test_forcing_it_with_softcap_says_why():
     q = torch.randn(1, 8, 2, 16)
     with pytest.raises(ValueError, match="'cpu' cannot run these inputs: .* no softcap"):
         flash_attn_func(q, q, q, softcap=5.0, backend="cpu")
+
+
+def test_gqa_goes_to_the_reference_where_the_kernel_lacks_it(monkeypatch):
+    monkeypatch.setattr(cpu, "_native_gqa", lambda: False)
+    q, k = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 2, 16)
+    assert resolve_backend(q, k) == "reference"
+    assert resolve_backend(q, q) == "cpu"
+    with pytest.raises(ValueError, match="has no GQA"):
+        resolve_backend(q, k, "cpu")
 
 
 def test_varlen_public_api_runs_on_it(fast_path_only):

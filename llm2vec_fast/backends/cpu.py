@@ -2,8 +2,9 @@
 
 A padded batch is one kernel call (its key mask, window or bottom-right causal bound as an additive mask
 built by the reference's ``_allowed``); a packed batch is one call per sequence on views of the packed
-tensors (no copies in, one copy out). GQA is the kernel's own (k/v never expanded); the backward is the
-kernel's backward from the saved output and log-sum-exp.
+tensors (no copies in unless a last stride is not 1, one copy out). GQA is the kernel's own (k/v never
+expanded; a torch whose kernel lacks it hands GQA calls to the reference); the backward is the kernel's
+backward from the saved output and log-sum-exp.
 
 The reference backend stays the semantic model; this one computes it only where torch's kernel does:
 - finite inputs whose scores cannot overflow float32 (checked, one pass over q, k, v). The kernel turns a
@@ -17,6 +18,8 @@ hands the kernel ``lse = +inf`` for them, so their probabilities are exactly 0.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -42,11 +45,23 @@ def unavailable_reason() -> str | None:
     return None
 
 
+@functools.cache
+def _native_gqa() -> bool:
+    """Whether this torch's kernel takes fewer key/value heads than query heads (torch 2.13's does)."""
+    try:
+        _FORWARD(torch.zeros(1, 2, 1, 8), torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8), 0.0, False)
+    except RuntimeError:
+        return False
+    return True
+
+
 def unsupported_reason(q: Tensor, k: Tensor, options: AttentionOptions) -> str | None:
     if q.device.type != "cpu":
         return f"it runs on CPU tensors, got {q.device.type} tensors"
     if options.softcap > 0:
         return "torch's fused CPU attention has no softcap (the reference backend computes it)"
+    if q.shape[-2] != k.shape[-2] and not _native_gqa():
+        return f"torch {torch.__version__}'s fused CPU attention has no GQA (the reference backend computes it)"
     return None
 
 
