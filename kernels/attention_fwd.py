@@ -23,13 +23,16 @@ from .launch import (
     LOG2E,
     autotuned,
     dot_precision,
+    ensure_allocator,
+    hopper_path,
     launch_shape,
     mask_args,
+    pack_gqa,
     seqlen_bucket,
+    tma_aligned,
     unit_last_stride,
 )
 from .tiles import (
-    capped_scores,
     clip_to_window,
     convert,
     load_tile,
@@ -38,6 +41,7 @@ from .tiles import (
     real_keys,
     sequence_bounds,
     span_bounds,
+    tanh,
     tile_mask,
     window_allowed,
 )
@@ -80,6 +84,68 @@ def nan_if_infinite(x):
 
 
 @triton.jit
+def folded_scores(qk, qk_scale, softcap_scale, SOFTCAP: tl.constexpr):
+    """(raw, scale): scores in log2 units are raw * scale, so the row max is taken on raw scores (their min
+    when scale < 0, see NEGATIVE_SCALE) and the scale folds into the exp2 argument as one FFMA
+    (raw * scale - m). With softcap the scale is softcap * log2(e) > 0."""
+    if SOFTCAP:
+        return tanh(qk * qk_scale), softcap_scale
+    return qk, qk_scale
+
+
+@triton.jit
+def _tiles_ending(
+    CuSeqlensQ,
+    chunk,
+    num_seqs,
+    before,
+    work,
+    ROWS_PER_TOKEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    SCHEDULE_BLOCK: tl.constexpr,
+):
+    """Of sequences [chunk, chunk + SCHEDULE_BLOCK), after `before` tiles: (how many end at or before tile
+    `work`, the last such end, the tiles up to the chunk's end)."""
+    idx = chunk + tl.arange(0, SCHEDULE_BLOCK)
+    ok = idx < num_seqs
+    lengths = tl.load(CuSeqlensQ + idx + 1, mask=ok, other=0) - tl.load(CuSeqlensQ + idx, mask=ok, other=0)
+    tiles = tl.cdiv(lengths * ROWS_PER_TOKEN, BLOCK_M)
+    # Prefix sums as a masked row sum: the Hopper warp specialization rejects tt.scan (tl.cumsum).
+    ends = before + tl.sum(tl.where(idx[None, :] <= idx[:, None], tiles[None, :], 0), axis=1)
+    done = ok & (ends <= work)
+    return tl.sum(done.to(tl.int32), axis=0), tl.max(tl.where(done, ends, 0), axis=0), before + tl.sum(tiles, axis=0)
+
+
+@triton.jit
+def scheduled_tile(
+    CuSeqlensQ,
+    num_seqs,
+    work,
+    ROWS_PER_TOKEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    SCHEDULE_BLOCK: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+):
+    """(sequence, row tile) of work item `work`, the row tiles of all sequences numbered in order; past the
+    last tile the sequence is num_seqs. Prefix sums of tiles per sequence over cu_seqlens, on the device: no
+    host sync (CUDA-graph capturable), and no CTA is spent on tiles past a sequence's end. ONE_CHUNK
+    (num_seqs <= SCHEDULE_BLOCK): no loop, as the Hopper warp specialization needs (one loop per kernel)."""
+    if ONE_CHUNK:
+        seq, first, _ = _tiles_ending(CuSeqlensQ, 0, num_seqs, 0, work, ROWS_PER_TOKEN, BLOCK_M, SCHEDULE_BLOCK)
+    else:
+        seq = 0
+        first = 0
+        before = 0
+        for chunk in range(0, num_seqs, SCHEDULE_BLOCK):
+            done, last_end, before = _tiles_ending(
+                CuSeqlensQ, chunk, num_seqs, before, work, ROWS_PER_TOKEN, BLOCK_M, SCHEDULE_BLOCK
+            )
+            seq += done
+            first = tl.maximum(first, last_end)
+    return seq, work - first
+
+
+@triton.jit
 def _attend_tiles(
     acc,
     l_i,
@@ -87,6 +153,8 @@ def _attend_tiles(
     q,
     K,
     V,
+    KDesc,
+    VDesc,
     KeyMask,
     start,
     end,
@@ -110,41 +178,57 @@ def _attend_tiles(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     EXACT: tl.constexpr,
+    TMA: tl.constexpr,
+    NEGATIVE_SCALE: tl.constexpr,
 ):
-    """Fold keys [start, end) into (acc, l_i, m_i); MASKED applies window, bound and padding masks. V of
-    padding keys is never loaded (in fp32 full tiles it is: see the redo). EXACT (MASKED tiles only) also
-    keeps non-finite V of keys that only some rows see away from the others (slow path)."""
-    for start_n in range(start, end, BLOCK_N):
+    """Fold keys [start, end) into (acc, l_i, m_i) (m_i in log2 units); MASKED applies window, bound and
+    padding masks. By pointers, V of padding keys is never loaded (in fp32 full tiles it is: see the redo).
+    TMA (the Hopper path) reads K/V tiles through the descriptors KDesc/VDesc, bounded by the sequence (keys
+    past its end read as zeros), in a warp-specialized loop: a producer partition issues the loads, two
+    consumer warpgroups compute. EXACT (MASKED tiles only, never TMA) also keeps non-finite V of keys that
+    only some rows see away from the others."""
+    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=TMA):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
-        k = load_tile(K + offs_n[:, None] * stride_ks + offs_d[None, :], n_ok, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-        scores, _ = capped_scores(mma(q, tl.trans(k), UPCAST, PRECISION), qk_scale, softcap_scale, SOFTCAP)
+        if TMA:
+            k = KDesc.load([start_n, 0])
+        else:
+            k = load_tile(K + offs_n[:, None] * stride_ks + offs_d[None, :], n_ok, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        raw, scale = folded_scores(mma(q, tl.trans(k), UPCAST, PRECISION), qk_scale, softcap_scale, SOFTCAP)
         keys_ok = n_ok  # keys that are real and inside the span: V of the others is never loaded
         if HAS_MASK:
             keys_ok = keys_ok & real_keys(KeyMask, offs_n, n_ok, MASKED)
         allowed = keys_ok[None, :]
-        if MASKED:
+        if MASKED and (WINDOW_LEFT or WINDOW_RIGHT):
             allowed = allowed & window_allowed(
                 offs_m, offs_n, offset, window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT
             )
-        if MASKED or HAS_MASK:
-            scores = tl.where(allowed, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        if NEGATIVE_SCALE:  # raw * scale with scale < 0: the largest score is at the smallest raw one
+            if MASKED or HAS_MASK:
+                raw = tl.where(allowed, raw, float("inf"))
+            m_new = tl.maximum(m_i, tl.min(raw, axis=1) * scale)
+        else:
+            if MASKED or HAS_MASK:
+                raw = tl.where(allowed, raw, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(raw, axis=1) * scale)
         if MASKED or HAS_MASK:  # a row may have seen no key yet: keep exp2 away from -inf - -inf
             m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_base = m_new
-        p = tl.exp2(scores - m_base[:, None])
+        p = tl.exp2(raw * scale - m_base[:, None])
         alpha = tl.exp2(m_i - m_base)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = load_tile(
-            V + offs_n[:, None] * stride_vs + offs_d[None, :],
-            keys_ok,
-            offs_d,
-            MASKED or (HAS_MASK and V.dtype.element_ty != tl.float32),
-            HEAD_DIM,
-            BLOCK_D,
-        )
+        if TMA:
+            v = VDesc.load([start_n, 0])
+        else:
+            v = load_tile(
+                V + offs_n[:, None] * stride_vs + offs_d[None, :],
+                keys_ok,
+                offs_d,
+                MASKED or (HAS_MASK and V.dtype.element_ty != tl.float32),
+                HEAD_DIM,
+                BLOCK_D,
+            )
         if EXACT and MASKED and (WINDOW_LEFT or WINDOW_RIGHT):
             if any_nonfinite(v):
                 acc = seen_product(
@@ -169,6 +253,8 @@ def _attend_spans(
     q,
     K,
     V,
+    KDesc,
+    VDesc,
     KeyMask,
     KeySpans,
     num_spans,
@@ -195,55 +281,62 @@ def _attend_spans(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     EXACT: tl.constexpr,
+    TMA: tl.constexpr,
+    NEGATIVE_SCALE: tl.constexpr,
 ):
-    """(acc, l_i, m_i) of one query block over every span of keys it may see. EXACT: every tile masked,
-    so that no non-finite value of a key a row does not see can reach it (the slow redo)."""
+    """(acc, l_i, m_i) of one query block over every span of keys it may see. EXACT: every tile masked and
+    read by pointers, so that no non-finite value of a key a row does not see can reach it (the slow redo).
+    TMA (the Hopper path, no mask, no window): one bounds-masked, warp-specialized loop over [0, k_len), as
+    Triton's Hopper warp specialization takes a kernel with a single loop only."""
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    # Keys every row of the block may see lie in [full_lo, full_hi); some row may see [lo, hi).
-    for span in range(num_spans):
-        lo, hi = span_bounds(KeySpans, span, k_len, HAS_MASK)
-        lo, hi, full_lo, full_hi = clip_to_window(
-            lo, hi, row_first, row_last, offset, window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT
+    if TMA:
+        hi = tl.where(num_spans > 0, k_len, 0)
+        acc, l_i, m_i = _attend_tiles(
+            acc,
+            l_i,
+            m_i,
+            q,
+            K,
+            V,
+            KDesc,
+            VDesc,
+            KeyMask,
+            0,
+            hi,
+            offs_m,
+            offs_d,
+            offset,
+            stride_ks,
+            stride_vs,
+            window_left,
+            window_right,
+            qk_scale,
+            softcap_scale,
+            True,
+            HAS_MASK,
+            WINDOW_LEFT,
+            WINDOW_RIGHT,
+            SOFTCAP,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_N,
+            UPCAST,
+            PRECISION,
+            False,
+            True,
+            NEGATIVE_SCALE,
         )
-        hi = tl.maximum(hi, lo)
-        if EXACT:  # the slow redo: the span as one masked range
-            acc, l_i, m_i = _attend_tiles(
-                acc,
-                l_i,
-                m_i,
-                q,
-                K,
-                V,
-                KeyMask,
-                lo,
-                hi,
-                offs_m,
-                offs_d,
-                offset,
-                stride_ks,
-                stride_vs,
-                window_left,
-                window_right,
-                qk_scale,
-                softcap_scale,
-                True,
-                HAS_MASK,
-                WINDOW_LEFT,
-                WINDOW_RIGHT,
-                SOFTCAP,
-                HEAD_DIM,
-                BLOCK_D,
-                BLOCK_N,
-                UPCAST,
-                PRECISION,
-                True,
+    else:
+        # Keys every row of the block may see lie in [full_lo, full_hi); some row may see [lo, hi).
+        for span in range(num_spans):
+            lo, hi = span_bounds(KeySpans, span, k_len, HAS_MASK)
+            lo, hi, full_lo, full_hi = clip_to_window(
+                lo, hi, row_first, row_last, offset, window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT
             )
-        else:
-            full_start = tl.minimum(lo + tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_N) * BLOCK_N, hi)
-            full_end = full_start + (tl.maximum(full_hi - full_start, 0) // BLOCK_N) * BLOCK_N
-            if WINDOW_LEFT:  # without a left window the span starts with full tiles
+            hi = tl.maximum(hi, lo)
+            if EXACT:  # the slow redo: the span as one masked range
                 acc, l_i, m_i = _attend_tiles(
                     acc,
                     l_i,
@@ -251,9 +344,120 @@ def _attend_spans(
                     q,
                     K,
                     V,
+                    KDesc,
+                    VDesc,
                     KeyMask,
                     lo,
+                    hi,
+                    offs_m,
+                    offs_d,
+                    offset,
+                    stride_ks,
+                    stride_vs,
+                    window_left,
+                    window_right,
+                    qk_scale,
+                    softcap_scale,
+                    True,
+                    HAS_MASK,
+                    WINDOW_LEFT,
+                    WINDOW_RIGHT,
+                    SOFTCAP,
+                    HEAD_DIM,
+                    BLOCK_D,
+                    BLOCK_N,
+                    UPCAST,
+                    PRECISION,
+                    True,
+                    False,
+                    NEGATIVE_SCALE,
+                )
+            else:
+                full_start = tl.minimum(lo + tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_N) * BLOCK_N, hi)
+                full_end = full_start + (tl.maximum(full_hi - full_start, 0) // BLOCK_N) * BLOCK_N
+                if WINDOW_LEFT:  # without a left window the span starts with full tiles
+                    acc, l_i, m_i = _attend_tiles(
+                        acc,
+                        l_i,
+                        m_i,
+                        q,
+                        K,
+                        V,
+                        KDesc,
+                        VDesc,
+                        KeyMask,
+                        lo,
+                        full_start,
+                        offs_m,
+                        offs_d,
+                        offset,
+                        stride_ks,
+                        stride_vs,
+                        window_left,
+                        window_right,
+                        qk_scale,
+                        softcap_scale,
+                        True,
+                        HAS_MASK,
+                        WINDOW_LEFT,
+                        WINDOW_RIGHT,
+                        SOFTCAP,
+                        HEAD_DIM,
+                        BLOCK_D,
+                        BLOCK_N,
+                        UPCAST,
+                        PRECISION,
+                        False,
+                        False,
+                        NEGATIVE_SCALE,
+                    )
+                acc, l_i, m_i = _attend_tiles(
+                    acc,
+                    l_i,
+                    m_i,
+                    q,
+                    K,
+                    V,
+                    KDesc,
+                    VDesc,
+                    KeyMask,
                     full_start,
+                    full_end,
+                    offs_m,
+                    offs_d,
+                    offset,
+                    stride_ks,
+                    stride_vs,
+                    window_left,
+                    window_right,
+                    qk_scale,
+                    softcap_scale,
+                    False,
+                    HAS_MASK,
+                    WINDOW_LEFT,
+                    WINDOW_RIGHT,
+                    SOFTCAP,
+                    HEAD_DIM,
+                    BLOCK_D,
+                    BLOCK_N,
+                    UPCAST,
+                    PRECISION,
+                    False,
+                    False,
+                    NEGATIVE_SCALE,
+                )
+                acc, l_i, m_i = _attend_tiles(
+                    acc,
+                    l_i,
+                    m_i,
+                    q,
+                    K,
+                    V,
+                    KDesc,
+                    VDesc,
+                    KeyMask,
+                    full_end,
+                    hi,
                     offs_m,
                     offs_d,
                     offset,
@@ -274,69 +478,9 @@ def _attend_spans(
                     UPCAST,
                     PRECISION,
                     False,
+                    False,
+                    NEGATIVE_SCALE,
                 )
-            acc, l_i, m_i = _attend_tiles(
-                acc,
-                l_i,
-                m_i,
-                q,
-                K,
-                V,
-                KeyMask,
-                full_start,
-                full_end,
-                offs_m,
-                offs_d,
-                offset,
-                stride_ks,
-                stride_vs,
-                window_left,
-                window_right,
-                qk_scale,
-                softcap_scale,
-                False,
-                HAS_MASK,
-                WINDOW_LEFT,
-                WINDOW_RIGHT,
-                SOFTCAP,
-                HEAD_DIM,
-                BLOCK_D,
-                BLOCK_N,
-                UPCAST,
-                PRECISION,
-                False,
-            )
-            acc, l_i, m_i = _attend_tiles(
-                acc,
-                l_i,
-                m_i,
-                q,
-                K,
-                V,
-                KeyMask,
-                full_end,
-                hi,
-                offs_m,
-                offs_d,
-                offset,
-                stride_ks,
-                stride_vs,
-                window_left,
-                window_right,
-                qk_scale,
-                softcap_scale,
-                True,
-                HAS_MASK,
-                WINDOW_LEFT,
-                WINDOW_RIGHT,
-                SOFTCAP,
-                HEAD_DIM,
-                BLOCK_D,
-                BLOCK_N,
-                UPCAST,
-                PRECISION,
-                False,
-            )
     return acc, l_i, m_i
 
 
@@ -345,11 +489,29 @@ FWD_TILES = {
     "half_wide": [(128, 64, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2)],
     "fp32": [(32, 64, 8, 2), (16, 64, 4, 2), (16, 32, 8, 2)],
 }
+# The Hopper path (HOPPER: TMA, warp specialization; 16-bit inputs only). 4 warps: Triton's Hopper warp
+# specialization makes them the producer and adds two consumer warpgroups of 4 warps each. At least one
+# tile of lookahead: 3-4 stages where shared memory allows (128 x 128 at d128 fits 2).
+FWD_HOPPER_TILES = {
+    "half": [(128, 128, 4, 2), (128, 64, 4, 3), (128, 64, 4, 4), (64, 64, 4, 3)],
+    "half_wide": [(64, 64, 4, 2)],
+}
 
 
 @triton.autotune(
-    key=["SEQLEN_BUCKET", "HEAD_DIM", "GROUP", "IS_VARLEN", "HAS_MASK", "WINDOW_LEFT", "WINDOW_RIGHT", "SOFTCAP"],
-    **autotuned(FWD_TILES),
+    key=[
+        "SEQLEN_BUCKET",
+        "HEAD_DIM",
+        "GROUP",
+        "IS_VARLEN",
+        "HAS_MASK",
+        "WINDOW_LEFT",
+        "WINDOW_RIGHT",
+        "SOFTCAP",
+        "HOPPER",
+        "PACK_GQA",
+    ],
+    **autotuned(FWD_TILES, FWD_HOPPER_TILES),
 )
 @triton.jit
 def attention_fwd_kernel(
@@ -381,6 +543,7 @@ def attention_fwd_kernel(
     stride_sb,
     seqlen_q,
     seqlen_k,
+    num_seqs,
     window_left,
     window_right,
     qk_scale,
@@ -397,43 +560,79 @@ def attention_fwd_kernel(
     SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    HOPPER: tl.constexpr,
+    NEGATIVE_SCALE: tl.constexpr,
+    PACK_GQA: tl.constexpr,
+    SCHEDULE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    """One tile of BLOCK_M query rows. Rows are tokens of one query head, or with PACK_GQA (token, head)
+    pairs of the GROUP query heads that share the program's KV head. SCHEDULE_BLOCK > 0 (packed batches):
+    axis 0 numbers the (sequence, tile) work items (`scheduled_tile`), else it is the tile and axis 2 the
+    sequence. HOPPER (no mask, no window, no packing, 16-bit): Q/K/V/O through TMA descriptors bounded by
+    the sequence and one warp-specialized key loop; otherwise pointers (cp.async) and the span walk."""
     head = tl.program_id(1)
-    batch = tl.program_id(2)
+    # No early returns (the Hopper warp-specialization pass takes structured control flow only): a tile
+    # past its sequence's end walks no keys and every store it makes is masked or clipped.
+    if SCHEDULE_BLOCK > 0:
+        batch, pid_m = scheduled_tile(
+            CuSeqlensQ, num_seqs, tl.program_id(0), GROUP if PACK_GQA else 1, BLOCK_M, SCHEDULE_BLOCK, HOPPER
+        )
+        past_end = batch >= num_seqs
+        batch = tl.where(past_end, num_seqs - 1, batch)
+        pid_m = tl.where(past_end, (1 << 30) // BLOCK_M, pid_m)
+    else:
+        pid_m = tl.program_id(0)
+        batch = tl.program_id(2)
     q_start, q_len, k_start, k_len = sequence_bounds(CuSeqlensQ, CuSeqlensK, batch, seqlen_q, seqlen_k, IS_VARLEN)
-    row_first = pid_m * BLOCK_M
-    if row_first >= q_len:
-        return
-    kv_head = head // GROUP
-    offs_m = row_first + tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        rows = q_len * GROUP
+    else:
+        rows = q_len
+    tile_first = pid_m * BLOCK_M
+    tile_rows = tile_first + tl.arange(0, BLOCK_M)
+    tile_last = tl.maximum(tl.minimum(tile_first + BLOCK_M, rows) - 1, tile_first)
+    if PACK_GQA:
+        offs_m = tile_rows // GROUP
+        heads = head * GROUP + tile_rows % GROUP
+        kv_head = head
+        row_first = tile_first // GROUP
+        row_last = tile_last // GROUP
+    else:
+        offs_m = tile_rows
+        heads = head
+        kv_head = head // GROUP
+        row_first = tile_first
+        row_last = tile_last
     offs_d = tl.arange(0, BLOCK_D)
     KeyMask += batch.to(tl.int64) * stride_mb
     KeySpans += batch.to(tl.int64) * stride_sb
     rows_in, rows_real, num_spans = query_rows(KeyMask, NumSpans, batch, offs_m, q_len, HAS_MASK, MASK_QUERIES)
+    num_spans = tl.where(tile_first < rows, num_spans, 0)
 
-    q = load_tile(
-        Q
-        + batch.to(tl.int64) * stride_qb
-        + (q_start + offs_m).to(tl.int64)[:, None] * stride_qs
-        + head * stride_qh
-        + offs_d[None, :],
-        rows_in,
-        offs_d,
-        True,
-        HEAD_DIM,
-        BLOCK_D,
-    )
+    Q += batch.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs
+    if HOPPER:
+        q_desc = tl.make_tensor_descriptor(Q + head * stride_qh, [q_len, HEAD_DIM], [stride_qs, 1], [BLOCK_M, BLOCK_D])
+        q = q_desc.load([row_first, 0])
+    else:
+        q_rows = offs_m.to(tl.int64) * stride_qs + heads * stride_qh
+        q = load_tile(Q + q_rows[:, None] + offs_d[None, :], rows_in, offs_d, True, HEAD_DIM, BLOCK_D)
     K += batch.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + kv_head * stride_kh
     V += batch.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + kv_head * stride_vh
+    if HOPPER:
+        k_desc = tl.make_tensor_descriptor(K, [k_len, HEAD_DIM], [stride_ks, 1], [BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(V, [k_len, HEAD_DIM], [stride_vs, 1], [BLOCK_N, BLOCK_D])
+    else:
+        k_desc = K
+        v_desc = V
     offset = k_len - q_len
-    row_last = tl.minimum(row_first + BLOCK_M, q_len) - 1
     acc, l_i, m_i = _attend_spans(
         q,
         K,
         V,
+        k_desc,
+        v_desc,
         KeyMask,
         KeySpans,
         num_spans,
@@ -460,19 +659,23 @@ def attention_fwd_kernel(
         UPCAST,
         PRECISION,
         False,
+        HOPPER,
+        NEGATIVE_SCALE,
     )
-    Out += batch.to(tl.int64) * stride_ob + q_start.to(tl.int64) * stride_os + head * stride_oh
-    Lse += batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
+    Out += batch.to(tl.int64) * stride_ob + q_start.to(tl.int64) * stride_os
+    Lse += batch.to(tl.int64) * stride_lb + q_start
     if WINDOW_LEFT or WINDOW_RIGHT or (HAS_MASK and V.dtype.element_ty == tl.float32):
         # A non-finite V of a key a row does not see (at a window edge; for fp32, whose full tiles load V
         # unmasked to stay spill-free, also padding) reaches it as 0 * NaN and stays non-finite in acc to
-        # the end. Rare: then redo the block exactly. (Each
-        # branch stores its own result, so the first pass's registers are free during the redo.)
+        # the end. Rare: then redo the block exactly. (Each branch stores its own result, so the first
+        # pass's registers are free during the redo.) Never on the Hopper path (no window, no mask).
         if any_nonfinite(acc):
             acc, l_i, m_i = _attend_spans(
                 q,
                 K,
                 V,
+                k_desc,
+                v_desc,
                 KeyMask,
                 KeySpans,
                 num_spans,
@@ -499,16 +702,80 @@ def attention_fwd_kernel(
                 UPCAST,
                 PRECISION,
                 True,
+                False,
+                NEGATIVE_SCALE,
             )
             _store_block(
-                acc, l_i, m_i, rows_in, rows_real, Out, Lse, offs_m, offs_d, stride_os, HEAD_DIM, BLOCK_D, UPCAST
+                acc,
+                l_i,
+                m_i,
+                rows_in,
+                rows_real,
+                Out,
+                Lse,
+                offs_m,
+                offs_d,
+                head,
+                heads,
+                q_len,
+                row_first,
+                stride_os,
+                stride_oh,
+                stride_lh,
+                HEAD_DIM,
+                BLOCK_M,
+                BLOCK_D,
+                UPCAST,
+                HOPPER,
             )
         else:
             _store_block(
-                acc, l_i, m_i, rows_in, rows_real, Out, Lse, offs_m, offs_d, stride_os, HEAD_DIM, BLOCK_D, UPCAST
+                acc,
+                l_i,
+                m_i,
+                rows_in,
+                rows_real,
+                Out,
+                Lse,
+                offs_m,
+                offs_d,
+                head,
+                heads,
+                q_len,
+                row_first,
+                stride_os,
+                stride_oh,
+                stride_lh,
+                HEAD_DIM,
+                BLOCK_M,
+                BLOCK_D,
+                UPCAST,
+                HOPPER,
             )
     else:
-        _store_block(acc, l_i, m_i, rows_in, rows_real, Out, Lse, offs_m, offs_d, stride_os, HEAD_DIM, BLOCK_D, UPCAST)
+        _store_block(
+            acc,
+            l_i,
+            m_i,
+            rows_in,
+            rows_real,
+            Out,
+            Lse,
+            offs_m,
+            offs_d,
+            head,
+            heads,
+            q_len,
+            row_first,
+            stride_os,
+            stride_oh,
+            stride_lh,
+            HEAD_DIM,
+            BLOCK_M,
+            BLOCK_D,
+            UPCAST,
+            HOPPER,
+        )
 
 
 @triton.jit
@@ -522,23 +789,36 @@ def _store_block(
     Lse,
     offs_m,
     offs_d,
+    head,
+    heads,
+    q_len,
+    row_first,
     stride_os,
+    stride_oh,
+    stride_lh,
     HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """Normalise and store a query block. l_i is 0 exactly on rows that saw no key or only -inf scores
-    (zeros, lse = -inf) and NaN on rows with a NaN or +inf score (NaN out and lse)."""
+    """Normalise and store a query block (Out and Lse at this sequence's first token; row i is token
+    offs_m[i] of query head heads[i], or of `head`). l_i is 0 exactly on rows that saw no key or only -inf
+    scores (zeros, lse = -inf) and NaN on rows with a NaN or +inf score (NaN out and lse). TMA: one
+    descriptor store of rows [row_first, row_first + BLOCK_M) of `head`, clipped at q_len rows."""
     row_ok = rows_real & (l_i != 0)
     l_safe = tl.where(row_ok, l_i, 1.0)
-    out = tl.where(row_ok[:, None], nan_if_infinite(acc / l_safe[:, None]), 0.0)
+    out = convert(tl.where(row_ok[:, None], nan_if_infinite(acc / l_safe[:, None]), 0.0), Out.dtype.element_ty, UPCAST)
     lse = tl.where(row_ok, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    tl.store(
-        Out + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :],
-        convert(out, Out.dtype.element_ty, UPCAST),
-        mask=tile_mask(rows_in, offs_d, HEAD_DIM, BLOCK_D),
-    )
-    tl.store(Lse + offs_m, lse, mask=rows_in)
+    if TMA:
+        o_desc = tl.make_tensor_descriptor(
+            Out + head * stride_oh, [q_len, HEAD_DIM], [stride_os, 1], [BLOCK_M, BLOCK_D]
+        )
+        o_desc.store([row_first, 0], out)
+    else:
+        out_rows = offs_m.to(tl.int64) * stride_os + heads * stride_oh
+        tl.store(Out + out_rows[:, None] + offs_d[None, :], out, mask=tile_mask(rows_in, offs_d, HEAD_DIM, BLOCK_D))
+    tl.store(Lse + heads.to(tl.int64) * stride_lh + offs_m, lse, mask=rows_in)
 
 
 def score_scales(softmax_scale: float, softcap: float) -> tuple[float, float]:
@@ -564,17 +844,26 @@ def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, options
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on an ``llm2vec_fast`` AttentionLayout (key mask as KeySpans) and
-    AttentionOptions; returns (out like q, float32 lse (B, Hq, Sq) or (Hq, Tq))."""
+    AttentionOptions; returns (out like q, float32 lse (B, Hq, Sq) or (Hq, Tq)). The Hopper path (TMA,
+    warp specialization) is taken where `hopper_path` says so and every tensor suits TMA; GQA packing where
+    `pack_gqa` says so; packed batches get the device-side tile schedule (no host sync)."""
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     shape = launch_shape(q, k, layout, options)
-    heads_q, head_dim = q.shape[-2], q.shape[-1]
+    heads_q, heads_kv, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(layout.lse_shape(q), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or shape.seqlen_q == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     softcap = options.softcap
     qk_scale, softcap_scale = score_scales(options.softmax_scale, softcap)
-    grid = lambda meta: (triton.cdiv(shape.seqlen_q, meta["BLOCK_M"]), heads_q, shape.batch)  # noqa: E731
+    group = heads_q // heads_kv
+    packed = pack_gqa(group, shape.is_varlen)
+    hopper = hopper_path(q.device) and warp_specialized(shape, packed, q.dtype) and tma_aligned(q, k, v, out)
+    if hopper:
+        ensure_allocator(q.device)
+    rows_per_token = group if packed else 1
+    heads = heads_kv if packed else heads_q
+    grid, bucket, schedule_block = _tile_grid(shape, q.shape[0], rows_per_token, heads, hopper)
     attention_fwd_kernel[grid](
         q,
         k,
@@ -591,12 +880,13 @@ def attention_forward(
         shape.stride_spans,
         shape.seqlen_q,
         shape.seqlen_k,
+        shape.batch,
         shape.window_left,
         shape.window_right,
         qk_scale,
         softcap_scale,
-        seqlen_bucket(shape.seqlen_q),
-        GROUP=heads_q // k.shape[-2],
+        bucket,
+        GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
         IS_VARLEN=shape.is_varlen,
@@ -607,5 +897,41 @@ def attention_forward(
         SOFTCAP=softcap > 0,
         UPCAST=INTERPRETING,
         PRECISION=dot_precision(q.dtype),
+        HOPPER=hopper,
+        NEGATIVE_SCALE=qk_scale < 0 and softcap == 0,
+        PACK_GQA=packed,
+        SCHEDULE_BLOCK=schedule_block,
     )
     return out, lse
+
+
+SCHEDULE_CHUNK = 64  # sequences per step of `scheduled_tile` (64 x 64 elements; 128 breaks warp specialization)
+
+
+def _tile_grid(shape, tokens_q: int, rows_per_token: int, heads: int, one_chunk: bool):
+    """(grid, autotuning bucket, SCHEDULE_BLOCK) from what the host knows without a sync. Padded: tiles of the
+    padded length x heads x batch. Packed: work items (sequence, tile) numbered on the device, the grid an
+    upper bound on their count (at most one tile per sequence too many, or the padded grid where smaller),
+    and tiles tuned to the mean rows per sequence (total tokens / sequences), not the longest. `one_chunk`: the
+    schedule may not loop (a warp-specialized kernel): more than SCHEDULE_CHUNK sequences take the padded grid."""
+    rows_longest = shape.seqlen_q * rows_per_token
+    schedule_block = min(triton.next_power_of_2(max(shape.batch, 16)), SCHEDULE_CHUNK) if shape.is_varlen else 0
+    if schedule_block == 0 or (one_chunk and shape.batch > SCHEDULE_CHUNK):  # padded, or no loop allowed
+        grid = lambda meta: (triton.cdiv(rows_longest, meta["BLOCK_M"]), heads, shape.batch)  # noqa: E731
+        return grid, seqlen_bucket(rows_longest), 0
+
+    def grid(meta):
+        tiles = triton.cdiv(tokens_q * rows_per_token, meta["BLOCK_M"]) + shape.batch
+        return min(tiles, shape.batch * triton.cdiv(rows_longest, meta["BLOCK_M"])), heads, 1
+
+    return grid, seqlen_bucket(tokens_q * rows_per_token // shape.batch), schedule_block
+
+
+def warp_specialized(shape, packed: bool, dtype: torch.dtype) -> bool:
+    """Whether the Hopper key walk is one warp-specialized loop. Triton's Hopper warp specialization (3.9)
+    takes a kernel whose only loop is the specialized one and whose loads are all TMA: no window edges
+    (loops of their own), no key mask (whose padding keys' V a TMA tile reads, so the kernel keeps a redo
+    after the loop) and no GQA packing (its query rows are gathered by pointers). fp32 (exact dots on CUDA
+    cores) is not specialized either."""
+    plain = shape.window_left < 0 and shape.window_right < 0 and shape.key_mask is None
+    return plain and not packed and dtype != torch.float32

@@ -1,0 +1,280 @@
+"""The Triton forward's two paths from one source, against the float64 oracle under the interpreter.
+
+HOPPER (TMA descriptors for Q/K/V/O, the key loop warp-specialized where Triton allows) and the pointer
+(cp.async) path; GQA packing (rows = (token, head-in-group) pairs) and the packed batches' device-side tile
+schedule. ``LLM2VEC_FAST_TRITON_PATH`` and ``LLM2VEC_FAST_PACK_GQA`` force the choices the launcher makes
+on a GPU. Forward only (out and lse), straight through ``attention_forward``: the backward has its own
+tests. Every launch is recorded, so each test also asserts which variant ran.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attention_cases import key_padding_mask, offsets
+from oracle import assert_close, attention_oracle, varlen_oracle
+
+from llm2vec_fast.attention_options import AttentionLayout, AttentionOptions
+from llm2vec_fast.kernels import attention_fwd, launch
+from llm2vec_fast.key_masks import kernel_spans
+
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+
+
+class Recorder:
+    """Stands in for the autotuned kernel: records each launch's grid and constexpr flags, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.launches: list[dict] = []
+
+    def __getitem__(self, grid):
+        def run(*args, **flags):
+            self.launches.append(dict(flags, grid=grid))
+            return self.kernel[grid](*args, **flags)
+
+        return run
+
+    @property
+    def flags(self) -> dict:
+        return self.launches[-1]
+
+
+@pytest.fixture
+def launches(monkeypatch) -> Recorder:
+    recorder = Recorder(attention_fwd.attention_fwd_kernel)
+    monkeypatch.setattr(attention_fwd, "attention_fwd_kernel", recorder)
+    return recorder
+
+
+@pytest.fixture(params=["hopper", "ampere"])
+def path(request, monkeypatch) -> str:
+    monkeypatch.setenv(launch.PATH_VARIABLE, request.param)
+    return request.param
+
+
+def forward(q, k, v, mask=None, cu_seqlens=None, causal=False, window=(-1, -1), softcap=0.0, scale=None):
+    """(out, lse) of the kernel and of the float64 oracle."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    options = AttentionOptions(causal, window, softcap, scale)
+    oracle_options = dict(causal=causal, window_size=window, softcap=softcap, softmax_scale=scale)
+    if cu_seqlens is None:
+        layout = AttentionLayout(mask, None, None, q.shape[1], k.shape[1], None if mask is None else kernel_spans(mask))
+        expected = attention_oracle(q, k, v, key_mask=mask, **oracle_options)
+    else:
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        layout = AttentionLayout(None, cu_seqlens, cu_seqlens, longest, longest)
+        expected = varlen_oracle(q, k, v, cu_seqlens, cu_seqlens, **oracle_options)
+    return attention_fwd.attention_forward(q, k, v, layout, options), expected
+
+
+def check(got, expected, dtype):
+    (out, lse), (ref_out, ref_lse) = got, expected
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "lse must be -inf exactly on the rows that see no key"
+    assert (lse[~finite] == float("-inf")).all()
+    if finite.any():
+        assert_close(lse[finite], ref_lse[finite], torch.float32, "lse")
+    assert_close(out, ref_out, dtype, "out")
+    rows = ~finite.transpose(-1, -2) if lse.dim() == 3 else ~finite.T
+    if rows.any():
+        assert out[rows].abs().max().item() == 0.0, "rows that see no key must output zeros"
+
+
+def tensors(shape_q, shape_k, dtype):
+    return torch.randn(shape_q).to(dtype), torch.randn(shape_k).to(dtype), torch.randn(shape_k).to(dtype)
+
+
+def specialized(path, dtype, mask=None, window=(-1, -1), packed=False) -> bool:
+    """Whether the launcher takes the Hopper path (see attention_fwd.warp_specialized)."""
+    plain = mask is None and window == (-1, -1) and not packed
+    return path == "hopper" and plain and dtype != torch.float32
+
+
+@pytest.mark.parametrize("seqlen", [1, 70])
+@pytest.mark.parametrize("mask_kind", ["none", "left", "empty_row"])
+def test_padded_lengths_and_masks(path, launches, seqlen, mask_kind):
+    q, k, v = tensors((2, seqlen, 4, 16), (2, seqlen, 2, 16), torch.float16)
+    mask = key_padding_mask(mask_kind, 2, seqlen)
+    check(*forward(q, k, v, mask), torch.float16)
+    assert launches.flags["HOPPER"] == specialized(path, torch.float16, mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dtypes(path, launches, dtype):
+    q, k, v = tensors((2, 65, 4, 32), (2, 65, 2, 32), dtype)
+    mask = None
+    check(*forward(q, k, v, mask), dtype)
+    assert launches.flags["HOPPER"] == specialized(path, dtype, mask)
+
+
+@pytest.mark.parametrize("head_dim", [8, 80, 256])
+def test_head_dims(path, head_dim):
+    """Head dims below a power of two: the descriptors' blocks are BLOCK_D wide, their bounds HEAD_DIM."""
+    q, k, v = tensors((1, 40, 2, head_dim), (1, 40, 1, head_dim), torch.bfloat16)
+    check(*forward(q, k, v), torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "window,softcap,causal,scale,mask_kind",
+    [
+        ((-1, -1), 0.0, False, -0.3, "none"),
+        ((-1, -1), 2.5, False, -0.4, "none"),
+        ((5, 9), 0.0, False, -0.3, "holes"),
+        ((7, 7), 4.0, True, None, "holes"),
+    ],
+)
+def test_windows_softcap_and_negative_scales(path, window, softcap, causal, scale, mask_kind):
+    """The scale folds into the exp2 FFMA with the max on raw scores: a negative scale takes their min (the
+    windowed and masked cases take the pointer path on both: they check the span walk's folding)."""
+    q, k, v = tensors((2, 70, 2, 16), (2, 70, 1, 16), torch.bfloat16)
+    mask = key_padding_mask(mask_kind, 2, 70)
+    got = forward(q, k, v, mask, causal=causal, window=window, softcap=softcap, scale=scale)
+    check(*got, torch.bfloat16)
+
+
+def short_lengths(count: int, longest: int) -> list[int]:
+    """`count` sequence lengths: the first empty, one `longest`, the others in 1..40 or empty."""
+    lengths = torch.randint(1, min(longest, 40) + 1, (count,))
+    lengths[torch.randperm(count)[: count // 6]] = 0
+    lengths[0] = 0
+    lengths[1 + torch.randint(count - 1, ())] = longest
+    return lengths.tolist()
+
+
+# (path, GQA packing, query heads, KV heads): packed rows take the pointer path whatever the path asked for.
+SHORT_CASES = [
+    ("hopper", "0", 2, 2),
+    ("hopper", "0", 4, 1),
+    ("ampere", "0", 2, 2),
+    ("ampere", "0", 4, 1),
+    ("ampere", "1", 4, 2),
+    ("ampere", "1", 4, 1),
+    ("ampere", "1", 8, 1),
+]
+
+
+@pytest.mark.parametrize("path,pack,heads_q,heads_kv", SHORT_CASES)
+def test_short_packed_sequences(launches, monkeypatch, path, pack, heads_q, heads_kv):
+    """Many short sequences (1..300 and empty ones), with and without GQA packing (GQA 1/2/4/8): the
+    device-side schedule must give every (sequence, tile) a CTA and waste none on tiles past a sequence's
+    end."""
+    monkeypatch.setenv(launch.PATH_VARIABLE, path)
+    monkeypatch.setenv(launch.PACK_GQA_VARIABLE, pack)
+    lengths = short_lengths(8, 300 if heads_q == 2 else 100)
+    total = sum(lengths)
+    q, k, v = tensors((total, heads_q, 16), (total, heads_kv, 16), torch.bfloat16)
+    check(*forward(q, k, v, cu_seqlens=offsets(lengths)), torch.bfloat16)
+    flags = launches.flags
+    packed = pack == "1" and heads_q > heads_kv
+    assert flags["PACK_GQA"] == packed
+    assert flags["SCHEDULE_BLOCK"] > 0
+    assert flags["HOPPER"] == specialized(path, torch.bfloat16, packed=packed)
+    rows = [length * (heads_q // heads_kv if packed else 1) for length in lengths]
+    tiles = sum(-(-r // launch.INTERPRETER_TILES[0]) for r in rows)
+    launched = flags["grid"](dict(BLOCK_M=launch.INTERPRETER_TILES[0]))[0]
+    assert tiles <= launched <= tiles + len(lengths), "the grid bounds the work items tightly"
+
+
+def test_gqa_packing_fills_rows(launches, monkeypatch):
+    """A 60-token sequence with 4 query heads per KV head is 240 rows: 8 tiles of 32 rows per KV head,
+    against 2 tiles x 4 heads = 8 tiles of which the last of each head is half empty unpacked."""
+    monkeypatch.setenv(launch.PACK_GQA_VARIABLE, "1")
+    q, k, v = tensors((60, 8, 16), (60, 2, 16), torch.float32)
+    check(*forward(q, k, v, cu_seqlens=offsets([60])), torch.float32)
+    grid = launches.flags["grid"](dict(BLOCK_M=32))
+    assert grid[1] == 2 and grid[0] == 8
+
+
+def test_packed_padded_batches(path, launches, monkeypatch):
+    """GQA packing on a padded batch with a key mask (query rows masked through their token)."""
+    monkeypatch.setenv(launch.PACK_GQA_VARIABLE, "1")
+    q, k, v = tensors((2, 45, 4, 16), (2, 45, 1, 16), torch.float32)
+    check(*forward(q, k, v, key_padding_mask("holes", 2, 45), window=(6, 3)), torch.float32)
+    assert launches.flags["PACK_GQA"]
+
+
+@pytest.mark.parametrize("count", [70])
+def test_more_sequences_than_one_schedule_chunk(path, launches, count):
+    """Beyond SCHEDULE_CHUNK sequences the schedule loops over chunks (a warp-specialized kernel, which
+    may hold no second loop, takes the padded grid instead)."""
+    assert count > attention_fwd.SCHEDULE_CHUNK
+    lengths = short_lengths(count, 12)
+    total = sum(lengths)
+    q, k, v = tensors((total, 1, 16), (total, 1, 16), torch.bfloat16)
+    check(*forward(q, k, v, cu_seqlens=offsets(lengths)), torch.bfloat16)
+    expect_schedule = not specialized(path, torch.bfloat16)
+    assert (launches.flags["SCHEDULE_BLOCK"] > 0) == expect_schedule
+
+
+def misaligned(tensor: torch.Tensor) -> torch.Tensor:
+    """The same values one element past a 16-byte boundary: no TMA descriptor can address them."""
+    storage = torch.empty(tensor.numel() + 1, dtype=tensor.dtype)
+    view = storage[1:].view(tensor.shape)
+    view.copy_(tensor)
+    return view
+
+
+@pytest.mark.parametrize("which", ["q", "v"])
+def test_unaligned_inputs_take_the_pointer_path(launches, monkeypatch, which):
+    monkeypatch.setenv(launch.PATH_VARIABLE, "hopper")
+    monkeypatch.setenv(launch.PACK_GQA_VARIABLE, "0")
+    q, k, v = tensors((50, 4, 16), (50, 2, 16), torch.float16)
+    check(*forward(q, k, v, cu_seqlens=offsets([20, 30])), torch.float16)
+    assert launches.flags["HOPPER"], "aligned inputs take the Hopper path"
+    if which == "q":
+        q = misaligned(q)
+    else:
+        v = misaligned(v)
+    assert not launch.tma_aligned(q, k, v)
+    check(*forward(q, k, v, cu_seqlens=offsets([20, 30])), torch.float16)
+    assert not launches.flags["HOPPER"]
+
+
+def test_tma_alignment_rule():
+    x = torch.randn(4, 10, 3, 16, dtype=torch.float16)
+    assert launch.tma_aligned(x)
+    assert launch.tma_aligned(x.transpose(1, 2).contiguous().transpose(1, 2))  # (B, H, S, D) storage
+    assert not launch.tma_aligned(torch.randn(4, 10, 3, 12, dtype=torch.float16))  # 24-byte rows
+    assert launch.tma_aligned(x[:, :, :, :8])  # 16-byte rows, 96 bytes apart
+    assert launch.tma_aligned(x[:, ::2])  # every other token: strides stay multiples of 16 bytes
+    assert not launch.tma_aligned(x.expand(4, 10, 3, 16)[:, :1].expand(4, 10, 3, 16))  # broadcast tokens
+
+
+def test_path_choice_is_checked(monkeypatch):
+    monkeypatch.setenv(launch.PATH_VARIABLE, "volta")
+    with pytest.raises(ValueError, match="LLM2VEC_FAST_TRITON_PATH"):
+        launch.hopper_path(torch.device("cpu"))
+    monkeypatch.setenv(launch.PATH_VARIABLE, "auto")
+    assert not launch.hopper_path(torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "path,layout",
+    [("hopper", "varlen_tail"), ("ampere", "varlen_tail"), ("ampere", "padded_holes"), ("ampere", "window_edge")],
+)
+def test_unseen_nonfinite_values_stay_out(monkeypatch, path, layout):
+    """Keys no row sees hold NaN/inf (padding keys, tokens past the last sequence, keys outside every
+    window): TMA tiles read some of them (padding, window edges: the redo keeps them out) or never do
+    (descriptors end at the sequence); the outputs are the clean inputs' ones. Masks and windows take the
+    pointer path whatever the path asked for."""
+    monkeypatch.setenv(launch.PATH_VARIABLE, path)
+    seqlen_q, mask, cu, window = 70, None, None, (-1, -1)
+    if layout == "window_edge":
+        seqlen_q, window = 20, (4, 4)  # bottom-right aligned: rows see keys 16..43 of 40, keys 0..15 none
+    q, k, v = tensors((2, seqlen_q, 2, 16), (2, 70 if layout != "window_edge" else 40, 1, 16), torch.float16)
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    if layout == "padded_holes":
+        mask = key_padding_mask("holes", 2, 70)
+        poisoned_k[~mask], poisoned_v[~mask] = float("inf"), float("nan")
+    elif layout == "varlen_tail":
+        q, k, v, poisoned_k, poisoned_v = (t.flatten(0, 1) for t in (q, k, v, poisoned_k, poisoned_v))
+        cu = offsets([37, 23])  # tokens 60.. belong to no sequence
+        poisoned_k[60:], poisoned_v[60:] = float("nan"), float("inf")
+    else:
+        poisoned_v[:, :16] = float("nan")
+    (out, lse), _ = forward(q, poisoned_k, poisoned_v, mask, cu, window=window)
+    _, (ref_out, ref_lse) = forward(q, k, v, mask, cu, window=window)
+    if cu is not None:
+        out, lse = out[:60], lse[:, :60]
+    check((out, lse), (ref_out, ref_lse), torch.float16)
