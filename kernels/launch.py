@@ -40,21 +40,81 @@ def tune_limit() -> int | None:
     return int(value)
 
 
-def autotuned(table: dict[str, list[TileSpec]]) -> dict:
+def autotuned(table: dict[str, list[TileSpec]], hopper_table: dict[str, list[TileSpec]] | None = None) -> dict:
     """``triton.autotune`` arguments (configs and a prune picking the inputs' class) from a table
-    class -> tile specs. Every spec in the tables compiles for sm_80 and sm_90a without register
+    class -> tile specs, and for a kernel with a Hopper path (constexpr HOPPER) the table that path tunes
+    over. Every spec in the tables compiles for sm_80 and sm_90a without register
     spills (tests/test_triton_compile.py checks it). The interpreter gets one small fixed tile."""
-    specs = [INTERPRETER_TILES] if INTERPRETING else list(dict.fromkeys(s for row in table.values() for s in row))
+    tables = [table] if hopper_table is None else [table, hopper_table]
+    every = (s for t in tables for row in t.values() for s in row)
+    specs = [INTERPRETER_TILES] if INTERPRETING else list(dict.fromkeys(every))
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in specs]
 
     def prune(configs, named_args, **kwargs):
         if INTERPRETING:
             return configs
-        allowed = table[input_class(named_args["Q"].dtype, kwargs["BLOCK_D"])]
+        chosen = hopper_table if hopper_table is not None and kwargs.get("HOPPER") else table
+        allowed = chosen[input_class(named_args["Q"].dtype, kwargs["BLOCK_D"])]
         spec = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
         return [c for wanted in allowed for c in configs if spec(c) == wanted][: tune_limit()]  # in table order
 
     return dict(configs=configs, prune_configs_by={"early_config_prune": prune})
+
+
+PATH_VARIABLE = "LLM2VEC_FAST_TRITON_PATH"  # auto | hopper | ampere
+PACK_GQA_VARIABLE = "LLM2VEC_FAST_PACK_GQA"  # auto | 1 | 0
+
+
+def _choice(variable: str, allowed: tuple[str, ...]) -> str:
+    value = os.environ.get(variable, "auto")
+    if value not in allowed:
+        raise ValueError(f"{variable} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def hopper_path(device: torch.device) -> bool:
+    """Whether kernels with a Hopper path (TMA descriptors, warp-specialized loops) take it on `device`:
+    compute capability >= 9 on a GPU. LLM2VEC_FAST_TRITON_PATH=hopper|ampere forces either, so that the
+    interpreter tests run both paths and a benchmark can compare them on one GPU."""
+    choice = _choice(PATH_VARIABLE, ("auto", "hopper", "ampere"))
+    if choice != "auto":
+        return choice == "hopper"
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def tma_aligned(*tensors: torch.Tensor) -> bool:
+    """Whether TMA descriptors can address these (batch, token, head, dim) or (token, head, dim) tensors:
+    16-byte aligned base and strides, a unit last stride, token rows at least a head-dim row apart.
+    Otherwise the kernels read them by pointers (the same kernel, HOPPER off)."""
+    for tensor in tensors:
+        size = tensor.element_size()
+        if tensor.data_ptr() % 16 or tensor.stride(-1) != 1 or tensor.stride(-3) < tensor.shape[-1]:
+            return False
+        if any(stride * size % 16 for stride in tensor.stride()[:-1]):
+            return False
+    return True
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_allocator(device: torch.device) -> None:
+    """Device-side tensor descriptors take global scratch from Triton's allocator at launch (every triton
+    3.6-3.9): install a torch one on CUDA unless the caller has set their own."""
+    from triton.runtime import _allocation
+
+    if device.type == "cuda" and isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
+def pack_gqa(group: int, is_varlen: bool) -> bool:
+    """Whether the query heads sharing a KV head share a tile's rows: by default for packed batches with
+    GQA (short sequences fill tiles); LLM2VEC_FAST_PACK_GQA=1|0 forces it on or off."""
+    choice = _choice(PACK_GQA_VARIABLE, ("auto", "1", "0"))
+    if choice != "auto":
+        return choice == "1" and group > 1
+    return group > 1 and is_varlen
 
 
 def dot_precision(dtype: torch.dtype) -> str:
