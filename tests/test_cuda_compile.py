@@ -189,12 +189,15 @@ def cuobjdump_or_skip() -> Path:
 
 
 def sass_loops(sass: str) -> tuple[list[tuple[int, str]], list[tuple[int, int]]]:
-    """(address, instruction) of every SASS line, and the [target, branch] address spans of backward branches."""
+    """(address, instruction) of every SASS line, and the [target, branch] address spans of backward branches,
+    leaving out branches placed after the kernel's last EXIT (ptxas's out-of-line mbarrier retry paths jump
+    back into the code they left: no loop)."""
     lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    last_exit = max((a for a, i in lines if re.match(r"(@!?U?P\w+\s+)?EXIT\b", i)), default=0)
     loops = []
     for address, instruction in lines:
         branch = re.search(r"\bBRA(?:\.\S+)?\s+(?:\S+,\s*)?0x([0-9a-f]+)", instruction)
-        if branch and int(branch.group(1), 16) < address:
+        if branch and int(branch.group(1), 16) < address < last_exit:
             loops.append((int(branch.group(1), 16), address))
     return lines, loops
 
