@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -61,7 +62,7 @@ class TileReport:
     loop_instructions: int  # the steady loop's body
     loop_path: int  # its shortest path through every MMA (sass_analysis.Loop.path)
     loop_mma: int
-    loop_warps: int  # num_warps: the default partition's warps where the kernel is warp-specialized
+    loop_warps: int  # warps running the steady loop: num_warps, or one MMA partition's (mma_partitions)
     per_block: float | None
     seconds: float
 
@@ -150,7 +151,8 @@ def compile_tile(job: TileJob) -> TileReport:
     instructions = next(iter(parse_sass(_sass(compiled.asm["cubin"])).values()))
     features = sass_features(instructions)
     loop = steady_loop(instructions)
-    blocks = block_m * block_n / SCORE_BLOCK
+    partitions, loop_warps = mma_partitions(ttgir, num_warps)
+    blocks = block_m * block_n / SCORE_BLOCK / partitions  # the consumer partitions split the tile's rows
     return TileReport(
         job=job,
         registers=resources.registers,
@@ -164,8 +166,8 @@ def compile_tile(job: TileJob) -> TileReport:
         loop_instructions=len(loop.body) if loop else 0,
         loop_path=loop.path if loop else 0,
         loop_mma=loop.mma if loop else 0,
-        loop_warps=num_warps,
-        per_block=loop.path * num_warps / blocks if loop and blocks else None,
+        loop_warps=loop_warps,
+        per_block=loop.path * loop_warps / blocks if loop and blocks else None,
         seconds=time.perf_counter() - start,
     )
 
@@ -174,6 +176,21 @@ def warp_specialized(ttgir: str, ptx: str) -> bool:
     """Partitions of warps with roles of their own: a ``ttg.warp_specialize`` op (a loop's bare
     ``tt.warp_specialize`` attribute only asks for one) or register budgets per warpgroup."""
     return "ttg.warp_specialize(" in ttgir or "setmaxnreg" in ptx
+
+
+def mma_partitions(ttgir: str, num_warps: int) -> tuple[int, int]:
+    """(partitions that run dots, warps in each) of a warp-specialized kernel's TTGIR, (1, num_warps) for
+    one that is not. Each such partition runs its own copy of the steady loop over its share of the tile's
+    rows (Triton's data partitioning), so one copy's length x its warps covers tile blocks / partitions."""
+    if "ttg.warp_specialize(" not in ttgir:
+        return 1, num_warps
+    regions = re.split(r"\n\s*(?=default \{|partition\d+\()", ttgir)[1:]
+    warps = []
+    for region in regions:
+        if any(op in region for op in ("ttng.warp_group_dot ", "tt.dot ", "ttng.tc_gen5_mma ")):
+            declared = re.match(r"partition\d+\(.*?num_warps\((\d+)\)", region)
+            warps.append(int(declared.group(1)) if declared else num_warps)
+    return (len(warps), warps[0]) if warps else (1, num_warps)
 
 
 def _ptxas_log(ptx: str, arch: str) -> str:

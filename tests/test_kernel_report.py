@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from kernel_report import cuda_archs, cuda_rows, problems, table_row  # noqa: E402
 from sass_analysis import parse_ptxas_log, parse_sass, sass_features, steady_loop  # noqa: E402
-from triton_static import warp_specialized  # noqa: E402
+from triton_static import mma_partitions, warp_specialized  # noqa: E402
 
 
 def sass(*instructions: str) -> str:
@@ -99,6 +99,16 @@ def test_warp_specialization_needs_the_op_not_the_loop_attribute():
     assert warp_specialized("ttg.warp_specialize(%a) attributes {}\n default {", "")
     assert not warp_specialized("scf.for ... {tt.warp_specialize}", "")
     assert warp_specialized("", "setmaxnreg.inc.sync.aligned.u32 240;")
+
+
+def test_the_loop_warps_of_a_warp_specialized_kernel_are_one_consumer_partition():
+    ttgir = (
+        "module {\n    ttg.warp_specialize(%a)\n    default {\n      ttng.async_tma_copy_global_to_local\n"
+        "    }\n    partition0(%x: i32 loc(#loc)) num_warps(4) {\n      %1 = ttng.warp_group_dot %a, %b\n"
+        "    }\n    partition1(%x: i32 loc(#loc)) num_warps(4) {\n      %2 = ttng.warp_group_dot %c, %d\n    }\n}"
+    )
+    assert mma_partitions(ttgir, 4) == (2, 4)  # two consumers of 4 warps, each over half the rows
+    assert mma_partitions("%1 = ttng.warp_group_dot %a, %b", 8) == (1, 8)
 
 
 def test_ptxas_log_gives_registers_spills_stack_and_shared_memory_per_function():
