@@ -49,6 +49,7 @@ class Kernel:
         return self.tiles.get(input_class, [])
 
 
+_BWD_LAYOUTS = ("padded", "dense", "packed")  # the backward has no tile schedule: "scheduled" would be "packed"
 _FWD_FLAGS = dict(HOPPER=False, NEGATIVE_SCALE=False, PACK_GQA=False, SCHEDULE_BLOCK=0)
 KERNELS: dict[str, Kernel] = {
     "fwd": Kernel(
@@ -66,9 +67,11 @@ KERNELS: dict[str, Kernel] = {
         flags=_FWD_FLAGS | dict(HOPPER=True),
         layouts=("dense", "scheduled"),
     ),
-    "bwd": Kernel("attention_bwd_kernel", attention_bwd, attention_bwd.BWD_TILES, archs=("sm_90a",)),  # see _fused
-    "dkdv": Kernel("attention_bwd_dkdv_kernel", attention_bwd, attention_bwd.DKDV_TILES),
-    "dq": Kernel("attention_bwd_dq_kernel", attention_bwd, attention_bwd.DQ_TILES),
+    "bwd": Kernel(  # see _fused
+        "attention_bwd_kernel", attention_bwd, attention_bwd.BWD_TILES, archs=("sm_90a",), layouts=_BWD_LAYOUTS
+    ),
+    "dkdv": Kernel("attention_bwd_dkdv_kernel", attention_bwd, attention_bwd.DKDV_TILES, layouts=_BWD_LAYOUTS),
+    "dq": Kernel("attention_bwd_dq_kernel", attention_bwd, attention_bwd.DQ_TILES, layouts=_BWD_LAYOUTS),
     "preprocess": Kernel(
         "attention_bwd_preprocess_kernel",
         attention_bwd,
