@@ -31,7 +31,7 @@ VARIANTS = [
     TileJob(kernel, "half", KERNELS[kernel].specs("half")[-1], arch, feature, FEATURES[feature])
     for feature in sorted(FEATURES)
     for kernel in ATTENTION
-    for arch in ARCHS
+    for arch in KERNELS[kernel].archs
 ]
 AMPERE_GROUPS = {}  # (kernel, class, layout) -> its sm_80 tiles
 for shipped in SHIPPED:
