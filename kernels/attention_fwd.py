@@ -283,11 +283,13 @@ def _attend_spans(
     EXACT: tl.constexpr,
     TMA: tl.constexpr,
     NEGATIVE_SCALE: tl.constexpr,
+    EVEN_KEYS: tl.constexpr,
 ):
     """(acc, l_i, m_i) of one query block over every span of keys it may see. EXACT: every tile masked and
     read by pointers, so that no non-finite value of a key a row does not see can reach it (the slow redo).
-    TMA (the Hopper path, no mask, no window): one bounds-masked, warp-specialized loop over [0, k_len), as
-    Triton's Hopper warp specialization takes a kernel with a single loop only."""
+    TMA (the Hopper path, no mask, no window): one warp-specialized loop over [0, k_len), as Triton's Hopper
+    warp specialization takes a kernel with a single loop only; bounds-masked unless EVEN_KEYS (k_len a
+    multiple of every BLOCK_N: every tile full)."""
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -314,7 +316,7 @@ def _attend_spans(
             window_right,
             qk_scale,
             softcap_scale,
-            True,
+            not EVEN_KEYS,
             HAS_MASK,
             WINDOW_LEFT,
             WINDOW_RIGHT,
@@ -562,6 +564,7 @@ def attention_fwd_kernel(
     PRECISION: tl.constexpr,
     HOPPER: tl.constexpr,
     NEGATIVE_SCALE: tl.constexpr,
+    EVEN_KEYS: tl.constexpr,
     PACK_GQA: tl.constexpr,
     SCHEDULE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -661,6 +664,7 @@ def attention_fwd_kernel(
         False,
         HOPPER,
         NEGATIVE_SCALE,
+        EVEN_KEYS,
     )
     Out += batch.to(tl.int64) * stride_ob + q_start.to(tl.int64) * stride_os
     Lse += batch.to(tl.int64) * stride_lb + q_start
@@ -704,6 +708,7 @@ def attention_fwd_kernel(
                 True,
                 False,
                 NEGATIVE_SCALE,
+                False,
             )
             _store_block(
                 acc,
@@ -899,6 +904,7 @@ def attention_forward(
         PRECISION=dot_precision(q.dtype),
         HOPPER=hopper,
         NEGATIVE_SCALE=qk_scale < 0 and softcap == 0,
+        EVEN_KEYS=not shape.is_varlen and shape.seqlen_k % 128 == 0,  # 128: the widest BLOCK_N
         PACK_GQA=packed,
         SCHEDULE_BLOCK=schedule_block,
     )

@@ -50,7 +50,7 @@ class Kernel:
 
 
 _BWD_LAYOUTS = ("padded", "dense", "packed")  # the backward has no tile schedule: "scheduled" would be "packed"
-_FWD_FLAGS = dict(HOPPER=False, NEGATIVE_SCALE=False, PACK_GQA=False, SCHEDULE_BLOCK=0)
+_FWD_FLAGS = dict(HOPPER=False, NEGATIVE_SCALE=False, EVEN_KEYS=False, PACK_GQA=False, SCHEDULE_BLOCK=0)
 KERNELS: dict[str, Kernel] = {
     "fwd": Kernel(
         "attention_fwd_kernel",

@@ -108,6 +108,15 @@ def test_dtypes(path, launches, dtype):
     assert launches.flags["HOPPER"] == specialized(path, dtype, mask)
 
 
+@pytest.mark.parametrize("seqlen_k", [128, 127])
+def test_even_key_tiles_skip_the_bounds_mask(path, launches, seqlen_k):
+    """Keys a multiple of 128 (every BLOCK_N): the warp-specialized loop has no bounds mask."""
+    q, k, v = tensors((1, 40, 2, 16), (1, seqlen_k, 2, 16), torch.bfloat16)
+    check(*forward(q, k, v), torch.bfloat16)
+    assert launches.flags["EVEN_KEYS"] == (seqlen_k == 128)
+    assert launches.flags["HOPPER"] == (path == "hopper")
+
+
 @pytest.mark.parametrize("head_dim", [8, 80, 256])
 def test_head_dims(path, head_dim):
     """Head dims below a power of two: the descriptors' blocks are BLOCK_D wide, their bounds HEAD_DIM."""
