@@ -986,6 +986,74 @@ def attention_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_tiles(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    K,
+    V,
+    KeyMask,
+    start,
+    end,
+    offs_m,
+    offs_d,
+    offset,
+    rows_ok,
+    stride_ks,
+    stride_vs,
+    window_left,
+    window_right,
+    qk_scale,
+    softcap_scale,
+    MASKED: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EXACT: tl.constexpr,
+):
+    """Fold key tiles [start, end) into dQ. MASKED selects pairs by window, bounds and padding; unmasked tiles
+    hold real keys every row of the block sees (rows outside the sequence are zeroed by the caller).
+    EXACT (the slow redo of windowed blocks) keeps a non-finite K of a key out of the rows that do not see it."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < end
+        if HAS_MASK:
+            key_ok = key_ok & real_keys(KeyMask, offs_n, key_ok, True)
+        k = load_tile(K + offs_n[:, None] * stride_ks + offs_d[None, :], key_ok, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        v = load_tile(V + offs_n[:, None] * stride_vs + offs_d[None, :], key_ok, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        scores, tanh_s = capped_scores(mma(q, tl.trans(k), UPCAST, PRECISION), qk_scale, softcap_scale, SOFTCAP)
+        p = tl.exp2(scores - lse[:, None])
+        if MASKED:
+            allowed = window_allowed(offs_m, offs_n, offset, window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT)
+            allowed = allowed & rows_ok[:, None] & key_ok[None, :]
+            p = tl.where(allowed, p, 0.0)
+        dp = mma(do, tl.trans(v), UPCAST, PRECISION)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - tanh_s * tanh_s)
+        if MASKED:
+            ds = tl.where(allowed, ds, 0.0)
+        if EXACT and MASKED and (WINDOW_LEFT or WINDOW_RIGHT):
+            if any_nonfinite(k):
+                dq = seen_product(
+                    dq, ds, allowed, K + start_n * stride_ks + offs_d, stride_ks, end - start_n, offs_d < HEAD_DIM
+                )
+            else:
+                dq += mma(convert(ds, k.dtype, UPCAST), k, UPCAST, PRECISION)
+        else:
+            dq += mma(convert(ds, k.dtype, UPCAST), k, UPCAST, PRECISION)
+    return dq
+
+
+@triton.jit
 def _dq_spans(
     q,
     do,
@@ -1021,39 +1089,122 @@ def _dq_spans(
     PRECISION: tl.constexpr,
     EXACT: tl.constexpr,
 ):
-    """Unscaled dQ of one query block over every key it sees. EXACT (the slow redo of windowed blocks)
-    keeps a non-finite K of a key out of the rows that do not see it."""
+    """Unscaled dQ of one query block over every key it sees. Without a key mask, the key tiles every row of
+    the block sees run unmasked; window edges and the span's tail are masked (every tile with a mask, whose
+    holes need it, and in the EXACT redo)."""
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for span in range(num_spans):
         lo, hi = span_bounds(KeySpans, span, k_len, HAS_MASK)
-        lo, hi, _, _ = clip_to_window(
+        lo, hi, full_lo, full_hi = clip_to_window(
             lo, hi, row_first, row_last, offset, window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT
         )
-        for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            key_ok = offs_n < hi
-            if HAS_MASK:
-                key_ok = key_ok & real_keys(KeyMask, offs_n, key_ok, True)
-            k = load_tile(K + offs_n[:, None] * stride_ks + offs_d[None, :], key_ok, offs_d, True, HEAD_DIM, BLOCK_D)
-            v = load_tile(V + offs_n[:, None] * stride_vs + offs_d[None, :], key_ok, offs_d, True, HEAD_DIM, BLOCK_D)
-            scores, tanh_s = capped_scores(mma(q, tl.trans(k), UPCAST, PRECISION), qk_scale, softcap_scale, SOFTCAP)
-            allowed = window_allowed(offs_m, offs_n, offset, window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT)
-            allowed = allowed & rows_ok[:, None] & key_ok[None, :]
-            p = tl.where(allowed, tl.exp2(scores - lse[:, None]), 0.0)
-            dp = mma(do, tl.trans(v), UPCAST, PRECISION)
-            ds = p * (dp - delta[:, None])
-            if SOFTCAP:
-                ds = ds * (1.0 - tanh_s * tanh_s)
-            ds = tl.where(allowed, ds, 0.0)
-            if EXACT and (WINDOW_LEFT or WINDOW_RIGHT):
-                if any_nonfinite(k):
-                    dq = seen_product(
-                        dq, ds, allowed, K + start_n * stride_ks + offs_d, stride_ks, hi - start_n, offs_d < HEAD_DIM
-                    )
-                else:
-                    dq += mma(convert(ds, k.dtype, UPCAST), k, UPCAST, PRECISION)
-            else:
-                dq += mma(convert(ds, k.dtype, UPCAST), k, UPCAST, PRECISION)
+        hi = tl.maximum(hi, lo)
+        if EXACT or HAS_MASK:
+            full_start = lo
+            full_end = lo
+        else:
+            full_start = tl.minimum(lo + tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_N) * BLOCK_N, hi)
+            full_end = full_start + (tl.maximum(full_hi - full_start, 0) // BLOCK_N) * BLOCK_N
+        if WINDOW_LEFT:  # without a left window the span starts with full tiles
+            dq = _dq_tiles(
+                dq,
+                q,
+                do,
+                lse,
+                delta,
+                K,
+                V,
+                KeyMask,
+                lo,
+                full_start,
+                offs_m,
+                offs_d,
+                offset,
+                rows_ok,
+                stride_ks,
+                stride_vs,
+                window_left,
+                window_right,
+                qk_scale,
+                softcap_scale,
+                True,
+                HAS_MASK,
+                WINDOW_LEFT,
+                WINDOW_RIGHT,
+                SOFTCAP,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_N,
+                UPCAST,
+                PRECISION,
+                EXACT,
+            )
+        dq = _dq_tiles(
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            K,
+            V,
+            KeyMask,
+            full_start,
+            full_end,
+            offs_m,
+            offs_d,
+            offset,
+            rows_ok,
+            stride_ks,
+            stride_vs,
+            window_left,
+            window_right,
+            qk_scale,
+            softcap_scale,
+            False,
+            HAS_MASK,
+            WINDOW_LEFT,
+            WINDOW_RIGHT,
+            SOFTCAP,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_N,
+            UPCAST,
+            PRECISION,
+            EXACT,
+        )
+        dq = _dq_tiles(
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            K,
+            V,
+            KeyMask,
+            full_end,
+            hi,
+            offs_m,
+            offs_d,
+            offset,
+            rows_ok,
+            stride_ks,
+            stride_vs,
+            window_left,
+            window_right,
+            qk_scale,
+            softcap_scale,
+            True,
+            HAS_MASK,
+            WINDOW_LEFT,
+            WINDOW_RIGHT,
+            SOFTCAP,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_N,
+            UPCAST,
+            PRECISION,
+            EXACT,
+        )
     return tl.where(rows_ok[:, None], dq, 0.0)  # a row that sees no key: 0, even where a k is non-finite
 
 

@@ -27,6 +27,7 @@ CASES = {
         [0, 33, 5, 0, 40], [0, 33, 9, 2, 40], 4, 2, 16, torch.float32, causal=True
     ),
     "gqa2-bf16-right": lambda: padded_case(2, 65, 65, 2, 1, 64, torch.bfloat16, "right"),
+    "gqa2-window-unmasked": lambda: padded_case(2, 100, 100, 2, 1, 16, torch.float32, "none", window_size=(80, 40)),
 }
 
 
