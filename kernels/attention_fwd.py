@@ -576,13 +576,16 @@ def attention_fwd_kernel(
     sequence. HOPPER (no mask, no window, no packing, 16-bit): Q/K/V/O through TMA descriptors bounded by
     the sequence and one warp-specialized key loop; otherwise pointers (cp.async) and the span walk."""
     head = tl.program_id(1)
-    # No early returns (the Hopper warp-specialization pass takes structured control flow only): a tile
-    # past its sequence's end walks no keys and every store it makes is masked or clipped.
+    # The Hopper path has no early returns (its warp-specialization pass takes structured control flow
+    # only): a tile past its sequence's end walks no keys and every store it makes is masked or clipped.
     if SCHEDULE_BLOCK > 0:
         batch, pid_m = scheduled_tile(
             CuSeqlensQ, num_seqs, tl.program_id(0), GROUP if PACK_GQA else 1, BLOCK_M, SCHEDULE_BLOCK, HOPPER
         )
         past_end = batch >= num_seqs
+        if not HOPPER:
+            if past_end:
+                return
         batch = tl.where(past_end, num_seqs - 1, batch)
         pid_m = tl.where(past_end, (1 << 30) // BLOCK_M, pid_m)
     else:
@@ -594,6 +597,9 @@ def attention_fwd_kernel(
     else:
         rows = q_len
     tile_first = pid_m * BLOCK_M
+    if not HOPPER:  # past its sequence's end (the Hopper path masks instead: see above)
+        if tile_first >= rows:
+            return
     tile_rows = tile_first + tl.arange(0, BLOCK_M)
     tile_last = tl.maximum(tl.minimum(tile_first + BLOCK_M, rows) - 1, tile_first)
     if PACK_GQA:
