@@ -97,7 +97,7 @@ def flash_attn_func(
         softcap: if > 0, cap scores with ``softcap * tanh(score / softcap)``.
         return_lse: also return the log-sum-exp ``(batch, heads_q, seqlen_q)`` in float32 (differentiable).
         deterministic: request a deterministic backward from backends that have a faster one.
-        backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"reference"``; defaults to the
+        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``; defaults to the
             ``LLM2VEC_FAST_BACKEND`` environment variable, then ``"auto"``.
 
     Returns:

@@ -51,7 +51,7 @@ def check_backend(backend: str | None, device: str | torch.device | None) -> Non
         raise ValueError(str(error)) from None
     if backend == "cuda" and target.type != "cuda":
         raise ValueError(f"attention backend 'cuda' runs on CUDA devices, not on {target}")
-    probe = torch.empty(0, 1, 64, device=target)  # the triton backend only looks at the device
-    reason = module.unsupported_reason(probe, probe, AttentionOptions()) if backend == "triton" else None
+    probe = torch.empty(0, 1, 64, device=target)  # the triton and cpu backends only look at the device here
+    reason = module.unsupported_reason(probe, probe, AttentionOptions()) if backend in ("triton", "cpu") else None
     if reason is not None:
         raise ValueError(f"attention backend {backend!r} cannot run on {target}: {reason}")

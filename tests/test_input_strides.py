@@ -29,7 +29,7 @@ from llm2vec_fast.kernels.launch import unit_last_stride
 from llm2vec_fast.tensor_cache import TensorCache
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
-BACKENDS = ("triton", "reference")
+BACKENDS = ("triton", "cpu", "reference")
 
 
 def strided(values: Tensor, layout: str) -> Tensor:

@@ -53,3 +53,9 @@ def test_check_backend_triton_on_cpu_follows_the_interpreter(monkeypatch) -> Non
     monkeypatch.setattr(triton_backend, "INTERPRETING", False)
     with pytest.raises(ValueError, match="attention backend 'triton'"):
         check_backend("triton", "cpu")
+
+
+def test_check_backend_cpu_runs_on_cpu_only() -> None:
+    check_backend("cpu", "cpu")
+    with pytest.raises(ValueError, match="attention backend 'cpu' cannot run on meta: it runs on CPU tensors"):
+        check_backend("cpu", "meta")

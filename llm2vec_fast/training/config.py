@@ -96,7 +96,7 @@ class TrainConfig:
         "llm2vec_fast",
         help="llm2vec_fast = packed batches on our kernels; sdpa/eager = HF attention on padded batches (reference)",
     )
-    attention_backend: Literal["auto", "cuda", "triton", "reference"] = setting(
+    attention_backend: Literal["auto", "cuda", "triton", "cpu", "reference"] = setting(
         "auto", help="force one llm2vec_fast kernel backend", aliases=("--backend",)
     )
     distributed_strategy: Literal["ddp", "fsdp"] = setting(
