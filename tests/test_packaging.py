@@ -56,13 +56,14 @@ def built(tmp_path_factory) -> tuple[set[str], Path, Path]:
     return sdist_files, sdist, wheel
 
 
-def test_sdist_holds_the_package_kernels_presets_cuda_sources_and_test_suite(built) -> None:
+def test_sdist_holds_the_package_kernels_presets_cuda_sources_test_suite_and_benchmarks(built) -> None:
     sdist_files, sdist, _ = built
     needed = _relative((ROOT / "llm2vec_fast").rglob("*.py"), ROOT) | _relative((ROOT / "kernels").glob("*.py"), ROOT)
     needed |= _relative((ROOT / "llm2vec_fast" / "training" / "presets").glob("*.json"), ROOT)
     needed |= {p for p in _relative((ROOT / "csrc").rglob("*"), ROOT) if p.endswith((".cu", ".cuh", ".h", ".cpp"))}
     needed |= {"setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "tests/conftest.py"}
     needed |= _relative((ROOT / "tests" / "data").rglob("*"), ROOT)
+    needed |= _relative((ROOT / "benchmarks").glob("*.py"), ROOT)  # some tests import them
     assert needed - sdist_files == set()
     assert not [name for name in sdist_files if "__pycache__" in name or name.endswith(".pyc")]
     assert sdist.name == f"llm2vec_fast-{llm2vec_fast.__version__}.tar.gz"
