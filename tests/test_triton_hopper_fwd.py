@@ -53,19 +53,37 @@ def path(request, monkeypatch) -> str:
     return request.param
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the interpreter runs CPU tensors
+
+
+def on_device(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` where the kernels run, its strides and storage offset kept (the alignment tests need them)."""
+    if tensor.device == DEVICE:
+        return tensor
+    moved = torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device=DEVICE)
+    if tensor.storage_offset() == 0:
+        return moved.copy_(tensor)
+    storage = torch.empty(tensor.storage_offset() + tensor.numel(), dtype=tensor.dtype, device=DEVICE)
+    return storage[tensor.storage_offset() :].view(tensor.shape).copy_(tensor)
+
+
 def forward(q, k, v, mask=None, cu_seqlens=None, causal=False, window=(-1, -1), softcap=0.0, scale=None):
     """(out, lse) of the kernel and of the float64 oracle."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     options = AttentionOptions(causal, window, softcap, scale)
     oracle_options = dict(causal=causal, window_size=window, softcap=softcap, softmax_scale=scale)
     if cu_seqlens is None:
-        layout = AttentionLayout(mask, None, None, q.shape[1], k.shape[1], None if mask is None else kernel_spans(mask))
         expected = attention_oracle(q, k, v, key_mask=mask, **oracle_options)
+    else:
+        expected = varlen_oracle(q, k, v, cu_seqlens, cu_seqlens, **oracle_options)
+    q, k, v, mask, cu_seqlens = (None if t is None else on_device(t) for t in (q, k, v, mask, cu_seqlens))
+    if cu_seqlens is None:
+        layout = AttentionLayout(mask, None, None, q.shape[1], k.shape[1], None if mask is None else kernel_spans(mask))
     else:
         longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         layout = AttentionLayout(None, cu_seqlens, cu_seqlens, longest, longest)
-        expected = varlen_oracle(q, k, v, cu_seqlens, cu_seqlens, **oracle_options)
-    return attention_fwd.attention_forward(q, k, v, layout, options), expected
+    out, lse = attention_fwd.attention_forward(q, k, v, layout, options)
+    return (out.cpu(), lse.cpu()), expected
 
 
 def check(got, expected, dtype):
