@@ -47,15 +47,16 @@ from .tiles import (
 
 # Tiles whose every GEMM runs on wgmma on sm_90a with no spill, padded and packed (BLOCK_N keys are the rows
 # of four GEMMs, the head dim those of dQ^T). The fused kernel holds five accumulators: 16 query rows, head
-# dims up to 128, sm_90a (see _fused). fp32 compiles to FMA (exact dots). Open: the dK/dV kernel at head dim
-# 256 keeps 32-key tiles on mma.sync (its 64-key tile spills 20 bytes).
+# dims up to 128, sm_90a (see _fused). fp32 compiles to FMA (exact dots). At head dim 256 the dK/dV kernel runs
+# two programs per 64-key tile, each accumulating half of the dK/dV columns (dkdv_split): its whole 64x256 dK
+# and dV spill, and 32 keys are too few rows for wgmma. 16x64 only: 32x64 and 3 stages spill once unmasked.
 BWD_TILES = {
     "half": [(16, 64, 8, 2)],
     "fp32": [(16, 32, 4, 2)],
 }
 DKDV_TILES = {
-    "half": [(16, 64, 8, 2)],
-    "half_wide": [(32, 32, 8, 2), (16, 32, 8, 2)],
+    "half": [(16, 128, 8, 2), (16, 64, 8, 2)],  # 128 keys: 2 warpgroups x 64 key rows, none duplicated
+    "half_wide": [(16, 64, 8, 2)],
     "fp32": [(16, 32, 4, 2)],
 }
 DQ_TILES = {
@@ -180,6 +181,7 @@ def _dkdv_tiles(
     key_ok,
     offs_n,
     offs_d,
+    offs_h,
     q_base,
     do_base,
     dq_base,
@@ -211,6 +213,8 @@ def _dkdv_tiles(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HEAD_H: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     EXACT: tl.constexpr,
@@ -222,7 +226,8 @@ def _dkdv_tiles(
     k_nonfinite (windowed masked tiles) does the same for K in dQ.
 
     Every GEMM has 64+ rows for wgmma whatever BLOCK_M: four have the BLOCK_N keys as rows, and dQ is
-    computed transposed, dQ^T = K^T dS^T (head dim x queries), with dS^T in shared memory as its B operand."""
+    computed transposed, dQ^T = K^T dS^T (head dim x queries), with dS^T in shared memory as its B operand.
+    S and dP span the whole head dim; dK and dV only columns offs_h (BLOCK_H wide, see _dkdv_program)."""
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         rows_ok = offs_m < q_hi
@@ -235,6 +240,16 @@ def _dkdv_tiles(
         do = load_tile(
             do_base + offs_m[:, None] * stride_ds + offs_d[None, :], rows_ok, offs_d, check_rows, HEAD_DIM, BLOCK_D
         )
+        if BLOCK_H == BLOCK_D:
+            q_h = q
+            do_h = do
+        else:  # this program's columns of q and dO, read again (from L1/L2) rather than sliced out of registers
+            q_h = load_tile(
+                q_base + offs_m[:, None] * stride_qs + offs_h[None, :], rows_ok, offs_h, check_rows, HEAD_H, BLOCK_H
+            )
+            do_h = load_tile(
+                do_base + offs_m[:, None] * stride_ds + offs_h[None, :], rows_ok, offs_h, check_rows, HEAD_H, BLOCK_H
+            )
         lse, delta = _rows_lse_delta(Lse, Delta, lse_offset, offs_m, rows_ok)
         # Transposed tiles (keys x queries): P^T = exp2(S^T - lse).
         scores_t, tanh_t = capped_scores(mma(k, tl.trans(q), UPCAST, PRECISION), qk_scale, softcap_scale, SOFTCAP)
@@ -245,7 +260,7 @@ def _dkdv_tiles(
             )
             allowed_t = allowed_t & key_ok[:, None] & rows_ok[None, :]
             p_t = tl.where(allowed_t, p_t, 0.0)
-        dv += mma(convert(p_t, do.dtype, UPCAST), do, UPCAST, PRECISION)
+        dv += mma(convert(p_t, do.dtype, UPCAST), do_h, UPCAST, PRECISION)
         dp_t = mma(v, tl.trans(do), UPCAST, PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         if SOFTCAP:
@@ -254,20 +269,20 @@ def _dkdv_tiles(
             ds_t = tl.where(allowed_t, ds_t, 0.0)
         ds_low = convert(ds_t, q.dtype, UPCAST)
         if EXACT and MASKED and (WINDOW_LEFT or WINDOW_RIGHT):
-            if any_nonfinite(q):
+            if any_nonfinite(q_h):
                 dk = seen_product(
                     dk,
                     ds_t,
                     allowed_t,
-                    q_base + start_m * stride_qs + offs_d,
+                    q_base + start_m * stride_qs + offs_h,
                     stride_qs,
                     q_hi - start_m,
-                    offs_d < HEAD_DIM,
+                    offs_h < HEAD_DIM,
                 )
             else:
-                dk += mma(ds_low, q, UPCAST, PRECISION)
+                dk += mma(ds_low, q_h, UPCAST, PRECISION)
         else:
-            dk += mma(ds_low, q, UPCAST, PRECISION)
+            dk += mma(ds_low, q_h, UPCAST, PRECISION)
         if FUSED_DQ:
             if MASKED and (WINDOW_LEFT or WINDOW_RIGHT):
                 if k_nonfinite:
@@ -298,6 +313,7 @@ def _dkdv_group(
     k_nonfinite,
     offs_n,
     offs_d,
+    offs_h,
     Q,
     DOut,
     DQAccum,
@@ -340,6 +356,8 @@ def _dkdv_group(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HEAD_H: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -348,8 +366,8 @@ def _dkdv_group(
     """Unscaled (dK, dV) of one key tile over the queries of every head of its group that see it (and,
     FUSED_DQ, their dQ added to DQAccum). Per span, the query tiles every key of the tile sees run unmasked
     when key_clean; the window edges and the span's tail are masked. EXACT masks every tile (the redo)."""
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
     keys_left = k_len - key_first
     for group_member in range(GROUP):
         head = kv_head * GROUP + group_member
@@ -380,6 +398,7 @@ def _dkdv_group(
                     key_ok,
                     offs_n,
                     offs_d,
+                    offs_h,
                     q_base,
                     do_base,
                     dq_base,
@@ -411,6 +430,8 @@ def _dkdv_group(
                     HEAD_DIM,
                     BLOCK_M,
                     BLOCK_D,
+                    HEAD_H,
+                    BLOCK_H,
                     UPCAST,
                     PRECISION,
                     EXACT,
@@ -423,6 +444,7 @@ def _dkdv_group(
                 key_ok,
                 offs_n,
                 offs_d,
+                offs_h,
                 q_base,
                 do_base,
                 dq_base,
@@ -454,6 +476,8 @@ def _dkdv_group(
                 HEAD_DIM,
                 BLOCK_M,
                 BLOCK_D,
+                HEAD_H,
+                BLOCK_H,
                 UPCAST,
                 PRECISION,
                 EXACT,
@@ -466,6 +490,7 @@ def _dkdv_group(
                 key_ok,
                 offs_n,
                 offs_d,
+                offs_h,
                 q_base,
                 do_base,
                 dq_base,
@@ -497,6 +522,8 @@ def _dkdv_group(
                 HEAD_DIM,
                 BLOCK_M,
                 BLOCK_D,
+                HEAD_H,
+                BLOCK_H,
                 UPCAST,
                 PRECISION,
                 EXACT,
@@ -566,9 +593,18 @@ def _dkdv_program(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SPLIT_D: tl.constexpr,
 ):
-    """One key tile of one KV head: its dK and dV stored, and (FUSED_DQ) its share of dQ added to DQAccum."""
-    pid_n = tl.program_id(0)
+    """One key tile of one KV head: its dK and dV stored, and (FUSED_DQ) its share of dQ added to DQAccum.
+
+    SPLIT_D programs share a key tile (adjacent in the grid's first axis), each accumulating and storing
+    1 / SPLIT_D of the dK and dV columns (BLOCK_H of them) while computing S and dP over the whole head dim:
+    at head dim 256 the two 64-key x 256 fp32 accumulators alone would fill the 128 registers per thread that
+    8 warps leave, and 64 keys are the rows wgmma needs."""
+    BLOCK_H: tl.constexpr = BLOCK_D // SPLIT_D
+    HEAD_H: tl.constexpr = BLOCK_H if HEAD_DIM == BLOCK_D else HEAD_DIM  # column masks only for padded dims
+    pid_n = tl.program_id(0) // SPLIT_D
+    split = tl.program_id(0) % SPLIT_D
     kv_head = tl.program_id(1)
     batch = tl.program_id(2)
     q_start, q_len, k_start, k_len = sequence_bounds(CuSeqlensQ, CuSeqlensK, batch, seqlen_q, seqlen_k, IS_VARLEN)
@@ -577,6 +613,7 @@ def _dkdv_program(
         return
     offs_n = key_first + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_h = split * BLOCK_H + tl.arange(0, BLOCK_H)
     keys_in = offs_n < k_len
     key_ok = keys_in
     KeyMask += batch.to(tl.int64) * stride_mb
@@ -613,6 +650,7 @@ def _dkdv_program(
         k_nonfinite,
         offs_n,
         offs_d,
+        offs_h,
         Q,
         DOut,
         DQAccum,
@@ -655,6 +693,8 @@ def _dkdv_program(
         HEAD_DIM,
         BLOCK_M,
         BLOCK_D,
+        HEAD_H,
+        BLOCK_H,
         BLOCK_N,
         UPCAST,
         PRECISION,
@@ -674,6 +714,7 @@ def _dkdv_program(
                 k_nonfinite,
                 offs_n,
                 offs_d,
+                offs_h,
                 Q,
                 DOut,
                 DQAccum,
@@ -716,19 +757,21 @@ def _dkdv_program(
                 HEAD_DIM,
                 BLOCK_M,
                 BLOCK_D,
+                HEAD_H,
+                BLOCK_H,
                 BLOCK_N,
                 UPCAST,
                 PRECISION,
                 True,
             )
-            _store_rows(DK, kv_tokens, stride_dks, dk * sm_scale, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
-            _store_rows(DV, kv_tokens, stride_dvs, dv, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+            _store_rows(DK, kv_tokens, stride_dks, dk * sm_scale, keys_in, offs_h, HEAD_H, BLOCK_H, UPCAST)
+            _store_rows(DV, kv_tokens, stride_dvs, dv, keys_in, offs_h, HEAD_H, BLOCK_H, UPCAST)
         else:
-            _store_rows(DK, kv_tokens, stride_dks, dk * sm_scale, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
-            _store_rows(DV, kv_tokens, stride_dvs, dv, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+            _store_rows(DK, kv_tokens, stride_dks, dk * sm_scale, keys_in, offs_h, HEAD_H, BLOCK_H, UPCAST)
+            _store_rows(DV, kv_tokens, stride_dvs, dv, keys_in, offs_h, HEAD_H, BLOCK_H, UPCAST)
     else:
-        _store_rows(DK, kv_tokens, stride_dks, dk * sm_scale, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
-        _store_rows(DV, kv_tokens, stride_dvs, dv, keys_in, offs_d, HEAD_DIM, BLOCK_D, UPCAST)
+        _store_rows(DK, kv_tokens, stride_dks, dk * sm_scale, keys_in, offs_h, HEAD_H, BLOCK_H, UPCAST)
+        _store_rows(DV, kv_tokens, stride_dvs, dv, keys_in, offs_h, HEAD_H, BLOCK_H, UPCAST)
 
 
 @triton.autotune(key=_BWD_KEY, reset_to_zero=["DQAccum"], **autotuned(BWD_TILES))
@@ -857,6 +900,7 @@ def attention_bwd_kernel(
         PRECISION,
         BLOCK_M,
         BLOCK_N,
+        1,
     )
 
 
@@ -917,10 +961,12 @@ def attention_bwd_dkdv_kernel(
     SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    SPLIT_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """The deterministic backward's dK and dV (dQ comes from attention_bwd_dq_kernel)."""
+    """The deterministic backward's dK and dV (dQ comes from attention_bwd_dq_kernel); SPLIT_D programs per
+    key tile, see dkdv_split."""
     _dkdv_program(
         Q,
         K,
@@ -982,6 +1028,7 @@ def attention_bwd_dkdv_kernel(
         PRECISION,
         BLOCK_M,
         BLOCK_N,
+        SPLIT_D,
     )
 
 
@@ -1396,6 +1443,12 @@ def _finish_dq(dq_sum: torch.Tensor, softmax_scale: float, dtype: torch.dtype) -
     return dq_sum.masked_fill_(dq_sum.isinf(), float("nan")).to(dtype)
 
 
+def dkdv_split(block_d: int) -> int:
+    """Programs per key tile of the dK/dV kernel, each owning a slice of the head dim: two at head dim 256,
+    so that its 64-key tiles fit in registers (see _dkdv_program)."""
+    return 2 if block_d > 128 else 1
+
+
 def _fused(q: torch.Tensor, options, block_d: int) -> bool:
     """Whether the fused kernel runs: unless asked to be deterministic, for head dims up to 128 on sm_90+ (and
     in the interpreter). Ampere and head dim 256 keep the pair, whose tiles are spill-free there (the fused
@@ -1484,8 +1537,8 @@ def attention_backward(
         PRECISION=dot_precision(q.dtype),
     )
 
-    def kv_grid(meta):
-        return triton.cdiv(shape.seqlen_k, meta["BLOCK_N"]), heads_kv, shape.batch
+    def kv_grid(meta, splits=1):
+        return triton.cdiv(shape.seqlen_k, meta["BLOCK_N"]) * splits, heads_kv, shape.batch
 
     key_args = (*masks, *common_strides, *token_strides(dk, is_varlen), *token_strides(dv, is_varlen))
     tail_args = (*lse_strides(lse, is_varlen), shape.stride_mask, shape.stride_spans, *common_scalars)
@@ -1508,8 +1561,9 @@ def attention_backward(
             **flags,
         )
         return _finish_dq(dq_sum, softmax_scale, q.dtype), dk, dv
-    attention_bwd_dkdv_kernel[kv_grid](
-        q, k, v, dout, dk, dv, lse, delta, *key_args, *tail_args, seqlen_bucket(shape.seqlen_k), **flags
+    split = dkdv_split(block_d)
+    attention_bwd_dkdv_kernel[lambda meta: kv_grid(meta, split)](
+        q, k, v, dout, dk, dv, lse, delta, *key_args, *tail_args, seqlen_bucket(shape.seqlen_k), **flags, SPLIT_D=split
     )
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     attention_bwd_dq_kernel[lambda meta: (triton.cdiv(shape.seqlen_q, meta["BLOCK_M"]), heads_q, shape.batch)](

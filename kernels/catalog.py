@@ -39,6 +39,7 @@ class Kernel:
     archs: tuple[str, ...] = ARCHS
     arch_flags: dict[str, dict] = field(default_factory=dict)  # arch -> constexpr flags a launch passes there
     flags: dict = field(default_factory=dict)  # constexpr flags every launch passes (beyond launch_flags)
+    class_flags: dict[str, dict] = field(default_factory=dict)  # input class -> constexpr flags launches pass there
     layouts: tuple[str, ...] = tuple(LAYOUTS)  # the LAYOUTS its launches specialise on
 
     @property
@@ -70,7 +71,14 @@ KERNELS: dict[str, Kernel] = {
     "bwd": Kernel(  # see _fused
         "attention_bwd_kernel", attention_bwd, attention_bwd.BWD_TILES, archs=("sm_90a",), layouts=_BWD_LAYOUTS
     ),
-    "dkdv": Kernel("attention_bwd_dkdv_kernel", attention_bwd, attention_bwd.DKDV_TILES, layouts=_BWD_LAYOUTS),
+    "dkdv": Kernel(
+        "attention_bwd_dkdv_kernel",
+        attention_bwd,
+        attention_bwd.DKDV_TILES,
+        layouts=_BWD_LAYOUTS,
+        flags=dict(SPLIT_D=1),
+        class_flags={name: dict(SPLIT_D=attention_bwd.dkdv_split(CLASS_INPUT[name][1])) for name in CLASS_INPUT},
+    ),
     "dq": Kernel("attention_bwd_dq_kernel", attention_bwd, attention_bwd.DQ_TILES, layouts=_BWD_LAYOUTS),
     "preprocess": Kernel(
         "attention_bwd_preprocess_kernel",
@@ -108,6 +116,7 @@ def launch_flags(kernel: Kernel, input_class: str, arch: str, **overrides) -> di
         PRECISION="ieee" if dtype == "fp32" else "tf32",
     )
     values.update(kernel.flags)
+    values.update(kernel.class_flags.get(input_class, {}))
     values.update(kernel.arch_flags.get(arch, {}))
     values.update(overrides)
     return values
