@@ -49,7 +49,8 @@ from .tiles import (
 # of four GEMMs, the head dim those of dQ^T). The fused kernel holds five accumulators: 16 query rows, head
 # dims up to 128, sm_90a (see _fused). fp32 compiles to FMA (exact dots). At head dim 256 the dK/dV kernel runs
 # two programs per 64-key tile, each accumulating half of the dK/dV columns (dkdv_split): its whole 64x256 dK
-# and dV spill, and 32 keys are too few rows for wgmma. 16x64 only: 32x64 and 3 stages spill once unmasked.
+# and dV spill, and 32 keys are too few rows for wgmma. 16x64 w8 s2 is spill-free padded; dense and packed it
+# spills 120-128 bytes of scalars around the query loops, not in them (32x64 and 3 stages spill 450+ there).
 BWD_TILES = {
     "half": [(16, 64, 8, 2)],
     "fp32": [(16, 32, 4, 2)],
