@@ -52,7 +52,7 @@ from .tiles import (
 # and dV spill, and 32 keys are too few rows for wgmma. 16x64 w8 s2 is spill-free padded; dense and packed it
 # spills 120-128 bytes of scalars around the query loops, not in them (32x64 and 3 stages spill 450+ there).
 BWD_TILES = {
-    "half": [(16, 128, 8, 2), (16, 64, 8, 2)],  # 128 keys: 2 warpgroups x 64 key rows, none duplicated
+    "half": [(16, 64, 8, 2)],
     "fp32": [(16, 32, 4, 2)],
 }
 DKDV_TILES = {
