@@ -1,5 +1,5 @@
-// Host entry points of the Hopper forward and backward (csrc/fwd_sm90_*.cu, bwd_sm90_*.cu, built for sm_90a only), called by
-// the torch binding on compute capability 9.x devices. Free of torch headers.
+// Host entry points of the Hopper forward and backward (csrc/fwd_sm90_*.cu, bwd_sm90_*.cu, built for sm_90a
+// only), called by the torch binding on compute capability 9.x devices. Free of torch headers.
 #pragma once
 
 #include <cuda_runtime_api.h>

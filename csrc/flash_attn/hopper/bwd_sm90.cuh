@@ -195,14 +195,15 @@ __device__ __forceinline__ void consume_bwd(const HopperBwdParams& hp, const Hop
   const int krow0 = 64 * consumer;           // this warpgroup's first key within the block's tile
   const int warp_key0 = krow0 + 16 * warp;  // this warp's first key
   const int n0w = blk.n0 + krow0;
+  const int key_token = seq.k_token0 + blk.n0;
   const uint16_t* k = static_cast<const uint16_t*>(p.k) +
-                      token_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, blk.b, seq.k_token0 + blk.n0, blk.hk);
+                      token_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, blk.b, key_token, blk.hk);
   const uint16_t* v = static_cast<const uint16_t*>(p.v) +
-                      token_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, blk.b, seq.k_token0 + blk.n0, blk.hk);
+                      token_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, blk.b, key_token, blk.hk);
   uint16_t* dk = static_cast<uint16_t*>(p.dk) +
-                 token_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, blk.b, seq.k_token0 + blk.n0, blk.hk);
+                 token_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, blk.b, key_token, blk.hk);
   uint16_t* dv = static_cast<uint16_t*>(p.dv) +
-                 token_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, blk.b, seq.k_token0 + blk.n0, blk.hk);
+                 token_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, blk.b, key_token, blk.hk);
   if (blk.t_first >= blk.t_hi) {  // no query sees these keys: zero gradients, this warpgroup's 64 rows
     const int rows = min(64, blk.cols - krow0);
     constexpr int kChunks = D / 8;

@@ -58,16 +58,12 @@ std::string make_hopper_bwd_params(const BwdParams& p, int64_t kv_tokens, Hopper
   return problem;
 }
 
-// delta and lse_log2 (the sm80 preprocess), then dk, dv and dq (added to hp.p.dq_accum, which must be set:
-// the deterministic path is launch_backward's).
+// dk, dv and dq (added to hp.p.dq_accum, which must be set: the deterministic path is launch_backward's),
+// after launch_bwd_preprocess has written delta and lse_log2.
 template <class Elem, int kHeadDim, class Launch>
 auto launch_backward_sm90(const HopperBwdParams& hp, Launch&& launch) {
   using Cfg = typename HopperBwdConfigs<Elem, kHeadDim>::KV;
-  using Pre = PreprocessConfig<Elem, kHeadDim>;
-  const BwdParams& p = hp.p;
-  auto err = launch(bwd_preprocess_kernel<Elem, kHeadDim>, bwd_preprocess_grid<Elem, kHeadDim>(p), Pre::kThreads, 0, p);
-  if (err == 0) err = launch(bwd_sm90_kernel<Cfg>, block_grid_over_keys<Cfg>(p), Cfg::kThreads, Cfg::kSmemBytes, hp);
-  return err;
+  return launch(bwd_sm90_kernel<Cfg>, block_grid_over_keys<Cfg>(hp.p), Cfg::kThreads, Cfg::kSmemBytes, hp);
 }
 
 }  // namespace l2vf

@@ -1,5 +1,5 @@
 // The CUDA launcher of the Hopper backward (atomic dQ path): tensor maps encoded on the host, then the
-// preprocess and the dK/dV/dQ kernel.
+// preprocess (run_bwd_preprocess of the sm80 objects) and the dK/dV/dQ kernel.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -18,7 +18,8 @@ std::string run_bwd_sm90(const BwdParams& p, int64_t kv_tokens, cudaStream_t str
   HopperBwdParams hp;
   const std::string problem = make_hopper_bwd_params<Cfg>(p, kv_tokens, hp);
   if (!problem.empty()) return problem;
-  const cudaError_t err = launch_backward_sm90<Elem, kHeadDim>(hp, CudaLaunch{stream});
+  cudaError_t err = run_bwd_preprocess<Elem, kHeadDim>(p, stream);  // instantiated in csrc/bwd_*.cu (every arch)
+  if (err == cudaSuccess) err = launch_backward_sm90<Elem, kHeadDim>(hp, CudaLaunch{stream});
   return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
 }
 
