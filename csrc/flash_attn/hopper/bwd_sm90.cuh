@@ -5,8 +5,9 @@
 // One block per (key tile of kBlockN keys, kv head, sequence), three warpgroups. Warpgroup 0 is the
 // producer: it gives its registers away (setmaxnreg) and one thread loads the block's K and V once,
 // then for every query head of the GQA group and every query tile that sees these keys the Q and dO
-// tiles by TMA into a kStages-deep ring (one full mbarrier per stage, transaction bytes; a stage is
-// reused once both consumers have arrived on its empty mbarrier). Warpgroups 1 and 2 are the
+// tiles by TMA into a kStages-deep ring, while its first kBlockM threads copy the tile's lse2 and delta
+// rows into the same stage (one full mbarrier per stage: their arrivals and the TMA transaction bytes;
+// a stage is reused once both consumers have arrived on its empty mbarrier). Warpgroups 1 and 2 are the
 // consumers, 64 keys each; per query tile, with their keys as the wgmma rows:
 //   S^T = K Q^T, dP^T = V dO^T      wgmma m64 n{kBlockM} k16, both operands K-major in shared memory,
 //   P^T = 2^(S^T log2 - lse2), dS^T = P^T (dP^T - delta)  in registers (the accumulator layout is
@@ -15,13 +16,14 @@
 //   dQ_part = dS K_own               dS^T stored to the warpgroup's own shared tile (fence.proxy.async),
 //                                    read as an MN-major A; K MN-major; added to p.dq_accum with
 //                                    red.global.add (each consumer adds its 64 keys' share).
-// lse2 and delta come straight from global memory (L1/L2-resident, 16 columns per thread per tile).
+// (lse2 and delta are not TMA-loaded: their rows are 4-byte aligned only, where TMA needs 16 bytes.)
 // Non-finite values: TMA loads padding and out-of-sequence rows as they are (no zero fill), so 0 * NaN
 // may reach an accumulator; as in the sm80 kernel, flagged dQ elements and dK/dV rows are recomputed
 // exactly (fwd_kernel.cuh's slow path).
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "../block_info.cuh"
 #include "../bwd_kernels.cuh"
@@ -54,18 +56,21 @@ struct HopperBwdConfig {
   using DSTile = SwizzledPanels<64, kBlockM>;        // one consumer's dS^T: [key][query]
   static constexpr int kBoxBytesQ = QTile::kBytes;
   static constexpr int kBoxBytesKV = KVTile::kBytes;
-  // From a 1024-byte aligned base: K, V, Q stages, dO stages, dS^T per consumer, then the mbarriers
-  // (kv full; per stage full, empty), 8 bytes each.
+  // From a 1024-byte aligned base: K, V, Q stages, dO stages, dS^T per consumer, lse2 and delta stages
+  // (kBlockM floats each), then the mbarriers (kv full; per stage full, empty), 8 bytes each.
   static constexpr int kOffV = KVTile::kBytes;
   static constexpr int kOffQ = 2 * KVTile::kBytes;
   static constexpr int kOffDo = kOffQ + kStages * QTile::kBytes;
   static constexpr int kOffDs = kOffDo + kStages * QTile::kBytes;
-  static constexpr int kOffBarriers = kOffDs + kConsumers * DSTile::kBytes;
+  static constexpr int kOffLse = kOffDs + kConsumers * DSTile::kBytes;
+  static constexpr int kOffDelta = kOffLse + kStages * kBlockM * 4;
+  static constexpr int kOffBarriers = kOffDelta + kStages * kBlockM * 4;
   static constexpr int kSmemBytes = 1024 + kOffBarriers + 8 * (1 + 2 * kStages);
 
   static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "wgmma n = head dim, whole 64-column panels");
   static_assert(kBlockM % 64 == 0 && 128 % kBlockM == 0, "query tiles: whole panels of dS^T, whole mask words");
   static_assert(kStages >= 2, "the ring needs at least double buffering");
+  static_assert(kBlockM <= 128, "one producer thread per query row copies its lse2 and delta");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one sm_90 block");
 };
 
@@ -75,6 +80,7 @@ constexpr int kBwdConsumerBarrier0 = 1;  // + consumer index: each consumer warp
 template <class Cfg>
 struct HopperBwdSmem {
   uint32_t k, v, q, d_o, ds;     // q, d_o: kStages tiles each; ds: one tile per consumer
+  uint32_t lse, delta;            // kStages rows of kBlockM floats each
   uint32_t kv_full, full, empty;  // full, empty: kStages barriers each, 8 bytes apart
 
   __device__ __forceinline__ explicit HopperBwdSmem(uint32_t base) {
@@ -84,6 +90,8 @@ struct HopperBwdSmem {
     q = aligned + Cfg::kOffQ;
     d_o = aligned + Cfg::kOffDo;
     ds = aligned + Cfg::kOffDs;
+    lse = aligned + Cfg::kOffLse;
+    delta = aligned + Cfg::kOffDelta;
     kv_full = aligned + Cfg::kOffBarriers;
     full = kv_full + 8;
     empty = full + 8 * Cfg::kStages;
@@ -91,7 +99,16 @@ struct HopperBwdSmem {
   __device__ __forceinline__ uint32_t stage(uint32_t ring, int s) const {
     return ring + static_cast<uint32_t>(s * Cfg::QTile::kBytes);
   }
+  __device__ __forceinline__ uint32_t row_stage(uint32_t rows, int s) const {
+    return rows + static_cast<uint32_t>(s * Cfg::kBlockM * 4);
+  }
 };
+
+__device__ __forceinline__ void st_shared_f32(uint32_t addr, float value) {
+  uint32_t bits;
+  memcpy(&bits, &value, 4);
+  st_shared_u32(addr, bits);
+}
 
 // The block's key tile, kv head and sequence, and the query tiles [t_first, t_hi) that see its keys
 // (those without a real query skipped), walked once per query head of the group; the same in every thread.
@@ -121,23 +138,27 @@ struct HopperBwdBlock {
   __device__ __forceinline__ int batch_coord(const BwdParams& p) const { return p.cu_seqlens_q != nullptr ? 0 : b; }
 };
 
-// The producer: one thread loads K and V, then Q and dO of every (query head, query tile) of the walk.
+// The producer: thread 0 loads K and V, then Q and dO of every (query head, query tile) of the walk;
+// threads 0 .. kBlockM-1 copy that tile's lse2 and delta (row = thread; +inf and 0 past the sequence).
 template <class Cfg>
 __device__ __forceinline__ void produce_bwd(const HopperBwdParams& hp, const HopperBwdSmem<Cfg>& sm) {
   constexpr int kPanels = Cfg::QTile::kPanels, kStages = Cfg::kStages;
   setmaxnreg_dec<Cfg::kProducerRegs>();
-  if (threadIdx.x != 0) return;
+  const int row = static_cast<int>(threadIdx.x);
+  if (row >= Cfg::kBlockM) return;
   const BwdParams& p = hp.p;
   const HopperBwdBlock<Cfg::kBlockM, Cfg::kBlockN> blk(p, blockIdx.x, blockIdx.y, blockIdx.z);
   if (blk.t_first >= blk.t_hi) return;  // no query sees these keys (the consumers write zeros)
   const int bc = blk.batch_coord(p);
-  const int key_token = blk.seq.k_token0 + blk.n0;
-  mbarrier_arrive_expect_tx(sm.kv_full, 2 * Cfg::kBoxBytesKV);
+  if (row == 0) {
+    const int key_token = blk.seq.k_token0 + blk.n0;
+    mbarrier_arrive_expect_tx(sm.kv_full, 2 * Cfg::kBoxBytesKV);
 #pragma unroll
-  for (int panel = 0; panel < kPanels; ++panel) {
-    const uint32_t off = panel * Cfg::KVTile::kPanelBytes;
-    tma_load_4d(sm.k + off, hp.tma_k, sm.kv_full, 64 * panel, key_token, blk.hk, bc);
-    tma_load_4d(sm.v + off, hp.tma_v, sm.kv_full, 64 * panel, key_token, blk.hk, bc);
+    for (int panel = 0; panel < kPanels; ++panel) {
+      const uint32_t off = panel * Cfg::KVTile::kPanelBytes;
+      tma_load_4d(sm.k + off, hp.tma_k, sm.kv_full, 64 * panel, key_token, blk.hk, bc);
+      tma_load_4d(sm.v + off, hp.tma_v, sm.kv_full, 64 * panel, key_token, blk.hk, bc);
+    }
   }
   int it = 0;
 #pragma unroll 1
@@ -148,7 +169,16 @@ __device__ __forceinline__ void produce_bwd(const HopperBwdParams& hp, const Hop
       const int s = it % kStages;
       // A fresh barrier counts as having completed the phase before its first: the first wait passes at once.
       mbarrier_wait(sm.empty + 8 * s, ((it / kStages) & 1) ^ 1);
-      const int token = blk.seq.q_token0 + tile * Cfg::kBlockM;
+      const int m0 = tile * Cfg::kBlockM;
+      const bool in_seq = m0 + row < blk.seq.len_q;
+      const int64_t l_off = lse_offset(p, blk.b, h, blk.seq.q_token0 + m0) + row;
+      st_shared_f32(sm.row_stage(sm.lse, s) + 4 * row, in_seq ? ld_global_f32(p.lse_log2 + l_off) : INFINITY);
+      st_shared_f32(sm.row_stage(sm.delta, s) + 4 * row, in_seq ? ld_global_f32(p.delta + l_off) : 0.f);
+      if (row != 0) {
+        mbarrier_arrive(sm.full + 8 * s);
+        continue;
+      }
+      const int token = blk.seq.q_token0 + m0;
       mbarrier_arrive_expect_tx(sm.full + 8 * s, 2 * Cfg::kBoxBytesQ);
 #pragma unroll
       for (int panel = 0; panel < kPanels; ++panel) {
@@ -265,17 +295,16 @@ __device__ __forceinline__ void consume_bwd(const HopperBwdParams& hp, const Hop
       query_valid.load(query_bits, m0, seq.len_q);
       const bool tile_masked =
           !keys_all_valid || !query_valid.all() || !window_covers_tile(p, seq, m0, BM, blk.n0, Cfg::kBlockN);
-      const float* lse2_row = p.lse_log2 + lse_offset(p, blk.b, h, seq.q_token0 + m0);
-      const float* delta_row = p.delta + lse_offset(p, blk.b, h, seq.q_token0 + m0);
 #pragma unroll
       for (int j = 0; j < kQT; ++j) {
+        const float2 lse2s = ld_shared_f32x2(sm.row_stage(sm.lse, s) + 4 * (8 * j + 2 * (lane % 4)));
+        const float2 deltas = ld_shared_f32x2(sm.row_stage(sm.delta, s) + 4 * (8 * j + 2 * (lane % 4)));
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int bit = (j % 4) * 8 + 2 * (lane % 4) + (e % 2);  // query m0 + 32 * (j / 4) + bit
           const int col = 32 * (j / 4) + bit;
-          const bool in_seq = m0 + col < seq.len_q;
-          const float lse2 = in_seq ? ld_global_f32(lse2_row + col) : INFINITY;
-          const float delta = in_seq ? ld_global_f32(delta_row + col) : 0.f;
+          const float lse2 = e % 2 == 0 ? lse2s.x : lse2s.y;
+          const float delta = e % 2 == 0 ? deltas.x : deltas.y;
           bool seen = true;
           if (tile_masked) {
             const int key = blk.n0 + warp_key0 + lane / 4 + 8 * (e / 2);
@@ -413,7 +442,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_sm90_kernel(const __grid
   if (threadIdx.x == 0) {
     mbarrier_init(sm.kv_full, 1);
     for (int s = 0; s < Cfg::kStages; ++s) {
-      mbarrier_init(sm.full + 8 * s, 1);
+      mbarrier_init(sm.full + 8 * s, Cfg::kBlockM);  // the lse2/delta copiers, thread 0 also expecting the TMA bytes
       mbarrier_init(sm.empty + 8 * s, 128 * Cfg::kConsumers);
     }
     mbarrier_init_fence();
