@@ -16,7 +16,7 @@ BUILD_CUDA_ENV = "LLM2VEC_FAST_BUILD_CUDA"
 # Targets with no TORCH_CUDA_ARCH_LIST and no visible GPU: A100 (sm_80) and H100/H200 (sm_90a).
 DEFAULT_ARCHS = ("8.0", "9.0a")
 HOPPER_ARCH = "9.0a"
-HOPPER_SOURCES = "fwd_sm90_*.cu"
+HOPPER_SOURCES = ("fwd_sm90_*.cu", "bwd_sm90_*.cu")  # the Hopper forward and backward
 HOPPER_GENCODE = ["-gencode", "arch=compute_90a,code=sm_90a"]
 ROOT = Path(__file__).resolve().parent
 
@@ -75,12 +75,15 @@ def _cuda_extension():
         return {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    # The Hopper forward (csrc/fwd_sm90_*.cu) is built for sm_90a alone, and only when 9.0a is a target; every
-    # other file for every target (Hopper runs their backward). The binding then dispatches on the device.
+    # The Hopper forward and backward (csrc/fwd_sm90_*.cu, bwd_sm90_*.cu) are built for sm_90a alone, and only when
+    # 9.0a is a target; every other file for every target (Hopper runs their deterministic backward). The binding
+    # then dispatches on the device.
     hopper = any(a.split("+")[0] == HOPPER_ARCH for a in archs)
     os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
     sources = sorted(
-        path.relative_to(ROOT).as_posix() for path in (ROOT / "csrc").glob("*.cu") if not path.match(HOPPER_SOURCES)
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / "csrc").glob("*.cu")
+        if not any(path.match(pattern) for pattern in HOPPER_SOURCES)
     )
     defines = ["-DLLM2VEC_FAST_SM90"] if hopper else []
     extension = CUDAExtension(
@@ -98,9 +101,9 @@ def _cuda_extension():
 
 
 def _with_hopper_objects(build_ext):
-    """build_ext that first compiles csrc/fwd_sm90_*.cu for sm_90a only (in parallel, with plain nvcc: they include
-    no torch header) and links the objects into the extension; torch's own build applies one arch list to all.
-    They share std::string with the binding, hence torch's C++ ABI flag."""
+    """build_ext that first compiles csrc/fwd_sm90_*.cu and bwd_sm90_*.cu for sm_90a only (in parallel, with plain
+    nvcc: they include no torch header) and links the objects into the extension; torch's own build applies one arch
+    list to all. They share std::string with the binding, hence torch's C++ ABI flag."""
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
@@ -122,7 +125,7 @@ def _with_hopper_objects(build_ext):
                 subprocess.run([nvcc, *flags, "-c", str(source), "-o", str(target)], check=True)
                 return str(target)
 
-            sources = sorted((ROOT / "csrc").glob(HOPPER_SOURCES))
+            sources = sorted(path for pattern in HOPPER_SOURCES for path in (ROOT / "csrc").glob(pattern))
             with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
                 ext.extra_objects = [*ext.extra_objects, *pool.map(compile_one, sources)]
             super().build_extension(ext)

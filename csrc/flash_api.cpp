@@ -21,7 +21,7 @@
 
 #include "flash_attn/api.h"
 #include "flash_attn/params_builder.h"
-#ifdef LLM2VEC_FAST_SM90  // setup.py defines it when the Hopper forward (csrc/fwd_sm90_*.cu) is built
+#ifdef LLM2VEC_FAST_SM90  // setup.py defines it when the Hopper kernels (csrc/fwd_sm90_*.cu, bwd_sm90_*.cu) are built
 #include "flash_attn/hopper/api_sm90.h"
 #endif
 
@@ -124,6 +124,44 @@ void run_hopper_forward(const l2vf::FwdParams& p, at::ScalarType dtype, int64_t 
 #else
   (void)p, (void)dtype, (void)head_dim, (void)kv_tokens, (void)stream;
   TORCH_CHECK(false, "llm2vec_fast_cuda: this build has no Hopper forward");
+#endif
+}
+
+// Whether the backward's atomic-dQ path runs the Hopper kernel: this build has it, the device is compute
+// capability 9.x with the shared memory it needs (any scale or soft cap: the backward reads the saved lse).
+// The deterministic path stays on the sm80 kernels everywhere (dQ written once per element, no atomics).
+// LLM2VEC_FAST_CUDA_HOPPER=0 keeps the sm80 kernels there too.
+bool use_hopper_backward(int device, int64_t head_dim, bool deterministic) {
+#ifdef LLM2VEC_FAST_SM90
+  const char* env = std::getenv("LLM2VEC_FAST_CUDA_HOPPER");
+  if ((env != nullptr && env[0] == '0') || deterministic) return false;
+  int major = 0, smem_optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int needed = head_dim == 64 ? l2vf::bwd_smem_bytes_needed_sm90<l2vf::Bf16, 64>()
+                                    : l2vf::bwd_smem_bytes_needed_sm90<l2vf::Bf16, 128>();
+  return major == 9 && smem_optin >= needed;
+#else
+  (void)device, (void)head_dim, (void)deterministic;
+  return false;
+#endif
+}
+
+// The Hopper backward (atomic dQ into p.dq_accum) for the compiled instantiations; kv_tokens as for the forward.
+void run_hopper_backward(const l2vf::BwdParams& p, at::ScalarType dtype, int64_t head_dim, int64_t kv_tokens,
+                         cudaStream_t stream) {
+#ifdef LLM2VEC_FAST_SM90
+  const bool half = dtype == at::kHalf;
+  const std::string problem =
+      head_dim == 64
+          ? (half ? l2vf::run_bwd_sm90<l2vf::Fp16, 64>(p, kv_tokens, stream)
+                  : l2vf::run_bwd_sm90<l2vf::Bf16, 64>(p, kv_tokens, stream))
+          : (half ? l2vf::run_bwd_sm90<l2vf::Fp16, 128>(p, kv_tokens, stream)
+                  : l2vf::run_bwd_sm90<l2vf::Bf16, 128>(p, kv_tokens, stream));
+  TORCH_CHECK(problem.empty(), "llm2vec_fast_cuda: the Hopper attention backward failed: ", problem);
+#else
+  (void)p, (void)dtype, (void)head_dim, (void)kv_tokens, (void)stream;
+  TORCH_CHECK(false, "llm2vec_fast_cuda: this build has no Hopper backward");
 #endif
 }
 
@@ -239,9 +277,14 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tensor& q_in
   const l2vf::BwdParams p = l2vf::make_bwd_params(
       a, view_of(dout), view_of(out), lse.data_ptr<float>(), dlse_c.defined() ? dlse_c.data_ptr<float>() : nullptr,
       lse_log2.data_ptr<float>(), delta.data_ptr<float>(), view_of(dq), view_of(dk), view_of(dv), view_of(dq_accum));
-  check_cuda(dispatch(q.scalar_type(), q.size(-1),
-                      [&](auto elem, auto dim) { return l2vf::run_bwd<decltype(elem), decltype(dim)::value>(p, stream); }),
-             "the attention backward");
+  if (use_hopper_backward(q.get_device(), q.size(-1), deterministic)) {
+    run_hopper_backward(p, q.scalar_type(), q.size(-1), varlen ? k.size(0) : k.size(1), stream);
+  } else {
+    const auto run = [&](auto elem, auto dim) {
+      return l2vf::run_bwd<decltype(elem), decltype(dim)::value>(p, stream);
+    };
+    check_cuda(dispatch(q.scalar_type(), q.size(-1), run), "the attention backward");
+  }
   if (!deterministic) dq.copy_(dq_accum.mul_(softmax_scale));
   return {dq, dk, dv};
 }

@@ -24,15 +24,19 @@ import pytest
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 ARCHS = ("sm_80", "sm_90a")
 GENCODE = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a"]
-# The Hopper forward (csrc/fwd_sm90_*.cu) is built for sm_90a alone, as setup.py builds it.
+# The Hopper forward and backward (csrc/fwd_sm90_*.cu, bwd_sm90_*.cu) are built for sm_90a alone, as setup.py builds
+# them.
 HOPPER_PREFIX = "fwd_sm90_"
+HOPPER_BWD_PREFIX = "bwd_sm90_"
+HOPPER_PREFIXES = (HOPPER_PREFIX, HOPPER_BWD_PREFIX)
 HOPPER_GENCODE = ["-gencode", "arch=compute_90a,code=sm_90a"]
-# Its register budgets after setmaxnreg (HopperFwdConfig in csrc/flash_attn/hopper/fwd_sm90.cuh).
+# Their register budgets after setmaxnreg (HopperFwdConfig and HopperBwdConfig in csrc/flash_attn/hopper/).
 HOPPER_PRODUCER_REGS, HOPPER_CONSUMER_REGS = 24, 240
 NVCC_FLAGS = ["-std=c++20", "-O3", "-lineinfo", f"-I{CSRC}", "-Xptxas", "-v"]
 # The kernels each file must hold, by the name they carry in their mangled symbol.
 EXPECTED_KERNELS = {
     HOPPER_PREFIX: {"fwd_sm90_kernel"},
+    HOPPER_BWD_PREFIX: {"bwd_sm90_kernel"},  # its preprocess is the sm80 objects' (csrc/bwd_d*.cu)
     "fwd_": {"fwd_kernel"},
     "bwd_": {"bwd_preprocess_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel"},
     "mask_bits": {"pack_key_bits_kernel"},
@@ -51,7 +55,8 @@ class KernelReport:
     @property
     def kernel(self) -> str:
         match = re.search(
-            r"(fwd_sm90_kernel|fwd_kernel|bwd_preprocess_kernel|bwd_dkdv_kernel|bwd_dq_kernel|pack_key_bits_kernel)",
+            r"(fwd_sm90_kernel|bwd_sm90_kernel|fwd_kernel|bwd_preprocess_kernel|bwd_dkdv_kernel|bwd_dq_kernel"
+            r"|pack_key_bits_kernel)",
             self.symbol,
         )
         return match.group(1) if match else self.symbol
@@ -87,11 +92,11 @@ def nvcc_or_skip() -> str:
 
 
 def archs_of(source: Path) -> tuple[str, ...]:
-    return ("sm_90a",) if source.name.startswith(HOPPER_PREFIX) else ARCHS
+    return ("sm_90a",) if source.name.startswith(HOPPER_PREFIXES) else ARCHS
 
 
 def compile_cu(nvcc: str, source: Path, out_dir: Path) -> tuple[Path, subprocess.CompletedProcess]:
-    gencode = HOPPER_GENCODE if source.name.startswith(HOPPER_PREFIX) else GENCODE
+    gencode = HOPPER_GENCODE if source.name.startswith(HOPPER_PREFIXES) else GENCODE
     command = [nvcc, *NVCC_FLAGS, *gencode, "-c", str(source), "-o", str(out_dir / (source.stem + ".o"))]
     return source, subprocess.run(command, capture_output=True, text=True)
 
@@ -202,24 +207,21 @@ def sass_loops(sass: str) -> tuple[list[tuple[int, str]], list[tuple[int, int]]]
     return lines, loops
 
 
-def test_hopper_forward_sass(builds):
-    """The sm_90a forward issues wgmma in both forms (HGMMA with A from shared memory for Q K^T, from
-    registers for P V) and TMA loads (UTMALDG) inside loops, and gives its warpgroups the setmaxnreg
-    budgets of its configuration (ptxas honoured them: no warning C7508)."""
+def check_hopper_sass(builds, prefix: str, kernel: str, forms: dict) -> None:
+    """Every instruction form of `forms` (name: (matches, at least how many)) inside one loop of each
+    csrc/{prefix}*.cu, the setmaxnreg budgets of its configuration in SASS, and ptxas honouring them
+    (no warning C7508) without serializing wgmma for want of registers (C7512)."""
     results, _ = builds
     tool = cuobjdump_or_skip()
-    hopper = {source: result for source, result in results.items() if source.name.startswith(HOPPER_PREFIX)}
-    assert hopper, f"no {HOPPER_PREFIX}*.cu in {CSRC}"
-    forms = {
-        "HGMMA SS (Q K^T)": (lambda i: re.match(r"HGMMA\.\S+ R\d+, gdesc", i) is not None, 1),
-        "HGMMA RS (P V)": (lambda i: re.match(r"HGMMA\.\S+ R\d+, R\d+, gdesc", i) is not None, 1),
-        "UTMALDG (K and V)": (lambda i: i.startswith("UTMALDG"), 2),
-    }
+    hopper = {source: result for source, result in results.items() if source.name.startswith(prefix)}
+    assert hopper, f"no {prefix}*.cu in {CSRC}"
     rows, problems = [], []
     for source, result in sorted(hopper.items()):
         assert result.returncode == 0, f"{source.name} did not compile"
         if "C7508" in result.stderr:
             problems.append(f"{source.name}: ptxas ignored setmaxnreg (C7508)")
+        if "C7512" in result.stderr:
+            problems.append(f"{source.name}: ptxas serialized wgmma for want of registers (C7512)")
         obj = result.args[result.args.index("-o") + 1]
         sass = subprocess.run([str(tool), "--dump-sass", obj], capture_output=True, text=True, check=True).stdout
         lines, loops = sass_loops(sass)
@@ -231,7 +233,7 @@ def test_hopper_forward_sass(builds):
         budgets = [int(v, 16) for v in re.findall(setmaxnreg, sass)]
         if sorted(budgets) != sorted([HOPPER_PRODUCER_REGS, HOPPER_CONSUMER_REGS]):
             problems.append(f"{source.name}: setmaxnreg budgets {budgets} in SASS")
-        entry = next(r.registers for r in parse_ptxas(result.stderr) if r.kernel == "fwd_sm90_kernel")
+        entry = next(r.registers for r in parse_ptxas(result.stderr) if r.kernel == kernel)
         count = {op: sum(i.startswith(op) for _, i in lines) for op in ("HGMMA", "UTMALDG")}
         rows.append(
             f"{source.name:24} sm_90a entry {entry} regs; producer warpgroup {HOPPER_PRODUCER_REGS}, "
@@ -239,6 +241,30 @@ def test_hopper_forward_sass(builds):
         )
     print("\n".join(rows), file=sys.stderr)
     assert not problems, "\n".join(problems)
+
+
+def test_hopper_forward_sass(builds):
+    """The sm_90a forward issues wgmma in both forms (HGMMA with A from shared memory for Q K^T, from
+    registers for P V) and TMA loads (UTMALDG) inside loops."""
+    forms = {
+        "HGMMA SS (Q K^T)": (lambda i: re.match(r"HGMMA\.\S+ R\d+, gdesc", i) is not None, 1),
+        "HGMMA RS (P V)": (lambda i: re.match(r"HGMMA\.\S+ R\d+, R\d+, gdesc", i) is not None, 1),
+        "UTMALDG (K and V)": (lambda i: i.startswith("UTMALDG"), 2),
+    }
+    check_hopper_sass(builds, HOPPER_PREFIX, "fwd_sm90_kernel", forms)
+
+
+def test_hopper_backward_sass(builds):
+    """The sm_90a backward's query-tile loop issues wgmma from shared memory (S^T = K Q^T, dP^T = V dO^T,
+    dQ = dS K) and from registers (dV += P^T dO, dK += dS^T Q), and the producer's loop TMA-loads Q and dO;
+    the consumers' loop adds dQ with float reductions to global memory (RED)."""
+    forms = {
+        "HGMMA SS (S^T, dP^T, dQ)": (lambda i: re.match(r"HGMMA\.\S+ R\d+, gdesc", i) is not None, 3),
+        "HGMMA RS (dV, dK)": (lambda i: re.match(r"HGMMA\.\S+ R\d+, R\d+, gdesc", i) is not None, 2),
+        "UTMALDG (Q and dO)": (lambda i: i.startswith("UTMALDG"), 2),
+        "RED ADD.F32 (dQ atomics)": (lambda i: re.match(r"REDG?\.E\.ADD\.F32", i) is not None, 1),
+    }
+    check_hopper_sass(builds, HOPPER_BWD_PREFIX, "bwd_sm90_kernel", forms)
 
 
 def test_ptx_sm90_layer_assembles(tmp_path):

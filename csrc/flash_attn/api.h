@@ -20,6 +20,11 @@ cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream);
 template <class Elem, int kHeadDim>
 cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream);
 
+// delta and lse_log2 alone: the first launch of run_bwd, and of the Hopper backward (which calls it here
+// rather than instantiating the kernel in its sm_90a-only objects, where A100 would find no image of it).
+template <class Elem, int kHeadDim>
+cudaError_t run_bwd_preprocess(const BwdParams& p, cudaStream_t stream);
+
 // The dynamic shared memory the kernels of this head dim need per block.
 template <class Elem, int kHeadDim>
 int smem_bytes_needed();

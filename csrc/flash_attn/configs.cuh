@@ -66,14 +66,20 @@ auto launch_forward(const FwdParams& p, Launch&& launch) {
   return launch(fwd_kernel<Cfg>, block_grid_over_queries<Cfg>(p), Cfg::kThreads, Cfg::kSmemBytes, p);
 }
 
+// delta and lse_log2: the first launch of every backward (the Hopper one's too).
+template <class Elem, int kHeadDim, class Launch>
+auto launch_bwd_preprocess(const BwdParams& p, Launch&& launch) {
+  using Pre = PreprocessConfig<Elem, kHeadDim>;
+  return launch(bwd_preprocess_kernel<Elem, kHeadDim>, bwd_preprocess_grid<Elem, kHeadDim>(p), Pre::kThreads, 0, p);
+}
+
 // delta and lse_log2, then dk and dv, then dq unless the dK/dV kernel added it to p.dq_accum.
 template <class Elem, int kHeadDim, class Launch>
 auto launch_backward(const BwdParams& p, Launch&& launch) {
   using Cfgs = KernelConfigs<Elem, kHeadDim>;
   using KV = typename Cfgs::BwdKV;
   using Q = typename Cfgs::BwdQ;
-  using Pre = PreprocessConfig<Elem, kHeadDim>;
-  auto err = launch(bwd_preprocess_kernel<Elem, kHeadDim>, bwd_preprocess_grid<Elem, kHeadDim>(p), Pre::kThreads, 0, p);
+  auto err = launch_bwd_preprocess<Elem, kHeadDim>(p, launch);
   if (err == 0) err = launch(bwd_dkdv_kernel<KV>, block_grid_over_keys<KV>(p), KV::kThreads, KV::kSmemBytes, p);
   if (err == 0 && p.dq_accum == nullptr) {
     err = launch(bwd_dq_kernel<Q>, block_grid_over_queries<Q>(p), Q::kThreads, Q::kSmemBytes, p);

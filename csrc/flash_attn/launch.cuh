@@ -35,6 +35,11 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
 }
 
 template <class Elem, int kHeadDim>
+cudaError_t run_bwd_preprocess(const BwdParams& p, cudaStream_t stream) {
+  return launch_bwd_preprocess<Elem, kHeadDim>(p, CudaLaunch{stream});
+}
+
+template <class Elem, int kHeadDim>
 int smem_bytes_needed() {
   return max_smem_bytes<Elem, kHeadDim>();
 }

@@ -1,5 +1,5 @@
-// Host entry point of the Hopper forward (csrc/fwd_sm90_*.cu, built for sm_90a only), called by
-// the torch binding on compute capability 9.x devices. Free of torch headers.
+// Host entry points of the Hopper forward and backward (csrc/fwd_sm90_*.cu, bwd_sm90_*.cu, built for sm_90a
+// only), called by the torch binding on compute capability 9.x devices. Free of torch headers.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -21,5 +21,15 @@ std::string run_fwd_sm90(const FwdParams& p, int64_t kv_tokens, cudaStream_t str
 // The dynamic shared memory per block the Hopper forward of this head dim needs.
 template <class Elem, int kHeadDim>
 int smem_bytes_needed_sm90();
+
+// dq (added to p.dq_accum with atomics, which must be set: the caller scales and converts it), dk and dv,
+// as run_bwd's atomic path computes them (csrc/bwd_sm90_*.cu); kv_tokens as for run_fwd_sm90. The
+// deterministic path (p.dq_accum null) is run_bwd's. "" or a one-line reason.
+template <class Elem, int kHeadDim>
+std::string run_bwd_sm90(const BwdParams& p, int64_t kv_tokens, cudaStream_t stream);
+
+// The dynamic shared memory per block the Hopper backward of this head dim needs.
+template <class Elem, int kHeadDim>
+int bwd_smem_bytes_needed_sm90();
 
 }  // namespace l2vf

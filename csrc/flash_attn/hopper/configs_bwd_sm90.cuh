@@ -1,0 +1,69 @@
+// The Hopper backward's tile configuration per head dim, its tensor maps, and its launches. Like
+// configs_sm90.cuh, free of CUDA runtime calls: `launch(kernel, grid, threads, smem_bytes, params)` is
+// the CUDA launcher or the CPU emulator of the tests.
+#pragma once
+
+#include <string>
+
+#include "../configs.cuh"
+#include "../params.h"
+#include "../tma_host.h"
+#include "bwd_sm90.cuh"
+#include "configs_sm90.cuh"
+
+namespace l2vf {
+
+template <class Elem, int kHeadDim>
+struct HopperBwdConfigs;
+
+// 128 keys (two consumer warpgroups of 64) x 64 queries, Q and dO double-buffered:
+// head dim 64 80 KB of shared memory, head dim 128 144 KB.
+template <class Elem>
+struct HopperBwdConfigs<Elem, 64> {
+  using KV = HopperBwdConfig<Elem, 64, /*kBlockM=*/64, /*kStages=*/2>;
+};
+
+template <class Elem>
+struct HopperBwdConfigs<Elem, 128> {
+  using KV = HopperBwdConfig<Elem, 128, /*kBlockM=*/64, /*kStages=*/2>;
+};
+
+// The kernel parameters with q, dout, k and v's tensor maps; kv_tokens is the length of k/v's token
+// dimension (seqlen_k padded, total keys varlen). "" or why a map cannot be encoded.
+template <class Cfg>
+std::string make_hopper_bwd_params(const BwdParams& p, int64_t kv_tokens, HopperBwdParams& hp) {
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int sequences = varlen ? 1 : p.batch;
+  const int64_t q_tokens = varlen ? p.tokens_q : p.seqlen_q;
+  hp.p = p;
+  std::string problem = encode_tma_descriptor(
+      operand_spec(p.q, Cfg::kHeadDim, q_tokens, p.heads_q, sequences, p.q_row_stride, p.q_head_stride,
+                   p.q_batch_stride, Cfg::kBlockM),
+      &hp.tma_q);
+  if (problem.empty()) {
+    problem = encode_tma_descriptor(operand_spec(p.dout, Cfg::kHeadDim, q_tokens, p.heads_q, sequences,
+                                                 p.do_row_stride, p.do_head_stride, p.do_batch_stride, Cfg::kBlockM),
+                                    &hp.tma_do);
+  }
+  if (problem.empty()) {
+    problem = encode_tma_descriptor(operand_spec(p.k, Cfg::kHeadDim, kv_tokens, p.heads_kv, sequences, p.k_row_stride,
+                                                 p.k_head_stride, p.k_batch_stride, Cfg::kBlockN),
+                                    &hp.tma_k);
+  }
+  if (problem.empty()) {
+    problem = encode_tma_descriptor(operand_spec(p.v, Cfg::kHeadDim, kv_tokens, p.heads_kv, sequences, p.v_row_stride,
+                                                 p.v_head_stride, p.v_batch_stride, Cfg::kBlockN),
+                                    &hp.tma_v);
+  }
+  return problem;
+}
+
+// dk, dv and dq (added to hp.p.dq_accum, which must be set: the deterministic path is launch_backward's),
+// after launch_bwd_preprocess has written delta and lse_log2.
+template <class Elem, int kHeadDim, class Launch>
+auto launch_backward_sm90(const HopperBwdParams& hp, Launch&& launch) {
+  using Cfg = typename HopperBwdConfigs<Elem, kHeadDim>::KV;
+  return launch(bwd_sm90_kernel<Cfg>, block_grid_over_keys<Cfg>(hp.p), Cfg::kThreads, Cfg::kSmemBytes, hp);
+}
+
+}  // namespace l2vf
