@@ -341,7 +341,11 @@ def static_figures(row: dict, report: list[dict], tiles: dict[str, tuple]) -> st
                 ):
                     parts.append(_figure(kernel, static))
     elif "cuda" in row["backend"]:
-        names = {"fwd": ("fwd_kernel", "fwd_sm90_kernel"), "dkdv": ("bwd_dkdv_kernel",), "dq": ("bwd_dq_kernel",)}
+        names = {
+            "fwd": ("fwd_kernel", "fwd_sm90_kernel"),
+            "dkdv": ("bwd_dkdv_kernel", "bwd_sm90_kernel"),
+            "dq": ("bwd_dq_kernel",),
+        }
         for kernel in (kernel for kernel in wanted if kernel in names):
             for static in report:
                 if (

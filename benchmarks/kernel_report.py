@@ -58,6 +58,8 @@ CUDA_TILES = [
     (re.compile(r"BwdQConfig<[\w:]+, (\d+), (\d+), (\d+), (\d+), (\d+)>"), lambda d, m, n, w, s: (m, n, w)),
     # Hopper forward: two consumer warpgroups of 64 rows run the MMA loop (the producer warpgroup its own).
     (re.compile(r"HopperFwdConfig<[\w:]+, (\d+), (\d+), (\d+)>"), lambda d, n, s: (128, n, 8)),
+    # Hopper backward: BLOCK_M queries against 128 keys, two consumer warpgroups of 64 keys each.
+    (re.compile(r"HopperBwdConfig<[\w:]+, (\d+), (\d+), (\d+)>"), lambda d, m, s: (m, 128, 8)),
 ]
 COLUMNS = [
     "kernel",
