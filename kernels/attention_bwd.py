@@ -52,7 +52,7 @@ from .tiles import (
 # and dV spill, and 32 keys are too few rows for wgmma. 16x64 w8 s2 is spill-free padded; dense and packed it
 # spills 120-128 bytes of scalars around the query loops, not in them (32x64 and 3 stages spill 450+ there).
 BWD_TILES = {
-    "half": [(16, 64, 8, 2)],
+    "half": [(16, 128, 8, 2), (16, 64, 8, 2)],  # 16x64 duplicates S^T and dP^T in both warpgroups
     "fp32": [(16, 32, 4, 2)],
 }
 DKDV_TILES = {
@@ -164,7 +164,7 @@ def _add_rows_t(
     BLOCK_D: tl.constexpr,
 ):
     """Atomically add a transposed fp32 tile (head dim x rows offs_m) to Base's rows (relaxed: only the sum matters)."""
-    ptrs = Base + offs_m.to(tl.int64)[None, :] * stride_s + offs_d[:, None]
+    ptrs = Base + (offs_m * stride_s)[None, :] + offs_d[:, None]  # int32 row offsets, as the q and dO loads'
     if CHECK_ROWS:
         tl.atomic_add(ptrs, values_t, mask=tl.trans(tile_mask(rows_ok, offs_d, HEAD_DIM, BLOCK_D)), sem="relaxed")
     elif BLOCK_D != HEAD_DIM:
@@ -375,7 +375,7 @@ def _dkdv_group(
         q_base = Q + batch.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + head * stride_qh
         do_base = DOut + batch.to(tl.int64) * stride_db + q_start.to(tl.int64) * stride_ds + head * stride_dh
         dq_base = DQAccum + batch.to(tl.int64) * stride_dqb + q_start.to(tl.int64) * stride_dqs + head * stride_dqh
-        lse_offset = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
+        lse_offset = batch * stride_lb + head * stride_lh + q_start  # int32: frees the registers 16x128 needs packed
         for span in range(num_spans):
             q_lo, q_hi = span_bounds(KeySpans, span, q_len, MASK_QUERIES)
             # Rows that see some key of the tile, and those that see all of them (the window seen from a key).
