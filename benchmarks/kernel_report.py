@@ -90,7 +90,7 @@ def triton_jobs(archs: tuple[str, ...], kernels: list[str] | None = None) -> lis
         if kernels and label not in kernels:
             continue
         for arch in (arch for arch in kernel.archs if arch in archs):
-            for input_class, specs in kernel.tiles.items():
+            for input_class, specs in kernel.tables(arch).items():
                 layouts = kernel.layouts if input_class == "half" and arch == HOPPER else kernel.layouts[:1]
                 for spec in specs:
                     jobs += [TileJob(label, input_class, spec, arch, name, shipped.LAYOUTS[name]) for name in layouts]

@@ -486,10 +486,16 @@ def _attend_spans(
     return acc, l_i, m_i
 
 
-FWD_TILES = {
-    "half": [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 2)],
-    "half_wide": [(128, 64, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2)],
+FWD_TILES = {  # the pointer path, on Hopper and Ampere
+    "half": [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+    "half_wide": [(128, 64, 8, 2)],  # wgmma and spill-free on sm_90a; on sm_80 it spills (~950 B)
     "fp32": [(32, 64, 8, 2), (16, 64, 4, 2), (16, 32, 8, 2)],
+}
+# Tiles only Ampere tunes over besides FWD_TILES: under 64 query rows a dot is below wgmma's minimum and
+# compiles to mma.sync on Hopper; on sm_80 they are the spill-free head-dim-256 choices.
+FWD_AMPERE_TILES = {
+    "half": [(32, 64, 4, 2)],
+    "half_wide": [(32, 64, 4, 2), (16, 64, 4, 2)],
 }
 # The Hopper path (HOPPER: TMA, warp specialization; 16-bit inputs only). 4 warps: Triton's Hopper warp
 # specialization makes them the producer and adds two consumer warpgroups of 4 warps each. At least one
@@ -513,7 +519,7 @@ FWD_HOPPER_TILES = {
         "HOPPER",
         "PACK_GQA",
     ],
-    **autotuned(FWD_TILES, FWD_HOPPER_TILES),
+    **autotuned(FWD_TILES, FWD_HOPPER_TILES, FWD_AMPERE_TILES),
 )
 @triton.jit
 def attention_fwd_kernel(

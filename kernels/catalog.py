@@ -38,6 +38,7 @@ class Kernel:
     tiles: dict[str, list[TileSpec]]  # input class -> tile specs a launch may pick
     archs: tuple[str, ...] = ARCHS
     arch_flags: dict[str, dict] = field(default_factory=dict)  # arch -> constexpr flags a launch passes there
+    arch_tiles: dict[str, dict[str, list[TileSpec]]] = field(default_factory=dict)  # arch -> tiles added there
     flags: dict = field(default_factory=dict)  # constexpr flags every launch passes (beyond launch_flags)
     class_flags: dict[str, dict] = field(default_factory=dict)  # input class -> constexpr flags launches pass there
     layouts: tuple[str, ...] = tuple(LAYOUTS)  # the LAYOUTS its launches specialise on
@@ -46,8 +47,13 @@ class Kernel:
     def function(self):
         return getattr(self.module, self.name)
 
-    def specs(self, input_class: str) -> list[TileSpec]:
-        return self.tiles.get(input_class, [])
+    def tables(self, arch: str) -> dict[str, list[TileSpec]]:
+        """Input class -> the tiles launches on `arch` tune over: `tiles` plus that arch's `arch_tiles`."""
+        extra = self.arch_tiles.get(arch, {})
+        return {name: self.tiles.get(name, []) + extra.get(name, []) for name in dict.fromkeys([*self.tiles, *extra])}
+
+    def specs(self, input_class: str, arch: str = "sm_90a") -> list[TileSpec]:
+        return self.tables(arch).get(input_class, [])
 
 
 _BWD_LAYOUTS = ("padded", "dense", "packed")  # the backward has no tile schedule: "scheduled" would be "packed"
@@ -57,6 +63,7 @@ KERNELS: dict[str, Kernel] = {
         "attention_fwd_kernel",
         attention_fwd,
         attention_fwd.FWD_TILES,
+        arch_tiles={"sm_80": attention_fwd.FWD_AMPERE_TILES},
         flags=_FWD_FLAGS,
         layouts=("padded", "dense", "scheduled", "scheduled_gqa"),
     ),

@@ -40,12 +40,17 @@ def tune_limit() -> int | None:
     return int(value)
 
 
-def autotuned(table: dict[str, list[TileSpec]], hopper_table: dict[str, list[TileSpec]] | None = None) -> dict:
+def autotuned(
+    table: dict[str, list[TileSpec]],
+    hopper_table: dict[str, list[TileSpec]] | None = None,
+    ampere_table: dict[str, list[TileSpec]] | None = None,
+) -> dict:
     """``triton.autotune`` arguments (configs and a prune picking the inputs' class) from a table
-    class -> tile specs, and for a kernel with a Hopper path (constexpr HOPPER) the table that path tunes
-    over. Every spec in the tables compiles for sm_80 and sm_90a without register
-    spills (tests/test_triton_compile.py checks it). The interpreter gets one small fixed tile."""
-    tables = [table] if hopper_table is None else [table, hopper_table]
+    class -> tile specs; for a kernel with a Hopper path (constexpr HOPPER) the table that path tunes over;
+    and the tiles that only GPUs before Hopper add to `table` (on Hopper they would compile to mma.sync).
+    kernels/catalog.py lists the same tables; tests/test_triton_compile.py checks what each compiles to on
+    sm_80 and sm_90a. The interpreter gets one small fixed tile."""
+    tables = [t for t in (table, hopper_table, ampere_table) if t is not None]
     every = (s for t in tables for row in t.values() for s in row)
     specs = [INTERPRETER_TILES] if INTERPRETING else list(dict.fromkeys(every))
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in specs]
@@ -53,8 +58,13 @@ def autotuned(table: dict[str, list[TileSpec]], hopper_table: dict[str, list[Til
     def prune(configs, named_args, **kwargs):
         if INTERPRETING:
             return configs
-        chosen = hopper_table if hopper_table is not None and kwargs.get("HOPPER") else table
-        allowed = chosen[input_class(named_args["Q"].dtype, kwargs["BLOCK_D"])]
+        q = named_args["Q"]
+        name = input_class(q.dtype, kwargs["BLOCK_D"])
+        if hopper_table is not None and kwargs.get("HOPPER"):
+            allowed = hopper_table[name]
+        else:
+            before_hopper = ampere_table is not None and torch.cuda.get_device_capability(q.device)[0] < 9
+            allowed = table.get(name, []) + (ampere_table.get(name, []) if before_hopper else [])
         spec = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
         return [c for wanted in allowed for c in configs if spec(c) == wanted][: tune_limit()]  # in table order
 
