@@ -183,30 +183,25 @@ class EmulatedKernels:
         check(case, (out, lse, *self.backward(case, out, lse, deterministic, with_dlse)), with_dlse)
 
 
-@pytest.fixture(scope="session")
-def emulator(tmp_path_factory) -> EmulatedKernels:
+def build_emulator(directory: Path, *sources: str, flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The emulator library of `sources` (files of tests/cuda_emulator/), built with g++ -O2 into `directory`
+    and loaded. Without g++ the tests skip, except in CI, where they fail."""
     compiler = shutil.which("g++")
     if compiler is None:
         if os.environ.get("CI"):
             pytest.fail("g++ is not on PATH: CI must run the emulated CUDA kernel tests")
         pytest.skip("g++ is not on PATH (CI fails instead of skipping)")
-    library = tmp_path_factory.mktemp("cuda_emulator") / "libemulator.so"
-    command = [
-        compiler,
-        "-std=c++17",
-        "-O2",
-        "-fPIC",
-        "-shared",
-        f"-I{CSRC}",
-        f"-I{EMULATOR}",
-        str(EMULATOR / "harness.cpp"),
-        str(EMULATOR / "selftest.cpp"),
-        "-o",
-        str(library),
-    ]
+    library = directory / "libemulator.so"
+    command = [compiler, "-std=c++17", "-O2", "-fPIC", "-shared", *flags, f"-I{CSRC}", f"-I{EMULATOR}"]
+    command += [str(EMULATOR / source) for source in sources] + ["-o", str(library)]
     build = subprocess.run(command, capture_output=True, text=True)
-    assert build.returncode == 0, f"building the emulator failed:\n{build.stderr[-4000:]}"
-    return EmulatedKernels(ctypes.CDLL(str(library)))
+    assert build.returncode == 0, f"building the emulator from {', '.join(sources)} failed:\n{build.stderr[-4000:]}"
+    return ctypes.CDLL(str(library))
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory) -> EmulatedKernels:
+    return EmulatedKernels(build_emulator(tmp_path_factory.mktemp("cuda_emulator"), "harness.cpp", "selftest.cpp"))
 
 
 @pytest.fixture(autouse=True)

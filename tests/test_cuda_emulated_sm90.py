@@ -17,49 +17,30 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
-import subprocess
 
 import pytest
 import torch
 from attention_cases import MASK_KINDS, Case, padded_case, varlen_case
-from test_cuda_emulated import CSRC, EMULATOR, EmulatedKernels
+from test_cuda_emulated import EmulatedKernels, build_emulator
 from test_nonfinite import CASES, NAMES, VALUE_CASES, assert_nan_or_clean, cuda_emulated, public_api
 
 
 class HopperLibrary:
-    """The emulator library, its emu_forward being the Hopper kernel's (emu_forward_sm90)."""
+    """An emulator library whose entry points `renamed` (EmulatedKernels' name -> the Hopper kernel's) stand
+    in for the sm80 ones; the others pass through."""
 
-    def __init__(self, library: ctypes.CDLL):
+    def __init__(self, library: ctypes.CDLL, renamed: dict[str, str]):
         self._library = library
+        self._renamed = renamed
 
     def __getattr__(self, name: str):
-        return getattr(self._library, "emu_forward_sm90" if name == "emu_forward" else name)
+        return getattr(self._library, self._renamed.get(name, name))
 
 
 @pytest.fixture(scope="session")
 def hopper(tmp_path_factory) -> EmulatedKernels:
-    compiler = shutil.which("g++")
-    if compiler is None:
-        if os.environ.get("CI"):
-            pytest.fail("g++ is not on PATH: CI must run the emulated CUDA kernel tests")
-        pytest.skip("g++ is not on PATH (CI fails instead of skipping)")
-    library = tmp_path_factory.mktemp("cuda_emulator_sm90") / "libemulator_sm90.so"
-    command = [
-        compiler,
-        "-std=c++17",
-        "-O2",
-        "-fPIC",
-        "-shared",
-        f"-I{CSRC}",
-        f"-I{EMULATOR}",
-        str(EMULATOR / "harness_sm90.cpp"),
-        "-o",
-        str(library),
-    ]
-    build = subprocess.run(command, capture_output=True, text=True)
-    assert build.returncode == 0, f"building the sm_90 emulator harness failed:\n{build.stderr[-4000:]}"
-    return EmulatedKernels(HopperLibrary(ctypes.CDLL(str(library))))
+    library = build_emulator(tmp_path_factory.mktemp("cuda_emulator_sm90"), "harness_sm90.cpp")
+    return EmulatedKernels(HopperLibrary(library, {"emu_forward": "emu_forward_sm90"}))
 
 
 @pytest.fixture(autouse=True)

@@ -13,54 +13,24 @@ What it cannot show: timing, the tensor cores' rounding, the hardware's ordering
 
 from __future__ import annotations
 
-import ctypes
 import os
-import shutil
-import subprocess
 
 import pytest
 import torch
 from attention_cases import MASK_KINDS, Case, padded_case, varlen_case
-from test_cuda_emulated import CSRC, EMULATOR, EmulatedKernels
+from test_cuda_emulated import EmulatedKernels, build_emulator
+from test_cuda_emulated_sm90 import HopperLibrary
 from test_nonfinite import CASES, NAMES, VALUE_CASES, assert_nan_or_clean, cuda_emulated, public_api
-
-
-class HopperLibrary:
-    """The emulator library, its emu_forward and emu_backward being the Hopper kernels' (the backward's
-    deterministic path stays on the sm80 kernels, as in the binding)."""
-
-    HOPPER = {"emu_forward": "emu_forward_sm90", "emu_backward": "emu_backward_sm90"}
-
-    def __init__(self, library: ctypes.CDLL):
-        self._library = library
-
-    def __getattr__(self, name: str):
-        return getattr(self._library, self.HOPPER.get(name, name))
 
 
 @pytest.fixture(scope="session")
 def hopper(tmp_path_factory) -> EmulatedKernels:
-    compiler = shutil.which("g++")
-    if compiler is None:
-        if os.environ.get("CI"):
-            pytest.fail("g++ is not on PATH: CI must run the emulated CUDA kernel tests")
-        pytest.skip("g++ is not on PATH (CI fails instead of skipping)")
-    library = tmp_path_factory.mktemp("cuda_emulator_sm90_bwd") / "libemulator_sm90_bwd.so"
-    command = [
-        compiler,
-        "-std=c++17",
-        "-O2",
-        "-fPIC",
-        "-shared",
-        f"-I{CSRC}",
-        f"-I{EMULATOR}",
-        str(EMULATOR / "harness_sm90_bwd.cpp"),
-        "-o",
-        str(library),
-    ]
-    build = subprocess.run(command, capture_output=True, text=True)
-    assert build.returncode == 0, f"building the sm_90 backward emulator harness failed:\n{build.stderr[-4000:]}"
-    return EmulatedKernels(HopperLibrary(ctypes.CDLL(str(library))))
+    """emu_forward and emu_backward are the Hopper kernels' (the backward's deterministic path stays on the
+    sm80 kernels, as in the binding)."""
+    library = build_emulator(tmp_path_factory.mktemp("cuda_emulator_sm90_bwd"), "harness_sm90_bwd.cpp")
+    return EmulatedKernels(
+        HopperLibrary(library, {"emu_forward": "emu_forward_sm90", "emu_backward": "emu_backward_sm90"})
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -21,28 +21,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cuda_emulated import CSRC, ELEM, EMULATOR, build_emulator
 
-HERE = Path(__file__).resolve().parent
-CSRC = HERE.parent / "csrc"
-EMULATOR = HERE / "cuda_emulator"
-ELEM = {torch.float16: 0, torch.bfloat16: 1}
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 5e-3}
 ROWS, DIM, KEY_TILE = 128, 64, 64
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory) -> ctypes.CDLL:
-    compiler = shutil.which("g++")
-    if compiler is None:
-        if os.environ.get("CI"):
-            pytest.fail("g++ is not on PATH: CI must run the Hopper emulator tests")
-        pytest.skip("g++ is not on PATH (CI fails instead of skipping)")
-    library = tmp_path_factory.mktemp("cuda_emulator_sm90") / "libsm90.so"
-    command = [compiler, "-std=c++17", "-O2", "-fPIC", "-shared", "-Wno-psabi", f"-I{CSRC}", f"-I{EMULATOR}"]
-    command += [str(EMULATOR / "selftest_sm90.cpp"), "-o", str(library)]
-    build = subprocess.run(command, capture_output=True, text=True)
-    assert build.returncode == 0, f"building the Hopper emulator failed:\n{build.stderr[-4000:]}"
-    loaded = ctypes.CDLL(str(library))
+    loaded = build_emulator(tmp_path_factory.mktemp("cuda_emulator_sm90"), "selftest_sm90.cpp", flags=("-Wno-psabi",))
     loaded.emu_sm90_pipeline.restype = ctypes.c_char_p
     loaded.emu_sm90_tma_image.restype = ctypes.c_char_p
     loaded.emu_sm90_gemm.restype = ctypes.c_char_p
