@@ -49,8 +49,8 @@ from .tiles import (
 # of four GEMMs, the head dim those of dQ^T). The fused kernel holds five accumulators: 16 query rows, head
 # dims up to 128, sm_90a (see _fused). fp32 compiles to FMA (exact dots). At head dim 256 the dK/dV kernel runs
 # two programs per 64-key tile, each accumulating half of the dK/dV columns (dkdv_split): its whole 64x256 dK
-# and dV spill, and 32 keys are too few rows for wgmma. 16x64 w8 s2 is spill-free padded; dense and packed it
-# spills 120-128 bytes of scalars around the query loops, not in them (32x64 and 3 stages spill 450+ there).
+# and dV spill, and 32 keys are too few rows for wgmma. 16x64 w8 s2 is spill-free padded, dense and packed once
+# every head-dim operand is a half tile (see _dkdv_program); 32x64 and 3 stages spill 450+ bytes.
 BWD_TILES = {
     "half": [(16, 128, 8, 2), (16, 64, 8, 2)],  # 16x64 duplicates S^T and dP^T in both warpgroups
     "fp32": [(16, 32, 4, 2)],
@@ -179,10 +179,13 @@ def _dkdv_tiles(
     dv,
     k,
     v,
+    k_rest,
+    v_rest,
     key_ok,
     offs_n,
     offs_d,
     offs_h,
+    offs_r,
     q_base,
     do_base,
     dq_base,
@@ -228,32 +231,30 @@ def _dkdv_tiles(
 
     Every GEMM has 64+ rows for wgmma whatever BLOCK_M: four have the BLOCK_N keys as rows, and dQ is
     computed transposed, dQ^T = K^T dS^T (head dim x queries), with dS^T in shared memory as its B operand.
-    S and dP span the whole head dim; dK and dV only columns offs_h (BLOCK_H wide, see _dkdv_program)."""
+    S and dP span the whole head dim; dK and dV only columns offs_h (BLOCK_H wide, see _dkdv_program): split,
+    S^T = K_h Q_h^T + K_r Q_r^T over this program's columns offs_h and the rest offs_r, so q_h and dO_h, the
+    B operands of dK and dV, are also half of S's and dP's and each query tile is read once."""
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         rows_ok = offs_m < q_hi
         if MASK_QUERIES:
             rows_ok = rows_ok & real_keys(KeyMask, offs_m, rows_ok, True)
         check_rows = MASKED or MASK_QUERIES
-        q = load_tile(
-            q_base + offs_m[:, None] * stride_qs + offs_d[None, :], rows_ok, offs_d, check_rows, HEAD_DIM, BLOCK_D
-        )
-        do = load_tile(
-            do_base + offs_m[:, None] * stride_ds + offs_d[None, :], rows_ok, offs_d, check_rows, HEAD_DIM, BLOCK_D
-        )
-        if BLOCK_H == BLOCK_D:
-            q_h = q
-            do_h = do
-        else:  # this program's columns of q and dO, read again (from L1/L2) rather than sliced out of registers
-            q_h = load_tile(
-                q_base + offs_m[:, None] * stride_qs + offs_h[None, :], rows_ok, offs_h, check_rows, HEAD_H, BLOCK_H
-            )
-            do_h = load_tile(
-                do_base + offs_m[:, None] * stride_ds + offs_h[None, :], rows_ok, offs_h, check_rows, HEAD_H, BLOCK_H
-            )
+        q_rows = q_base + offs_m[:, None] * stride_qs
+        do_rows = do_base + offs_m[:, None] * stride_ds
+        q_h = load_tile(q_rows + offs_h[None, :], rows_ok, offs_h, check_rows, HEAD_H, BLOCK_H)
+        do_h = load_tile(do_rows + offs_h[None, :], rows_ok, offs_h, check_rows, HEAD_H, BLOCK_H)
+        q_r = q_h
+        do_r = do_h
+        if BLOCK_H != BLOCK_D:  # the other columns of the head dim, for S and dP only
+            q_r = load_tile(q_rows + offs_r[None, :], rows_ok, offs_r, check_rows, HEAD_H, BLOCK_H)
+            do_r = load_tile(do_rows + offs_r[None, :], rows_ok, offs_r, check_rows, HEAD_H, BLOCK_H)
         lse, delta = _rows_lse_delta(Lse, Delta, lse_offset, offs_m, rows_ok)
+        qk_t = mma(k, tl.trans(q_h), UPCAST, PRECISION)
+        if BLOCK_H != BLOCK_D:
+            qk_t += mma(k_rest, tl.trans(q_r), UPCAST, PRECISION)
         # Transposed tiles (keys x queries): P^T = exp2(S^T - lse).
-        scores_t, tanh_t = capped_scores(mma(k, tl.trans(q), UPCAST, PRECISION), qk_scale, softcap_scale, SOFTCAP)
+        scores_t, tanh_t = capped_scores(qk_t, qk_scale, softcap_scale, SOFTCAP)
         p_t = tl.exp2(scores_t - lse[None, :])
         if MASKED:
             allowed_t = tl.trans(
@@ -261,14 +262,16 @@ def _dkdv_tiles(
             )
             allowed_t = allowed_t & key_ok[:, None] & rows_ok[None, :]
             p_t = tl.where(allowed_t, p_t, 0.0)
-        dv += mma(convert(p_t, do.dtype, UPCAST), do_h, UPCAST, PRECISION)
-        dp_t = mma(v, tl.trans(do), UPCAST, PRECISION)
+        dv += mma(convert(p_t, do_h.dtype, UPCAST), do_h, UPCAST, PRECISION)
+        dp_t = mma(v, tl.trans(do_h), UPCAST, PRECISION)
+        if BLOCK_H != BLOCK_D:
+            dp_t += mma(v_rest, tl.trans(do_r), UPCAST, PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         if SOFTCAP:
             ds_t = ds_t * (1.0 - tanh_t * tanh_t)
         if MASKED:
             ds_t = tl.where(allowed_t, ds_t, 0.0)
-        ds_low = convert(ds_t, q.dtype, UPCAST)
+        ds_low = convert(ds_t, q_h.dtype, UPCAST)
         if EXACT and MASKED and (WINDOW_LEFT or WINDOW_RIGHT):
             if any_nonfinite(q_h):
                 dk = seen_product(
@@ -309,12 +312,15 @@ def _dkdv_tiles(
 def _dkdv_group(
     k,
     v,
+    k_rest,
+    v_rest,
     key_ok,
     key_clean,
     k_nonfinite,
     offs_n,
     offs_d,
     offs_h,
+    offs_r,
     Q,
     DOut,
     DQAccum,
@@ -396,10 +402,13 @@ def _dkdv_group(
                     dv,
                     k,
                     v,
+                    k_rest,
+                    v_rest,
                     key_ok,
                     offs_n,
                     offs_d,
                     offs_h,
+                    offs_r,
                     q_base,
                     do_base,
                     dq_base,
@@ -442,10 +451,13 @@ def _dkdv_group(
                 dv,
                 k,
                 v,
+                k_rest,
+                v_rest,
                 key_ok,
                 offs_n,
                 offs_d,
                 offs_h,
+                offs_r,
                 q_base,
                 do_base,
                 dq_base,
@@ -488,10 +500,13 @@ def _dkdv_group(
                 dv,
                 k,
                 v,
+                k_rest,
+                v_rest,
                 key_ok,
                 offs_n,
                 offs_d,
                 offs_h,
+                offs_r,
                 q_base,
                 do_base,
                 dq_base,
@@ -601,7 +616,11 @@ def _dkdv_program(
     SPLIT_D programs share a key tile (adjacent in the grid's first axis), each accumulating and storing
     1 / SPLIT_D of the dK and dV columns (BLOCK_H of them) while computing S and dP over the whole head dim:
     at head dim 256 the two 64-key x 256 fp32 accumulators alone would fill the 128 registers per thread that
-    8 warps leave, and 64 keys are the rows wgmma needs."""
+    8 warps leave, and 64 keys are the rows wgmma needs. K and V come in as two half tiles, this program's
+    columns (k, v) and the other half's (k_rest, v_rest): every tile then has one layout and one set of row
+    addresses, which keeps the dense and packed launches spill-free (full-width q and dO tiles beside the half
+    ones, read twice, spilled 104-128 bytes there). SPLIT_D is 1 or 2."""
+    tl.static_assert(SPLIT_D <= 2, "the dK/dV kernel splits the head dim in two halves at most")
     BLOCK_H: tl.constexpr = BLOCK_D // SPLIT_D
     HEAD_H: tl.constexpr = BLOCK_H if HEAD_DIM == BLOCK_D else HEAD_DIM  # column masks only for padded dims
     pid_n = tl.program_id(0) // SPLIT_D
@@ -615,6 +634,7 @@ def _dkdv_program(
     offs_n = key_first + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_h = split * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_r = (1 - split) * BLOCK_H + tl.arange(0, BLOCK_H)  # the other half's columns (unused at SPLIT_D 1)
     keys_in = offs_n < k_len
     key_ok = keys_in
     KeyMask += batch.to(tl.int64) * stride_mb
@@ -630,28 +650,34 @@ def _dkdv_program(
 
     kv_tokens = (k_start + offs_n).to(tl.int64)[:, None]
     K += batch.to(tl.int64) * stride_kb + kv_head * stride_kh
-    k = load_tile(K + kv_tokens * stride_ks + offs_d[None, :], key_ok, offs_d, True, HEAD_DIM, BLOCK_D)
-    v = load_tile(
-        V + batch.to(tl.int64) * stride_vb + kv_tokens * stride_vs + kv_head * stride_vh + offs_d[None, :],
-        key_ok,
-        offs_d,
-        True,
-        HEAD_DIM,
-        BLOCK_D,
-    )
-    # A full key tile (every key real, K and V finite) lets the query tiles inside the window and span skip masks.
+    k_keys = K + kv_tokens * stride_ks
+    v_keys = V + batch.to(tl.int64) * stride_vb + kv_tokens * stride_vs + kv_head * stride_vh
+    k = load_tile(k_keys + offs_h[None, :], key_ok, offs_h, True, HEAD_H, BLOCK_H)
+    v = load_tile(v_keys + offs_h[None, :], key_ok, offs_h, True, HEAD_H, BLOCK_H)
     k_nonfinite = any_nonfinite(k)
-    key_clean = (tl.min(key_ok.to(tl.int32), axis=0) > 0) & ~(k_nonfinite | any_nonfinite(v))
+    v_nonfinite = any_nonfinite(v)
+    k_rest = k
+    v_rest = v
+    if SPLIT_D > 1:
+        k_rest = load_tile(k_keys + offs_r[None, :], key_ok, offs_r, True, HEAD_H, BLOCK_H)
+        v_rest = load_tile(v_keys + offs_r[None, :], key_ok, offs_r, True, HEAD_H, BLOCK_H)
+        k_nonfinite = k_nonfinite | any_nonfinite(k_rest)
+        v_nonfinite = v_nonfinite | any_nonfinite(v_rest)
+    # A full key tile (every key real, K and V finite) lets the query tiles inside the window and span skip masks.
+    key_clean = (tl.min(key_ok.to(tl.int32), axis=0) > 0) & ~(k_nonfinite | v_nonfinite)
     k_rows = K + (k_start + key_first).to(tl.int64) * stride_ks + offs_d
     dk, dv = _dkdv_group(
         k,
         v,
+        k_rest,
+        v_rest,
         key_ok,
         key_clean,
         k_nonfinite,
         offs_n,
         offs_d,
         offs_h,
+        offs_r,
         Q,
         DOut,
         DQAccum,
@@ -710,12 +736,15 @@ def _dkdv_program(
             dk, dv = _dkdv_group(
                 k,
                 v,
+                k_rest,
+                v_rest,
                 key_ok,
                 key_clean,
                 k_nonfinite,
                 offs_n,
                 offs_d,
                 offs_h,
+                offs_r,
                 Q,
                 DOut,
                 DQAccum,
