@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .validation import normalize_key_mask
+from .tensor_cache import cacheable
+from .validation import check_host_offsets, normalize_key_mask
 
 
 def _check_padded(hidden_states: Tensor, attention_mask: Tensor) -> Tensor:
@@ -39,9 +40,13 @@ def unpad_input(hidden_states: Tensor, attention_mask: Tensor) -> tuple[Tensor, 
     """
     mask = _check_padded(hidden_states, attention_mask)
     seqlens = mask.sum(dim=-1, dtype=torch.int32)
+    # The two host syncs of a padded batch, intrinsic (the token count and the lengths live on the device): once
+    # per batch, and the offsets read here are remembered as checked, so the ops never read them again.
     indices = torch.nonzero(mask.flatten()).flatten()
-    cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
-    max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
+    cu_seqlens = cacheable(torch.nn.functional.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0)))
+    offsets = cu_seqlens.tolist()
+    check_host_offsets(cu_seqlens, offsets)
+    max_seqlen = max((end - start for start, end in zip(offsets, offsets[1:])), default=0)
     packed = hidden_states.reshape(-1, *hidden_states.shape[2:]).index_select(0, indices)
     return packed, indices, cu_seqlens, max_seqlen
 

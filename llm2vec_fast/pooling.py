@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .padding import unpad_input
+from .validation import check_cu_seqlens_values
 
 POOLING_MODES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
 
@@ -75,8 +76,11 @@ def pool_packed(
     )
     offset = position - start.index_select(0, sequence)
     weights = (offset >= 0).float() if mode == "mean" else (offset + 1).clamp_min(0).float()
-    norms = torch.segment_reduce(weights, "sum", lengths=lengths, axis=0)
-    sums = torch.segment_reduce(hidden * weights.unsqueeze(-1), "sum", lengths=lengths, axis=0)
+    # segment_reduce's own check of the lengths reads them back (a host sync per call): ours reads the offsets
+    # once per tensor, never for offsets checked on the host (pack_sequences, unpad_input), so it runs unsafe
+    check_cu_seqlens_values("cu_seqlens", cu_seqlens, total, total)
+    norms = torch.segment_reduce(weights, "sum", lengths=lengths, axis=0, unsafe=True)
+    sums = torch.segment_reduce(hidden * weights.unsqueeze(-1), "sum", lengths=lengths, axis=0, unsafe=True)
     return sums / norms.clamp_min(1.0).unsqueeze(-1)
 
 

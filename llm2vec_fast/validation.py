@@ -5,12 +5,14 @@ Shape, dtype and device checks read only metadata, so they also run while torch.
 the op's eager implementation and remembers offsets it has already checked (a `TensorCache`): a
 model calling the op once per layer with the same `cu_seqlens` pays for one check per forward.
 Inference tensors (made under `torch.inference_mode()`) keep no version counter, so an in-place
-edit cannot be seen: their offsets are checked on every call.
+edit cannot be seen: their offsets are checked on every call. A caller that built the offsets from
+lengths on the host checks them there instead (`check_host_offsets`): the ops then never sync on them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -141,13 +143,23 @@ _checked_offsets = TensorCache()
 
 
 def check_cu_seqlens_values(name: str, cu: Tensor, total_tokens: int, max_seqlen: int) -> None:
-    """Offsets start at 0, never decrease, end at the token count, and respect max_seqlen."""
-    _checked_offsets.get(
-        cu, (total_tokens, max_seqlen), lambda: _check_offsets(name, cu.tolist(), total_tokens, max_seqlen)
-    )
+    """Offsets start at 0, never decrease, end at the token count, and respect max_seqlen (the offsets are
+    read once per tensor, the bound compared on every call)."""
+    longest = _checked_offsets.get(cu, total_tokens, lambda: _check_offsets(name, cu.tolist(), total_tokens))
+    if longest > max_seqlen:
+        raise ValueError(f"{name} holds a sequence of {longest} tokens, longer than max_seqlen={max_seqlen}")
 
 
-def _check_offsets(name: str, offsets: list[int], total_tokens: int, max_seqlen: int) -> bool:
+def check_host_offsets(cu: Tensor, offsets: Sequence[int]) -> None:
+    """Check the values of `cu` known on the host (the offsets it was just built from) and remember them, so
+    that `check_cu_seqlens_values` never reads `cu` back from the device: no host sync, which a CUDA graph
+    capture cannot contain. Inference tensors are never remembered (see `TensorCache`): pass a `cacheable` one."""
+    offsets = list(offsets)
+    _checked_offsets.get(cu, offsets[-1], lambda: _check_offsets("cu_seqlens", offsets, offsets[-1]))
+
+
+def _check_offsets(name: str, offsets: list[int], total_tokens: int) -> int:
+    """The longest sequence of valid offsets (else a ValueError naming what is wrong)."""
     lengths = [end - start for start, end in zip(offsets[:-1], offsets[1:])]
     if offsets[0] != 0:
         raise ValueError(f"{name} must start at 0, got {offsets[0]}")
@@ -155,6 +167,4 @@ def _check_offsets(name: str, offsets: list[int], total_tokens: int, max_seqlen:
         raise ValueError(f"{name} must be non-decreasing, got {offsets}")
     if offsets[-1] != total_tokens:
         raise ValueError(f"{name} ends at {offsets[-1]} but the packed tensor holds {total_tokens} tokens")
-    if lengths and max(lengths) > max_seqlen:
-        raise ValueError(f"{name} holds a sequence of {max(lengths)} tokens, longer than max_seqlen={max_seqlen}")
-    return True
+    return max(lengths, default=0)

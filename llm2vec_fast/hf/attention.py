@@ -140,6 +140,8 @@ def llm2vec_fast_mask(
     mask = attention_mask[:, -kv_length:]
     if mask.dtype != torch.bool:
         mask = mask.bool()
+    # The all-real shortcut reads the mask back: one host sync per forward of a padded batch (never per layer, and
+    # never on packed sequences, which come without a mask), bought back by running the unmasked kernels.
     if mask.shape[-1] == kv_length and not torch.compiler.is_compiling() and bool(mask.all()):
         return None
     # Made once per forward: a normal tensor lets what the kernels derive from it be cached for every layer

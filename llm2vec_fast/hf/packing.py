@@ -8,6 +8,7 @@ per-token and simply see ``T`` tokens instead of ``B * S``.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from ..padding import pad_input, unpad_input
 from ..tensor_cache import cacheable
+from ..validation import check_host_offsets
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ def pack_sequences(sequences: Sequence[Sequence[int]], device: torch.device | st
     lengths_t = torch.tensor(lengths, dtype=torch.long)
     offsets = torch.nn.functional.pad(torch.cumsum(lengths_t, 0), (1, 0))  # on the host: no device round trip
     cu_seqlens = cacheable(offsets.to(device=device, dtype=torch.int32))
+    check_host_offsets(cu_seqlens, [0, *itertools.accumulate(lengths)])  # the ops never read them back
     rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths_t)
     columns = torch.arange(len(flat)) - torch.repeat_interleave(offsets[:-1], lengths_t)
     return PackedBatch(
