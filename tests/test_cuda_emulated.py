@@ -304,6 +304,32 @@ def test_query_tile_fully_padded(emulator):
     emulator.run(case, deterministic=True)
 
 
+@pytest.mark.parametrize("window_size,softcap", [((20, 3), 2.0), ((-1, 0), 0.0)])
+def test_head_dim_128_windows_softcap_and_holes(emulator, window_size, softcap):
+    """Head dim 128 runs 32-key tiles of 32 query rows per warp (configs.cuh): window edges, the soft cap and a
+    key mask with holes over several key tiles, through both backward paths."""
+    case = padded_case(1, 150, 150, 2, 1, 128, torch.bfloat16, "holes", window_size=window_size, softcap=softcap)
+    emulator.run(case, deterministic=softcap > 0)
+
+
+def test_head_dim_128_nan_beyond_some_windows(emulator):
+    """A NaN value row that a window hides from most rows, at head dim 128: exactly the rows (and gradients)
+    that see it are NaN; the rest, whose window-edge tiles multiplied zero weights by it, come out clean."""
+    from test_nonfinite import NAMES, assert_nan_or_clean, cuda_emulated, public_api  # noqa: PLC0415 (a cycle)
+
+    q, k, v = (torch.randn(1, 100, heads, 128).to(torch.float16) for heads in (2, 1, 1))
+    clean = Case(q, k, v, None, window_size=(3, 3))
+    poisoned_v = v.clone()
+    poisoned_v[:, 70] = float("nan")
+    case = Case(q, k, poisoned_v, None, window_size=(3, 3))
+    case.dout, case.dlse = clean.dout, clean.dlse
+    expected_nan = [torch.isnan(t) for t in public_api("reference")(case)]
+    assert expected_nan[0].any() and not expected_nan[0].all(), "the poison reaches some rows only"
+    got = cuda_emulated(emulator, deterministic=True)(case)
+    for name, value, reference, nan_where in zip(NAMES, got, clean.oracle(with_dlse=False), expected_nan):
+        assert_nan_or_clean(name, value, reference.float(), nan_where)
+
+
 # ---- the emulator itself ------------------------------------------------------------------------
 
 BUG_REPORTS = {

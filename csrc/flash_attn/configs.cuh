@@ -16,8 +16,8 @@ namespace l2vf {
 template <class Elem, int kHeadDim>
 struct KernelConfigs;
 
-// Forward: 128 query rows x 64 keys; head dim 64 gives each warp 32 rows (every K/V fragment
-// feeds two mma rows), head dim 128 16 rows over 8 warps (32 rows would need 255+ registers).
+// Forward: 128 query rows, 4 warps of 32 rows each (every K/V fragment feeds two mma rows), x 64 keys
+// at head dim 64 and 32 keys at head dim 128 (at 64 keys its 32 rows need 255+ registers: NOTES v1.1).
 // dK/dV: 128 keys, 16 per warp, x 64 queries (32 for head dim 128, same register reason).
 // dQ (deterministic path): 64 query rows, 16 per warp, x 64 keys.
 template <class Elem>
@@ -29,7 +29,7 @@ struct KernelConfigs<Elem, 64> {
 
 template <class Elem>
 struct KernelConfigs<Elem, 128> {
-  using Fwd = FwdConfig<Elem, 128, /*kBlockM=*/128, /*kBlockN=*/64, /*kWarps=*/8, /*kStages=*/2>;
+  using Fwd = FwdConfig<Elem, 128, /*kBlockM=*/128, /*kBlockN=*/32, /*kWarps=*/4, /*kStages=*/2>;
   using BwdKV = BwdKVConfig<Elem, 128, /*kBlockM=*/32, /*kWarps=*/8, /*kStages=*/2>;
   using BwdQ = BwdQConfig<Elem, 128, /*kBlockM=*/64, /*kBlockN=*/64, /*kWarps=*/4, /*kStages=*/2>;
 };

@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "block_info.cuh"
+#include "hopper/ptx_extra.cuh"  // opaque()
 #include "params.h"
 #include "ptx.cuh"
 #include "tile.cuh"
@@ -193,18 +194,74 @@ struct KeyTileRing {
     return (it % kStages) * KVTile::kBytes;
   }
 
+  // Rows n0.. of a K or V tensor (base = its row 0) into `tile`, the rows whose bit is clear (padding, past
+  // the sequence) as zeros. A thread's rows are kRowStep apart: one pointer stepped from row to row and the
+  // tile's bit words tested at fixed positions, so no per-row offsets stay live across the caller's loop.
+  __device__ __forceinline__ static void copy_rows(uint32_t tile, const uint16_t* base, int64_t row_stride, int n0,
+                                                   const TileBits<kBlockN>& bits) {
+    constexpr int kRowStep = kThreads / KVTile::kChunks;
+    static_assert(kBlockN % kRowStep == 0 && kThreads % KVTile::kChunks == 0, "every thread copies whole chunk columns");
+    static_assert(kRowStep % 8 == 0, "rows a thread copies share one swizzle");
+    static_assert(32 % kRowStep == 0, "a thread's rows sit at fixed bits of the words");
+    const int row = static_cast<int>(threadIdx.x) / KVTile::kChunks;
+    const int chunk = static_cast<int>(threadIdx.x) % KVTile::kChunks;
+    const uint32_t dst = tile + KVTile::offset(row, chunk);
+    const uint16_t* src = base + static_cast<int64_t>(n0 + row) * row_stride + chunk * 8;
+    const int64_t step = kRowStep * row_stride;
+#pragma unroll
+    for (int i = 0; i < kBlockN / kRowStep; ++i) {
+      const bool valid = bits.test(i * kRowStep / 32, row + i * kRowStep % 32);
+      cp_async_16(dst + i * kRowStep * KVTile::kRowBytes, valid ? src : base, valid);
+      src += step;
+    }
+  }
+
   __device__ __forceinline__ void prefetch(int stage) {
     if (next_load < end) {
       const int n0 = next_load * kBlockN;
-      copy_real_rows_async<KVTile, kThreads>(sK + stage * KVTile::kBytes, k + n0 * p.k_row_stride, p.k_row_stride,
-                                             seq.len_k - n0, key_bits, n0);
-      copy_real_rows_async<KVTile, kThreads>(sV + stage * KVTile::kBytes, v + n0 * p.v_row_stride, p.v_row_stride,
-                                             seq.len_k - n0, key_bits, n0);
+      TileBits<kBlockN> bits;
+      bits.load(key_bits, n0, seq.len_k);
+      copy_rows(sK + stage * KVTile::kBytes, k, p.k_row_stride, n0, bits);
+      copy_rows(sV + stage * KVTile::kBytes, v, p.v_row_stride, n0, bits);
       next_load = after(next_load);
     }
     cp_async_commit();
   }
 };
+
+// What block (m_block, h, b) of the forward reads and writes: its sequence, query rows and tensor slices.
+struct FwdBlock {
+  SeqSlice seq;
+  int m0, rows;
+  const uint16_t* q;
+  const uint16_t* k;
+  const uint16_t* v;
+  uint16_t* out;
+  float* lse;
+  const uint32_t* key_bits;
+  const uint32_t* query_bits;
+};
+
+template <int kBlockM>
+__device__ __forceinline__ FwdBlock fwd_block(const FwdParams& p, int m_block, int h, int b) {
+  FwdBlock blk;
+  blk.seq = seq_slice(p, b);
+  blk.m0 = m_block * kBlockM;
+  blk.rows = min(kBlockM, blk.seq.len_q - blk.m0);
+  const int hk = h / p.group, q_token = blk.seq.q_token0 + blk.m0;
+  blk.q = static_cast<const uint16_t*>(p.q) +
+          token_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, q_token, h);
+  blk.k = static_cast<const uint16_t*>(p.k) +
+          token_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, blk.seq.k_token0, hk);
+  blk.v = static_cast<const uint16_t*>(p.v) +
+          token_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, blk.seq.k_token0, hk);
+  blk.out = static_cast<uint16_t*>(p.out) +
+            token_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, q_token, h);
+  blk.lse = p.lse + lse_offset(p, b, h, q_token);
+  blk.key_bits = p.key_bits != nullptr ? p.key_bits + static_cast<int64_t>(b) * p.key_bits_stride : nullptr;
+  blk.query_bits = p.query_rows_masked ? blk.key_bits : nullptr;
+  return blk;
+}
 
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p) {
@@ -214,25 +271,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p
   constexpr int D = Cfg::kHeadDim, BM = Cfg::kBlockM, BN = Cfg::kBlockN;
   constexpr int kMT = Cfg::kMTiles, kNT = BN / 8, kDT = D / 8, kThreads = Cfg::kThreads, kStages = Cfg::kStages;
 
-  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const SeqSlice seq = seq_slice(p, b);
-  const int m0 = m_block * BM;
-  if (m0 >= seq.len_q) return;
-  const int rows = min(BM, seq.len_q - m0);
-  const int hk = h / p.group;
+  const FwdBlock blk = fwd_block<BM>(p, blockIdx.x, blockIdx.y, blockIdx.z);
+  if (blk.m0 >= blk.seq.len_q) return;
+  const SeqSlice& seq = blk.seq;
+  const int m0 = blk.m0, rows = blk.rows;
+  const uint32_t* key_bits = blk.key_bits;
+  const uint32_t* query_bits = blk.query_bits;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-
-  const uint16_t* q = static_cast<const uint16_t*>(p.q) +
-                      token_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, seq.q_token0 + m0, h);
-  const uint16_t* k = static_cast<const uint16_t*>(p.k) +
-                      token_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, seq.k_token0, hk);
-  const uint16_t* v = static_cast<const uint16_t*>(p.v) +
-                      token_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, seq.k_token0, hk);
-  uint16_t* out = static_cast<uint16_t*>(p.out) +
-                  token_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, seq.q_token0 + m0, h);
-  float* lse = p.lse + lse_offset(p, b, h, seq.q_token0 + m0);
-  const uint32_t* key_bits = p.key_bits != nullptr ? p.key_bits + static_cast<int64_t>(b) * p.key_bits_stride : nullptr;
-  const uint32_t* query_bits = p.query_rows_masked ? key_bits : nullptr;
 
   // Key tiles [t_first, t_hi) hold every key some real row of this block may see.
   int n_lo, n_hi, t_first, t_hi;
@@ -240,8 +285,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p
   tile_walk<BM, BN>(n_lo, n_hi, query_bits, m0, key_bits, t_first, t_hi);
 
   if (t_first >= t_hi) {  // no row of this block sees a key: zeros, lse = -inf
-    zero_rows_global<D, kThreads>(out, p.o_row_stride, rows);
-    for (int r = static_cast<int>(threadIdx.x); r < rows; r += kThreads) st_global_f32(lse + r, -INFINITY);
+    zero_rows_global<D, kThreads>(blk.out, p.o_row_stride, rows);
+    for (int r = static_cast<int>(threadIdx.x); r < rows; r += kThreads) st_global_f32(blk.lse + r, -INFINITY);
     return;
   }
 
@@ -250,8 +295,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p
   const uint32_t sV = sK + kStages * KVTile::kBytes;
 
   // Group 0 = Q + the first K/V tile; groups 1 .. kStages-2 = the next tiles (possibly empty).
-  copy_tile_async<QTile, kThreads>(sQ, q, p.q_row_stride, rows);
-  KeyTileRing<Cfg> ring{p, seq, k, v, key_bits, sK, sV, t_hi, t_first};
+  copy_tile_async<QTile, kThreads>(sQ, blk.q, p.q_row_stride, rows);
+  KeyTileRing<Cfg> ring{p, seq, blk.k, blk.v, key_bits, sK, sV, t_hi, t_first};
   ring.prime();
 
   // Scores arrive in log2 units: x = s * scale * log2(e), or with a soft cap
@@ -314,15 +359,22 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p
       }
     }
 
-    // Scores in log2 units.
+    // Scores in log2 units (the soft cap is one branch per tile, not one per score).
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float s = acc_s[mt][nt][e] * score_mul;
-          acc_s[mt][nt][e] = capped ? cap_log2 * accurate_tanh(s) : s;
+        for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] *= score_mul;
+      }
+    }
+    if (capped) {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] = cap_log2 * accurate_tanh(acc_s[mt][nt][e]);
         }
       }
     }
@@ -331,16 +383,28 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p
     TileBits<BN> bits;
     bits.load(key_bits, n0, seq.len_k);
     if (!bits.all() || !window_covers_tile(p, seq, m0, BM, n0, BN)) {
+      // Branch-free: per row its window as offsets from this lane's first key j0 = n0 + 2 (lane % 4), and
+      // the bit words shifted by 2 (lane % 4), so element (nt, c) tests fixed bits. The lane and row come
+      // from an opaque thread index: recomputed here, not hoisted into registers held across the loop.
+      const int thread = static_cast<int>(opaque(threadIdx.x)), quad_lane = thread % 4;
+      const int row_base = m0 + thread / 32 * Cfg::kWarpRows + thread % 32 / 4;
+      uint32_t lane_bits[TileBits<BN>::kWords];
+#pragma unroll
+      for (int w = 0; w < TileBits<BN>::kWords; ++w) lane_bits[w] = bits.word[w] >> (2 * quad_lane);
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) {
+        for (int hf = 0; hf < 2; ++hf) {
+          const int i_rel = row_base + mt * 16 + 8 * hf + seq.offset - n0 - 2 * quad_lane;
+          const int lo = i_rel - p.window_left, hi = i_rel + p.window_right;  // seen: lo <= j - j0 <= hi
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = m0 + warp_row0 + mt * 16 + lane / 4 + 8 * (e / 2);
-            const int bit = (nt % 4) * 8 + 2 * (lane % 4) + (e % 2);  // key n0 + 32 * (nt / 4) + bit
-            const int j = n0 + 32 * (nt / 4) + bit;
-            if (!bits.test(nt / 4, bit) || !in_window(p, seq, i, j)) acc_s[mt][nt][e] = -INFINITY;
+          for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const int dj = 8 * nt + c;  // j - j0
+              const bool seen = ((lane_bits[nt / 4] >> ((nt % 4) * 8 + c)) & 1u) & (dj >= lo) & (dj <= hi);
+              acc_s[mt][nt][2 * hf + c] = seen ? acc_s[mt][nt][2 * hf + c] : -INFINITY;
+            }
           }
         }
       }
@@ -399,6 +463,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p
   }
   cp_async_wait<0>();  // only empty groups can remain
 
+  // The epilogue's slices come from opaque block indices: recomputed here (a few loads and multiplies once
+  // per block) rather than kept in registers across the key loop, which needs every one it can get.
+  const FwdBlock fin = fwd_block<BM>(p, opaque(blockIdx.x), opaque(blockIdx.y), opaque(blockIdx.z));
+
   // Normalise; padded query rows (and rows that saw no key) get zeros and lse = -inf.
   __syncwarp();  // this warp's reads of its Q rows are done before they are overwritten with O
   static_assert(16 * kMT <= 32, "one bit per row of the warp");
@@ -412,13 +480,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p
       sum += warp_shfl_xor(sum, 1);
       sum += warp_shfl_xor(sum, 2);
       const int r = warp_row0 + mt * 16 + lane / 4 + 8 * hf;  // row within the tile
-      const bool valid = is_token(query_bits, m0 + r, seq.len_q);
+      const bool valid = is_token(fin.query_bits, fin.m0 + r, fin.seq.len_q);
       // sum is 0 exactly on rows that saw no key or only -inf scores, NaN on rows with a NaN or +inf score.
       // Zeros are selected, not multiplied in: acc may hold NaN from a padding row's own q.
       const bool row_ok = valid && sum != 0.f;
       const float inv = 1.f / sum;
       const float row_lse = row_ok ? (row_max[mt][hf] + log2f(sum)) * kLn2 : -INFINITY;
-      if (lane % 4 == 0 && r < rows) st_global_f32(lse + r, row_lse);
+      if (lane % 4 == 0 && r < fin.rows) st_global_f32(fin.lse + r, row_lse);
       bool row_nonfinite = false;
 #pragma unroll
       for (int dt = 0; dt < kDT; ++dt) {
@@ -439,13 +507,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p
       if (!((redo_rows >> wr) & 1u)) continue;
       const int r = warp_row0 + wr;
       RowSlice<D> o;
-      seen_output_row<Elem, D>(p, seq, score, m0 + r, q + r * p.q_row_stride, k, v, key_bits,
-                               ld_global_f32(lse + r) * kLog2e, o);
+      seen_output_row<Elem, D>(p, fin.seq, score, fin.m0 + r, fin.q + r * p.q_row_stride, fin.k, fin.v, fin.key_bits,
+                               ld_global_f32(fin.lse + r) * kLog2e, o);
       store_row_slice<QTile, Elem, D>(sQ, r, o, 1.f);
     }
     __syncwarp();
   }
-  copy_rows_to_global<QTile, Cfg::kWarpRows>(sQ, warp_row0, out, p.o_row_stride, rows);
+  copy_rows_to_global<QTile, Cfg::kWarpRows>(sQ, warp_row0, fin.out, p.o_row_stride, fin.rows);
 }
 
 }  // namespace l2vf

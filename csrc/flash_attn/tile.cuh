@@ -49,9 +49,11 @@ struct LdsmAddr {
     const int c = rows16 ? (lane >> 4) : ((lane >> 3) & 1);
     lane_base = tile + Tile::offset(r, c);
   }
+  // The XOR goes first: it flips address bits below those the row and high-chunk offset add to, so both
+  // orders agree, and this one leaves one XOR per low chunk (shared by every row) and the rest immediates.
   __device__ __forceinline__ uint32_t at(int row0, int chunk0) const {
-    return (lane_base + static_cast<uint32_t>(row0 * Tile::kRowBytes + ((chunk0 & ~Tile::kSwizzleMask) << 4))) ^
-           static_cast<uint32_t>((chunk0 & Tile::kSwizzleMask) << 4);
+    return (lane_base ^ static_cast<uint32_t>((chunk0 & Tile::kSwizzleMask) << 4)) +
+           static_cast<uint32_t>(row0 * Tile::kRowBytes + ((chunk0 & ~Tile::kSwizzleMask) << 4));
   }
   // The same pattern over the tile `bytes` further on (another stage of a ring).
   __device__ __forceinline__ LdsmAddr plus(uint32_t bytes) const {
