@@ -432,3 +432,44 @@ def test_encoder_packed_forward_never_syncs(recorded_launches, monkeypatch, fami
     launches = recorded_launches["attention_fwd_kernel"].launches
     assert len(launches) == model.config.num_hidden_layers
     assert all(launch["IS_VARLEN"] and launch["WINDOW_RIGHT"] == causal for launch in launches)
+
+
+# ------------------------------------------------------------------------------------- on a GPU
+
+
+def _gpu_run(layout: str):
+    """A warm-up-able forward and backward (attention) or forward (encoder) on CUDA tensors, inputs made here."""
+    if layout == "encoder":
+        model, tokenizer = build_tiny_model("llama", seed=0)
+        encoder = LLM2Vec(route_attention(model.model.cuda(), causal=False), tokenizer)
+        packed = pack_sequences(_token_ids(), device="cuda")
+        instruction_lengths = torch.tensor([2, 0, 1, 3], device="cuda")
+
+        def run():
+            with torch.inference_mode(), without_dropout(encoder.model):
+                encoder.embed_packed(packed, instruction_lengths)
+
+        return run
+    if layout == "packed":
+        cu_seqlens = pack_sequences([[1] * n for n in LENGTHS], device="cuda").cu_seqlens
+        q, k, v = (t.detach().cuda().requires_grad_() for t in _qkv((55, 4, 16), (55, 2, 16), torch.bfloat16))
+        return lambda: flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, 24, 24).float().sum().backward()
+    mask = _key_mask(4, 24).cuda()
+    q, k, v = (t.detach().cuda().requires_grad_() for t in _qkv((4, 24, 4, 16), (4, 24, 2, 16), torch.bfloat16))
+    return lambda: flash_attn_func(q, k, v, mask).float().sum().backward()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["masked", "packed", "encoder"])
+def test_torch_sync_detector_agrees_on_a_gpu(monkeypatch, layout):
+    """torch's own detector, on the Triton backend: no sync after one warm-up call (compiling and autotuning a
+    kernel synchronize, once per configuration)."""
+    monkeypatch.setenv("LLM2VEC_FAST_BACKEND", "triton")
+    run = _gpu_run(layout)
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
