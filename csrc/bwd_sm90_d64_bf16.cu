@@ -1,4 +1,4 @@
-// Hopper backward kernel (atomic dQ path), head dim 64, bf16.
+// Hopper backward kernels (dK/dV adding dQ with atomics; dK/dV and dQ, deterministic), head dim 64, bf16.
 // sm_90a only: setup.py builds csrc/bwd_sm90_*.cu for that arch alone.
 #include "flash_attn/hopper/launch_bwd_sm90.cuh"
 

@@ -127,14 +127,14 @@ void run_hopper_forward(const l2vf::FwdParams& p, at::ScalarType dtype, int64_t 
 #endif
 }
 
-// Whether the backward's atomic-dQ path runs the Hopper kernel: this build has it, the device is compute
-// capability 9.x with the shared memory it needs (any scale or soft cap: the backward reads the saved lse).
-// The deterministic path stays on the sm80 kernels everywhere (dQ written once per element, no atomics).
-// LLM2VEC_FAST_CUDA_HOPPER=0 keeps the sm80 kernels there too.
-bool use_hopper_backward(int device, int64_t head_dim, bool deterministic) {
+// Whether the backward runs the Hopper kernels: this build has them, the device is compute capability 9.x
+// with the shared memory they need (any scale or soft cap: the backward reads the saved lse). Both paths:
+// atomic dQ, and deterministic=True (the dK/dV kernel without dQ, then the dQ kernel: one writer per element).
+// LLM2VEC_FAST_CUDA_HOPPER=0 keeps the sm80 kernels there.
+bool use_hopper_backward(int device, int64_t head_dim) {
 #ifdef LLM2VEC_FAST_SM90
   const char* env = std::getenv("LLM2VEC_FAST_CUDA_HOPPER");
-  if ((env != nullptr && env[0] == '0') || deterministic) return false;
+  if (env != nullptr && env[0] == '0') return false;
   int major = 0, smem_optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
@@ -142,12 +142,13 @@ bool use_hopper_backward(int device, int64_t head_dim, bool deterministic) {
                                     : l2vf::bwd_smem_bytes_needed_sm90<l2vf::Bf16, 128>();
   return major == 9 && smem_optin >= needed;
 #else
-  (void)device, (void)head_dim, (void)deterministic;
+  (void)device, (void)head_dim;
   return false;
 #endif
 }
 
-// The Hopper backward (atomic dQ into p.dq_accum) for the compiled instantiations; kv_tokens as for the forward.
+// The Hopper backward (dQ into p.dq_accum with atomics, or into p.dq when p.dq_accum is null) for the compiled
+// instantiations; kv_tokens as for the forward.
 void run_hopper_backward(const l2vf::BwdParams& p, at::ScalarType dtype, int64_t head_dim, int64_t kv_tokens,
                          cudaStream_t stream) {
 #ifdef LLM2VEC_FAST_SM90
@@ -277,7 +278,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tensor& q_in
   const l2vf::BwdParams p = l2vf::make_bwd_params(
       a, view_of(dout), view_of(out), lse.data_ptr<float>(), dlse_c.defined() ? dlse_c.data_ptr<float>() : nullptr,
       lse_log2.data_ptr<float>(), delta.data_ptr<float>(), view_of(dq), view_of(dk), view_of(dv), view_of(dq_accum));
-  if (use_hopper_backward(q.get_device(), q.size(-1), deterministic)) {
+  if (use_hopper_backward(q.get_device(), q.size(-1))) {
     run_hopper_backward(p, q.scalar_type(), q.size(-1), varlen ? k.size(0) : k.size(1), stream);
   } else {
     const auto run = [&](auto elem, auto dim) {

@@ -36,7 +36,7 @@ NVCC_FLAGS = ["-std=c++20", "-O3", "-lineinfo", f"-I{CSRC}", "-Xptxas", "-v"]
 # The kernels each file must hold, by the name they carry in their mangled symbol.
 EXPECTED_KERNELS = {
     HOPPER_PREFIX: {"fwd_sm90_kernel"},
-    HOPPER_BWD_PREFIX: {"bwd_sm90_kernel"},  # its preprocess is the sm80 objects' (csrc/bwd_d*.cu)
+    HOPPER_BWD_PREFIX: {"bwd_sm90_kernel", "bwd_dq_sm90_kernel"},  # the preprocess is the sm80 objects' (bwd_d*.cu)
     "fwd_": {"fwd_kernel"},
     "bwd_": {"bwd_preprocess_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel"},
     "mask_bits": {"pack_key_bits_kernel"},
@@ -55,8 +55,8 @@ class KernelReport:
     @property
     def kernel(self) -> str:
         match = re.search(
-            r"(fwd_sm90_kernel|bwd_sm90_kernel|fwd_kernel|bwd_preprocess_kernel|bwd_dkdv_kernel|bwd_dq_kernel"
-            r"|pack_key_bits_kernel)",
+            r"(fwd_sm90_kernel|bwd_sm90_kernel|bwd_dq_sm90_kernel|fwd_kernel|bwd_preprocess_kernel|bwd_dkdv_kernel"
+            r"|bwd_dq_kernel|pack_key_bits_kernel)",
             self.symbol,
         )
         return match.group(1) if match else self.symbol
@@ -207,10 +207,19 @@ def sass_loops(sass: str) -> tuple[list[tuple[int, str]], list[tuple[int, int]]]
     return lines, loops
 
 
-def check_hopper_sass(builds, prefix: str, kernel: str, forms: dict) -> None:
-    """Every instruction form of `forms` (name: (matches, at least how many)) inside one loop of each
-    csrc/{prefix}*.cu, the setmaxnreg budgets of its configuration in SASS, and ptxas honouring them
-    (no warning C7508) without serializing wgmma for want of registers (C7512)."""
+def function_sass(sass: str, symbol: str) -> str:
+    """The SASS of the one function of a cuobjdump listing whose mangled name matches the regex `symbol`."""
+    parts = re.split(r"\n\s*Function : (\S+)", sass)
+    found = [body for name, body in zip(parts[1::2], parts[2::2]) if re.search(symbol, name)]
+    assert len(found) == 1, f"{len(found)} functions match {symbol!r}"
+    return found[0]
+
+
+def check_hopper_sass(builds, prefix: str, symbol: str, forms: dict, absent: dict | None = None) -> None:
+    """In the function whose mangled name matches `symbol` of each csrc/{prefix}*.cu: every instruction form of
+    `forms` (name: (matches, at least how many)) inside one loop, none of `absent` (name: matches) anywhere, the
+    setmaxnreg budgets of its configuration, and ptxas honouring them (no warning C7508) without serializing
+    wgmma for want of registers (C7512)."""
     results, _ = builds
     tool = cuobjdump_or_skip()
     hopper = {source: result for source, result in results.items() if source.name.startswith(prefix)}
@@ -223,20 +232,24 @@ def check_hopper_sass(builds, prefix: str, kernel: str, forms: dict) -> None:
         if "C7512" in result.stderr:
             problems.append(f"{source.name}: ptxas serialized wgmma for want of registers (C7512)")
         obj = result.args[result.args.index("-o") + 1]
-        sass = subprocess.run([str(tool), "--dump-sass", obj], capture_output=True, text=True, check=True).stdout
+        dump = subprocess.run([str(tool), "--dump-sass", obj], capture_output=True, text=True, check=True).stdout
+        sass = function_sass(dump, symbol)
         lines, loops = sass_loops(sass)
         for name, (matches, at_least) in forms.items():
             in_a_loop = any(sum(lo <= a <= hi and matches(i) for a, i in lines) >= at_least for lo, hi in loops)
             if not in_a_loop:
                 problems.append(f"{source.name}: no loop issues {at_least}+ {name}")
+        for name, matches in (absent or {}).items():
+            if any(matches(i) for _, i in lines):
+                problems.append(f"{source.name}: {symbol} issues {name}")
         setmaxnreg = r"USETMAXREG\.(?:DEALLOC|TRY_ALLOC)\S*\s+(?:UP\d+,\s*)?0x([0-9a-f]+)"
         budgets = [int(v, 16) for v in re.findall(setmaxnreg, sass)]
         if sorted(budgets) != sorted([HOPPER_PRODUCER_REGS, HOPPER_CONSUMER_REGS]):
             problems.append(f"{source.name}: setmaxnreg budgets {budgets} in SASS")
-        entry = next(r.registers for r in parse_ptxas(result.stderr) if r.kernel == kernel)
+        entry = next(r.registers for r in parse_ptxas(result.stderr) if re.search(symbol, r.symbol))
         count = {op: sum(i.startswith(op) for _, i in lines) for op in ("HGMMA", "UTMALDG")}
         rows.append(
-            f"{source.name:24} sm_90a entry {entry} regs; producer warpgroup {HOPPER_PRODUCER_REGS}, "
+            f"{source.name:24} {symbol}: sm_90a entry {entry} regs; producer warpgroup {HOPPER_PRODUCER_REGS}, "
             f"consumers {HOPPER_CONSUMER_REGS} after setmaxnreg; {count['HGMMA']} HGMMA, {count['UTMALDG']} UTMALDG"
         )
     print("\n".join(rows), file=sys.stderr)
@@ -264,7 +277,34 @@ def test_hopper_backward_sass(builds):
         "UTMALDG (Q and dO)": (lambda i: i.startswith("UTMALDG"), 2),
         "RED ADD.F32 (dQ atomics)": (lambda i: re.match(r"REDG?\.E\.ADD\.F32", i) is not None, 1),
     }
-    check_hopper_sass(builds, HOPPER_BWD_PREFIX, "bwd_sm90_kernel", forms)
+    check_hopper_sass(builds, HOPPER_BWD_PREFIX, r"bwd_sm90_kernel.*Lb1E", forms)
+
+
+HGMMA_SS = re.compile(r"HGMMA\.\S+ R\d+, gdesc")
+HGMMA_RS = re.compile(r"HGMMA\.\S+ R\d+, R\d+, gdesc")
+GLOBAL_REDUCTIONS = {"RED/ATOM (a dQ writer that is not the only one)": lambda i: re.match(r"(REDG?|ATOMG?)\.", i)}
+
+
+def test_hopper_deterministic_dkdv_sass(builds):
+    """The deterministic path's dK/dV kernel (no dQ product): wgmma from shared memory (S^T, dP^T) and from
+    registers (dV, dK) and TMA loads in loops, and no reduction to global memory at all."""
+    forms = {
+        "HGMMA SS (S^T, dP^T)": (lambda i: HGMMA_SS.match(i) is not None, 2),
+        "HGMMA RS (dV, dK)": (lambda i: HGMMA_RS.match(i) is not None, 2),
+        "UTMALDG (Q and dO)": (lambda i: i.startswith("UTMALDG"), 2),
+    }
+    check_hopper_sass(builds, HOPPER_BWD_PREFIX, r"bwd_sm90_kernel.*Lb0E", forms, GLOBAL_REDUCTIONS)
+
+
+def test_hopper_dq_sass(builds):
+    """The deterministic path's dQ kernel: wgmma from shared memory (S, dP) and from registers (dQ += dS K) and
+    TMA loads of K and V in loops; every dQ element is a plain store (no reduction to global memory)."""
+    forms = {
+        "HGMMA SS (S, dP)": (lambda i: HGMMA_SS.match(i) is not None, 2),
+        "HGMMA RS (dQ)": (lambda i: HGMMA_RS.match(i) is not None, 1),
+        "UTMALDG (K and V)": (lambda i: i.startswith("UTMALDG"), 2),
+    }
+    check_hopper_sass(builds, HOPPER_BWD_PREFIX, "bwd_dq_sm90_kernel", forms, GLOBAL_REDUCTIONS)
 
 
 def test_ptx_sm90_layer_assembles(tmp_path):

@@ -1,16 +1,20 @@
-"""The Hopper forward of csrc/ (flash_attn/hopper/, sm_90a), run unchanged on the CPU emulator.
+"""The Hopper kernels of csrc/ (flash_attn/hopper/, sm_90a), run unchanged on the CPU emulator: the case matrix
+both the Hopper forward and the Hopper backward are checked over.
 
 The kernel source is compiled as host C++ against the emulated sm_90 instructions of
 tests/cuda_emulator/emulator_sm90.h (TMA with the 128-byte swizzle and out-of-bounds fill, mbarrier
 phases and transaction bytes, wgmma from shared-memory descriptors and from registers, setmaxnreg,
 named barriers), with its ordering checks: a TMA box read before its barrier's phase, a stage
 overwritten while a wgmma reads it, an accumulator touched in flight, a pingpong turn taken out of
-order, each fails the launch. The persistent grid runs on 3 blocks, so that blocks take several work
-tiles. The glue is test_cuda_emulated.py's, with emu_forward running the Hopper kernel
-(harness_sm90.cpp); the backward is the sm80 kernels', so the checks against the
-float64 oracle cover this forward's out and its lse (through delta and the recomputed P) over the
-same matrix as the sm80 tests: padding patterns, lengths, GQA, head dims, dtypes, varlen, windows,
-soft caps, dlse and strided inputs. What it cannot show: timing, the tensor cores' rounding.
+order, each fails the launch. The persistent forward grid runs on 3 blocks, so that blocks take several
+work tiles. The glue is test_cuda_emulated.py's, with the Hopper entry points of harness_sm90_bwd.cpp
+standing in for the sm80 ones. Every case runs on two harnesses (the `hopper` fixture's parameters):
+the Hopper forward with the sm80 backward, whose checks against the float64 oracle cover this forward's
+out and its lse (through delta and the recomputed P), and the Hopper forward with the Hopper backward
+(as csrc/flash_api.cpp runs on an sm_90 GPU: atomic dQ, or deterministic=True on the dK/dV and dQ kernels),
+over padding patterns, lengths, GQA, head dims, dtypes, varlen, windows, soft caps, dlse, strided inputs
+and test_nonfinite.py's cases. tests/test_cuda_emulated_sm90_bwd.py adds the Hopper backward's own tests.
+What it cannot show: timing, the tensor cores' rounding, the hardware's ordering of the atomics.
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ import torch
 from attention_cases import MASK_KINDS, Case, padded_case, varlen_case
 from test_cuda_emulated import EmulatedKernels, build_emulator
 from test_nonfinite import CASES, NAMES, VALUE_CASES, assert_nan_or_clean, cuda_emulated, public_api
+
+# EmulatedKernels' entry points -> the Hopper kernels' that stand in for them, per harness.
+HARNESSES = {
+    "sm80_backward": {"emu_forward": "emu_forward_sm90"},
+    "hopper_backward": {"emu_forward": "emu_forward_sm90", "emu_backward": "emu_backward_sm90"},
+}
 
 
 class HopperLibrary:
@@ -37,10 +47,24 @@ class HopperLibrary:
         return getattr(self._library, self._renamed.get(name, name))
 
 
-@pytest.fixture(scope="session")
-def hopper(tmp_path_factory) -> EmulatedKernels:
-    library = build_emulator(tmp_path_factory.mktemp("cuda_emulator_sm90"), "harness_sm90.cpp")
-    return EmulatedKernels(HopperLibrary(library, {"emu_forward": "emu_forward_sm90"}))
+_BUILT: list[ctypes.CDLL] = []
+
+
+def hopper_library(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    """harness_sm90_bwd.cpp (the sm80 kernels, the Hopper forward and backward), built once per session for
+    both Hopper test files."""
+    if not _BUILT:
+        _BUILT.append(build_emulator(tmp_path_factory.mktemp("cuda_emulator_sm90"), "harness_sm90_bwd.cpp"))
+    return _BUILT[0]
+
+
+def hopper_kernels(tmp_path_factory: pytest.TempPathFactory, harness: str) -> EmulatedKernels:
+    return EmulatedKernels(HopperLibrary(hopper_library(tmp_path_factory), HARNESSES[harness]))
+
+
+@pytest.fixture(scope="session", params=list(HARNESSES))
+def hopper(request, tmp_path_factory) -> EmulatedKernels:
+    return hopper_kernels(tmp_path_factory, request.param)
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +76,8 @@ def fresh_inputs():
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_lengths_and_padding(hopper, seqlen, mask_kind, causal):
+    """Causal cases take the deterministic backward, the others the atomic one: each path sees every length
+    and mask kind."""
     case = padded_case(2, seqlen, seqlen, 2, 1, 64, torch.float16, mask_kind, causal=causal)
     hopper.run(case, deterministic=causal)
 
@@ -59,12 +85,14 @@ def test_lengths_and_padding(hopper, seqlen, mask_kind, causal):
 @pytest.mark.parametrize("mask_kind", ["none", "holes"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_several_tiles_per_block(hopper, mask_kind, causal):
-    """300 tokens: three query tiles, three key tiles (a partial last one), the ring wrapping its stages."""
+    """300 tokens: three query tiles, three key tiles (a partial last one), the rings wrapping their stages; the
+    Hopper dK/dV kernel walks five 64-row query tiles per key tile."""
     hopper.run(padded_case(1, 300, 300, 1, 1, 64, torch.bfloat16, mask_kind, causal=causal))
 
 
 @pytest.mark.parametrize("heads_q,heads_kv", [(2, 2), (4, 2), (4, 1)])
 def test_gqa_ratios(hopper, heads_q, heads_kv):
+    """A dK/dV block walks every query head of its kv head's group: dK and dV reduced over it in registers."""
     hopper.run(padded_case(1, 70, 70, heads_q, heads_kv, 128, torch.bfloat16, "holes"))
 
 
@@ -102,7 +130,7 @@ def test_window_and_softcap(hopper, window_size, softcap):
 
 
 def test_lse_gradient(hopper):
-    """The gradient of lse enters the backward through delta: this forward's lse must be exact."""
+    """The gradient of lse enters the backward through delta (read per query): this forward's lse must be exact."""
     hopper.run(padded_case(2, 77, 77, 2, 1, 64, torch.float16, "empty_row"), with_dlse=True)
     hopper.run(varlen_case([30, 0, 50], [30, 0, 50], 2, 2, 128, torch.bfloat16), deterministic=True, with_dlse=True)
 
@@ -124,9 +152,9 @@ def test_strided_inputs_and_custom_scale(hopper):
     hopper.run(case)
 
 
-def test_query_tile_fully_padded(hopper):
+def test_tiles_fully_padded(hopper):
     """Left padding over more than one 128-row tile and a hole spanning a whole key tile: those tiles are
-    never loaded, the rows still come out zero."""
+    never loaded, their rows (out, dq) and keys (dk, dv) still come out zero, the real rows miss nothing."""
     case = padded_case(2, 300, 300, 1, 1, 128, torch.float16)
     case.key_mask = torch.ones(2, 300, dtype=torch.bool)
     case.key_mask[0, :200] = False
@@ -134,16 +162,16 @@ def test_query_tile_fully_padded(hopper):
     hopper.run(case)
 
 
-# ---- non-finite inputs (test_nonfinite.py's cases): TMA loads padded and out-of-sequence keys as they are
-# (the sm80 cp.async ring zero-fills them), so 0 * NaN reaches the accumulators and the exact slow path must
-# repair every row that does not see the poison.
+# ---- non-finite inputs (test_nonfinite.py's cases): TMA loads padded and out-of-sequence rows of Q, dO, K
+# and V as they are (the sm80 cp.async ring zero-fills them), so 0 * NaN reaches the accumulators and the exact
+# slow paths (rows, the atomic path's dQ elements) must repair every output that does not see the poison.
 
 
-@pytest.mark.parametrize("poisoned", [pytest.param(case, id=case.name) for case in CASES])
-def test_nonfinite_semantics(hopper, poisoned):
+def check_nonfinite_semantics(kernels: EmulatedKernels, poisoned, deterministic: bool) -> None:
+    """NaN exactly where the reference has it (nowhere if the poison is masked), the clean values elsewhere."""
     poisoned.build()
     clean = poisoned.clean.oracle(with_dlse=False)
-    got = cuda_emulated(hopper, deterministic=False)(poisoned.case)
+    got = cuda_emulated(kernels, deterministic=deterministic)(poisoned.case)
     if poisoned.masked_only:
         expected_nan = [torch.zeros_like(t, dtype=torch.bool) for t in clean]
     else:
@@ -152,9 +180,19 @@ def test_nonfinite_semantics(hopper, poisoned):
         assert_nan_or_clean(name, value, reference.float(), nan_where)
 
 
-@pytest.mark.parametrize("poisoned", [pytest.param(case, id=case.name) for case in VALUE_CASES])
-def test_nonfinite_values_match_the_reference(hopper, poisoned):
+def check_nonfinite_values(kernels: EmulatedKernels, poisoned, deterministic: bool) -> None:
     poisoned.build()
     expected = public_api("reference")(poisoned.case)
-    for name, value, reference in zip(NAMES, cuda_emulated(hopper, deterministic=False)(poisoned.case), expected):
+    got = cuda_emulated(kernels, deterministic=deterministic)(poisoned.case)
+    for name, value, reference in zip(NAMES, got, expected):
         assert_nan_or_clean(name, value, reference, torch.isnan(reference))
+
+
+@pytest.mark.parametrize("poisoned", [pytest.param(case, id=case.name) for case in CASES])
+def test_nonfinite_semantics(hopper, poisoned):
+    check_nonfinite_semantics(hopper, poisoned, deterministic=False)
+
+
+@pytest.mark.parametrize("poisoned", [pytest.param(case, id=case.name) for case in VALUE_CASES])
+def test_nonfinite_values_match_the_reference(hopper, poisoned):
+    check_nonfinite_values(hopper, poisoned, deterministic=False)

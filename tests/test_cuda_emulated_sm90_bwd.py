@@ -1,36 +1,69 @@
-"""The Hopper backward of csrc/ (flash_attn/hopper/bwd_sm90.cuh, sm_90a), run unchanged on the CPU emulator.
+"""The Hopper backward of csrc/ (flash_attn/hopper/bwd_sm90.cuh, bwd_dq_sm90.cuh, sm_90a) on the CPU emulator:
+what the case matrix of test_cuda_emulated_sm90.py (which runs both backward paths) does not show.
 
-As test_cuda_emulated_sm90.py does for the Hopper forward: the kernel source compiled as host C++ against
-the emulated sm_90 instructions (TMA, mbarrier phases and transaction bytes, wgmma from shared-memory
-descriptors and from registers, named barriers) with their ordering checks, glue mirroring what
-csrc/flash_api.cpp does on an sm_90 GPU (harness_sm90_bwd.cpp): the Hopper forward, then the sm80
-preprocess and the Hopper dK/dV kernel adding dQ with float atomics, dQ scaled and cast as the binding does.
-Gradients are compared with the float64 oracle over the same matrix as the forward's tests (padding
-patterns, lengths, GQA, head dims, dtypes, varlen, windows, soft caps, dlse, strided inputs) and the
-non-finite cases of test_nonfinite.py; one test checks that deterministic=True keeps the sm80 path.
-What it cannot show: timing, the tensor cores' rounding, the hardware's ordering of the atomics.
+deterministic=True runs the Hopper dK/dV kernel without its dQ product, then the Hopper dQ kernel (one block
+per query tile): every dq element is written once by a plain store (the emulator fails a launch that stores to
+one word twice). The emulator runs a grid's blocks one after another, in launch order or in a permutation a seed
+fixes (emu_set_block_order): the deterministic path gives bitwise-equal dq, dk and dv under different orders,
+while the atomic path, whose float32 dQ sums depend on the order the key tiles' blocks add in, does not, which
+shows that the check can fail. The deterministic path is also compared with the float64 oracle at the matrix's
+key points and on test_nonfinite.py's cases.
+What it cannot show: timing, the tensor cores' rounding, the hardware's scheduling of blocks.
 """
 
 from __future__ import annotations
 
+import ctypes
+import math
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
-from attention_cases import MASK_KINDS, Case, padded_case, varlen_case
-from test_cuda_emulated import EmulatedKernels, build_emulator
-from test_cuda_emulated_sm90 import HopperLibrary
-from test_nonfinite import CASES, NAMES, VALUE_CASES, assert_nan_or_clean, cuda_emulated, public_api
+from attention_cases import Case, check, padded_case, varlen_case
+from test_cuda_emulated import EmulatedKernels
+from test_cuda_emulated_sm90 import check_nonfinite_semantics, check_nonfinite_values, hopper_kernels
+from test_nonfinite import CASES, VALUE_CASES
+
+# Block orders: launch order, and two seeds whose permutations of reproducibility_case's three dK/dV blocks differ
+# from it and from each other (2 0 1 and 2 1 0 with libstdc++'s std::shuffle; the atomic test below checks that
+# the orders differ in effect).
+ORDER_SEEDS = (0, 1, 3)
+
+
+class AccumulatorCopy:
+    """An emulator library whose emu_backward also keeps a copy of the float32 dQ accumulator it filled (the atomic
+    path's sums, before the binding's scale and cast); the other entry points pass through."""
+
+    def __init__(self, library):
+        self._library = library
+        self.dq_accum: torch.Tensor | None = None
+
+    def __getattr__(self, name: str):
+        return getattr(self._library, name)
+
+    def emu_backward(self, *args):
+        status = self._library.emu_backward(*args)
+        accum = args[-1]._obj  # the TensorView behind the last byref argument (data null: deterministic)
+        self.dq_accum = None
+        if accum.data:
+            raw = (ctypes.c_float * math.prod(accum.size[: accum.dim])).from_address(accum.data)
+            self.dq_accum = torch.frombuffer(raw, dtype=torch.float32).clone()
+        return status
 
 
 @pytest.fixture(scope="session")
 def hopper(tmp_path_factory) -> EmulatedKernels:
-    """emu_forward and emu_backward are the Hopper kernels' (the backward's deterministic path stays on the
-    sm80 kernels, as in the binding)."""
-    library = build_emulator(tmp_path_factory.mktemp("cuda_emulator_sm90_bwd"), "harness_sm90_bwd.cpp")
-    return EmulatedKernels(
-        HopperLibrary(library, {"emu_forward": "emu_forward_sm90", "emu_backward": "emu_backward_sm90"})
-    )
+    kernels = hopper_kernels(tmp_path_factory, "hopper_backward")
+    kernels.lib = AccumulatorCopy(kernels.lib)
+    return kernels
+
+
+@pytest.fixture
+def block_order(hopper) -> Callable[[int], None]:
+    """Sets the order every later launch runs its blocks in (0: launch order); launch order again afterwards."""
+    yield lambda seed: hopper.lib.emu_set_block_order(ctypes.c_uint64(seed))
+    hopper.lib.emu_set_block_order(ctypes.c_uint64(0))
 
 
 @pytest.fixture(autouse=True)
@@ -38,118 +71,98 @@ def fresh_inputs():
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
 
 
-@pytest.mark.parametrize("seqlen", [1, 17, 129])
-@pytest.mark.parametrize("mask_kind", MASK_KINDS)
-@pytest.mark.parametrize("causal", [False, True])
-def test_lengths_and_padding(hopper, seqlen, mask_kind, causal):
-    hopper.run(padded_case(2, seqlen, seqlen, 2, 1, 64, torch.float16, mask_kind, causal=causal))
-
-
-@pytest.mark.parametrize("mask_kind", ["none", "holes"])
-@pytest.mark.parametrize("causal", [False, True])
-def test_several_tiles_per_block(hopper, mask_kind, causal):
-    """300 tokens: five query tiles per key tile (the Q/dO ring wrapping its stages), three key tiles."""
-    hopper.run(padded_case(1, 300, 300, 1, 1, 64, torch.bfloat16, mask_kind, causal=causal))
-
-
-@pytest.mark.parametrize("heads_q,heads_kv", [(2, 2), (4, 2), (4, 1)])
-def test_gqa_ratios(hopper, heads_q, heads_kv):
-    """A block walks every query head of its kv head's group: dK and dV reduced over it in registers."""
-    hopper.run(padded_case(1, 70, 70, heads_q, heads_kv, 128, torch.bfloat16, "holes"))
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_dtypes_and_head_dims(hopper, dtype, head_dim):
-    hopper.run(padded_case(2, 100, 100, 2, 1, head_dim, dtype, "right", causal=True))
-
-
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_varlen_uneven_lengths(hopper, causal, head_dim):
-    lengths = [1, 0, 17, 130, 64]
-    hopper.run(varlen_case(lengths, lengths, 2, 1, head_dim, torch.bfloat16, causal=causal))
-
-
-@pytest.mark.parametrize("causal", [False, True])
-def test_varlen_cross_lengths(hopper, causal):
-    """Query and key lengths differ per sequence (bottom-right causal alignment), one key set empty."""
-    hopper.run(varlen_case([5, 70, 33, 8], [40, 3, 33, 0], 2, 1, 64, torch.float16, causal=causal))
-
-
-@pytest.mark.parametrize("seqlen_q,seqlen_k", [(40, 100), (100, 40)])
-def test_cross_attention_with_key_mask(hopper, seqlen_q, seqlen_k):
-    """seqlen_q != seqlen_k: the mask marks keys only, query rows are all real."""
-    hopper.run(padded_case(2, seqlen_q, seqlen_k, 2, 2, 64, torch.bfloat16, "holes", causal=True))
-
-
-@pytest.mark.parametrize(
-    "window_size,softcap", [((16, 0), 0.0), ((8, 8), 0.0), ((-1, 4), 0.0), ((-1, -1), 5.0), ((20, 3), 2.0)]
-)
-def test_window_and_softcap(hopper, window_size, softcap):
-    case = padded_case(2, 90, 90, 2, 1, 64, torch.float16, "holes", window_size=window_size, softcap=softcap)
-    hopper.run(case)
-
-
-def test_lse_gradient(hopper):
-    """The gradient of lse enters through delta, which the kernel reads per query column."""
-    hopper.run(padded_case(2, 77, 77, 2, 1, 64, torch.float16, "empty_row"), with_dlse=True)
-    hopper.run(varlen_case([30, 0, 50], [30, 0, 50], 2, 2, 128, torch.bfloat16), with_dlse=True)
-
-
-def test_deterministic_path_stays_on_sm80(hopper):
-    """deterministic=True runs the sm80 dK/dV and dQ kernels (no atomics), still exact next to the Hopper forward."""
-    hopper.run(varlen_case([30, 0, 50], [30, 0, 50], 2, 1, 64, torch.float16, causal=True), deterministic=True)
-
-
-def test_strided_inputs_and_custom_scale(hopper):
-    """Inputs as (B, H, S, D) transposes and head slices of a wider tensor: the tensor maps take their strides."""
-    batch, seqlen, heads, head_dim = 2, 50, 2, 64
-    q = torch.randn(batch, heads, seqlen, head_dim).to(torch.float16).transpose(1, 2)
-    kv = torch.randn(batch, seqlen, 2, 2, head_dim).to(torch.float16)  # k and v interleaved per token
-    case = Case(
-        q,
-        kv[:, :, 0],
-        kv[:, :, 1],
-        padded_case(batch, 1, seqlen, 1, 1, 64, torch.float16, "left").key_mask,
-        causal=True,
-        softmax_scale=0.3,
-    )
-    assert not case.q.is_contiguous() and not case.k.is_contiguous()
-    hopper.run(case)
-
-
-def test_key_tile_fully_padded(hopper):
-    """Left padding over a whole 128-key tile and a hole spanning one: their dK and dV come out zero, no
-    query tile of theirs is loaded, and the dQ of the real rows misses nothing."""
+def tiles_fully_padded() -> Case:
+    """Left padding over a whole 128-row query tile and a 128-key tile, a hole spanning a key tile."""
     case = padded_case(2, 300, 300, 1, 1, 128, torch.float16)
     case.key_mask = torch.ones(2, 300, dtype=torch.bool)
     case.key_mask[0, :200] = False
     case.key_mask[1, 64:256] = False
-    hopper.run(case)
+    return case
 
 
-# ---- non-finite inputs (test_nonfinite.py's cases): TMA loads padded and out-of-sequence rows of Q, dO, K
-# and V as they are, so 0 * NaN reaches the accumulators and the exact slow paths (dQ elements, dK/dV rows)
-# must repair every gradient that does not see the poison.
+# The matrix's key points for the deterministic path (the matrix runs it on its causal lengths-and-padding
+# cases and on one varlen dlse case).
+KEY_POINTS = [
+    pytest.param(lambda: padded_case(2, 1, 1, 2, 1, 64, torch.float16, "left"), False, id="len1-left"),
+    pytest.param(lambda: padded_case(2, 17, 17, 4, 1, 64, torch.bfloat16, "holes"), False, id="len17-holes-gqa4"),
+    pytest.param(
+        lambda: padded_case(2, 129, 129, 2, 2, 128, torch.float16, "right", causal=True), False, id="len129-d128-gqa1"
+    ),
+    pytest.param(tiles_fully_padded, False, id="tiles-fully-padded-d128"),
+    pytest.param(
+        lambda: varlen_case([1, 0, 17, 130, 64], [1, 0, 17, 130, 64], 2, 1, 128, torch.bfloat16, causal=True),
+        False,
+        id="varlen-empty-d128",
+    ),
+    pytest.param(
+        lambda: varlen_case([5, 70, 33, 8], [40, 3, 33, 0], 4, 1, 64, torch.float16, causal=True),
+        False,
+        id="varlen-cross-empty-keys-gqa4",
+    ),
+    pytest.param(
+        lambda: padded_case(2, 90, 90, 2, 1, 64, torch.bfloat16, "holes", window_size=(8, 8)), False, id="window"
+    ),
+    pytest.param(
+        lambda: padded_case(2, 90, 90, 2, 1, 64, torch.float16, "holes", window_size=(20, 3), softcap=2.0),
+        False,
+        id="window-softcap",
+    ),
+    pytest.param(lambda: padded_case(2, 90, 90, 4, 1, 128, torch.float16, "right", softcap=5.0), False, id="softcap"),
+    pytest.param(lambda: padded_case(2, 77, 77, 2, 1, 64, torch.float16, "empty_row"), True, id="dlse"),
+    pytest.param(
+        lambda: padded_case(2, 40, 100, 2, 2, 64, torch.bfloat16, "holes", causal=True), False, id="cross-attention"
+    ),
+]
+
+
+@pytest.mark.parametrize("make_case,with_dlse", KEY_POINTS)
+def test_deterministic_matches_the_oracle(hopper, make_case, with_dlse):
+    hopper.run(make_case(), deterministic=True, with_dlse=with_dlse)
+
+
+# 300 tokens: three key tiles, so every dq element is a sum over three dK/dV blocks on the atomic path.
+def reproducibility_case() -> Case:
+    return padded_case(1, 300, 300, 2, 1, 64, torch.float16, "holes", causal=True)
+
+
+def test_deterministic_is_bitwise_reproducible_under_block_orders(hopper, block_order):
+    case = reproducibility_case()
+    out, lse = hopper.forward(case)
+    runs = []
+    for seed in ORDER_SEEDS:
+        block_order(seed)
+        runs.append(hopper.backward(case, out, lse, deterministic=True, with_dlse=False))
+    check(case, (out, lse, *runs[0]))
+    for seed, grads in zip(ORDER_SEEDS[1:], runs[1:]):
+        for name, first, again in zip(("dq", "dk", "dv"), runs[0], grads):
+            assert torch.equal(first, again), f"{name} under block order {seed} differs from launch order"
+
+
+def test_atomic_dq_depends_on_block_order(hopper, block_order):
+    """The companion of the test above: the same check fails on the atomic path (its float32 dQ sums are added
+    in the blocks' order), while its dk and dv (one block each) stay bitwise equal."""
+    case = reproducibility_case()
+    out, lse = hopper.forward(case)
+    accumulators, runs = [], []
+    for seed in ORDER_SEEDS:
+        block_order(seed)
+        runs.append(hopper.backward(case, out, lse, deterministic=False, with_dlse=False))
+        accumulators.append(hopper.lib.dq_accum)
+    check(case, (out, lse, *runs[0]))
+    for seed, accum, grads in zip(ORDER_SEEDS[1:], accumulators[1:], runs[1:]):
+        assert not torch.equal(accumulators[0], accum), f"atomic dQ sums under block order {seed} equal launch order's"
+        assert torch.equal(runs[0][1], grads[1]) and torch.equal(runs[0][2], grads[2])
+
+
+# ---- non-finite inputs on the deterministic path: the dQ kernel's exact slow path repairs every row that does
+# not see the poison (TMA loads padded and out-of-sequence keys as they are).
 
 
 @pytest.mark.parametrize("poisoned", [pytest.param(case, id=case.name) for case in CASES])
-def test_nonfinite_semantics(hopper, poisoned):
-    poisoned.build()
-    clean = poisoned.clean.oracle(with_dlse=False)
-    got = cuda_emulated(hopper, deterministic=False)(poisoned.case)
-    if poisoned.masked_only:
-        expected_nan = [torch.zeros_like(t, dtype=torch.bool) for t in clean]
-    else:
-        expected_nan = [torch.isnan(t) for t in public_api("reference")(poisoned.case)]
-    for name, value, reference, nan_where in zip(NAMES, got, clean, expected_nan):
-        assert_nan_or_clean(name, value, reference.float(), nan_where)
+def test_deterministic_nonfinite_semantics(hopper, poisoned):
+    check_nonfinite_semantics(hopper, poisoned, deterministic=True)
 
 
 @pytest.mark.parametrize("poisoned", [pytest.param(case, id=case.name) for case in VALUE_CASES])
-def test_nonfinite_values_match_the_reference(hopper, poisoned):
-    poisoned.build()
-    expected = public_api("reference")(poisoned.case)
-    for name, value, reference in zip(NAMES, cuda_emulated(hopper, deterministic=False)(poisoned.case), expected):
-        assert_nan_or_clean(name, value, reference, torch.isnan(reference))
+def test_deterministic_nonfinite_values_match_the_reference(hopper, poisoned):
+    check_nonfinite_values(hopper, poisoned, deterministic=True)

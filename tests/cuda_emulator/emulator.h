@@ -16,7 +16,8 @@
 //     one word twice in a launch (each output element has one writer);
 //   - convergence: a barrier or collective that not every thread reaches is a deadlock, reported;
 //     lanes meeting at different collectives are reported.
-// Emulation is deterministic: fibers run in thread order.
+// Emulation is deterministic: fibers run in thread order, blocks one after another in launch order
+// or, with block_order_seed set, in a permutation of the grid that the seed fixes.
 #pragma once
 
 #if !defined(__x86_64__)
@@ -29,6 +30,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <random>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -164,6 +166,7 @@ struct Extension {
 
 struct Emulator {
   Extension* extension = nullptr;
+  uint64_t block_order_seed = 0;  // 0: blocks in launch order; else a permutation of the grid this seed fixes
   // registry
   std::vector<Buffer> buffers;
   // launch
@@ -603,11 +606,17 @@ inline std::string Emulator::run(dim3 grid_, int threads_, int smem_bytes, std::
   body = std::move(kernel_body);
   error.clear();
   for (Buffer& b : buffers) std::fill(b.stored.begin(), b.stored.end(), 0);
-  for (unsigned z = 0; z < grid.z && error.empty(); ++z) {
-    for (unsigned y = 0; y < grid.y && error.empty(); ++y) {
-      for (unsigned x = 0; x < grid.x && error.empty(); ++x) launch_block(dim3(x, y, z));
+  std::vector<dim3> order;
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) order.push_back(dim3(x, y, z));
     }
   }
+  if (block_order_seed != 0) {
+    std::mt19937_64 rng(block_order_seed);
+    std::shuffle(order.begin(), order.end(), rng);
+  }
+  for (size_t i = 0; i < order.size() && error.empty(); ++i) launch_block(order[i]);
   return error;
 }
 

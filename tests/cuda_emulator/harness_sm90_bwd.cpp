@@ -1,14 +1,14 @@
-// The Hopper backward of csrc/ (flash_attn/hopper/bwd_sm90.cuh) on the CPU emulator's sm_90 model, for
-// tests/test_cuda_emulated_sm90_bwd.py through ctypes: harness_sm90.cpp (the registry, the mask packer,
-// the Hopper forward) plus one entry point that does what csrc/flash_api.cpp does on an sm_90 GPU for the
-// backward: the atomic-dQ path on the Hopper kernel, the deterministic path on the sm80 kernels.
+// The Hopper backward of csrc/ (flash_attn/hopper/bwd_sm90.cuh, bwd_dq_sm90.cuh) on the CPU emulator's sm_90
+// model, for tests/test_cuda_emulated_sm90_bwd.py through ctypes: harness_sm90.cpp (the registry, the mask
+// packer, the Hopper forward) plus the entry points that do what csrc/flash_api.cpp does on an sm_90 GPU for
+// the backward (both paths on the Hopper kernels), and one that sets the order the emulator runs blocks in.
 #include "harness_sm90.cpp"  // NOLINT(bugprone-suspicious-include): one library, one registry
 
 #include "flash_attn/hopper/configs_bwd_sm90.cuh"
 
 extern "C" {
 
-// As emu_backward; dq_accum->data == null selects the deterministic (sm80) path.
+// As emu_backward; dq_accum->data == null selects the deterministic path (dK/dV kernel, then the dQ kernel).
 int emu_backward_sm90(int elem, const l2vf::AttnArgs* args, const l2vf::TensorView* mask, uint32_t* key_bits,
                       const l2vf::TensorView* dout, const l2vf::TensorView* out, const float* lse, const float* dlse,
                       float* lse_log2, float* delta, const l2vf::TensorView* dq, const l2vf::TensorView* dk,
@@ -23,14 +23,15 @@ int emu_backward_sm90(int elem, const l2vf::AttnArgs* args, const l2vf::TensorVi
   return dispatch(elem, static_cast<int>(a.q.size[a.q.dim - 1]), [&](auto e, auto d) {
     using Elem = decltype(e);
     constexpr int kHeadDim = decltype(d)::value;
-    if (p.dq_accum == nullptr) return l2vf::launch_backward<Elem, kHeadDim>(p, EmuLaunchSm90{});
-    using Cfg = typename l2vf::HopperBwdConfigs<Elem, kHeadDim>::KV;
-    l2vf::HopperBwdParams hp;
-    g_error = l2vf::make_hopper_bwd_params<Cfg>(p, kv_tokens, hp);
+    l2vf::HopperBwdLaunchParams lp;
+    g_error = l2vf::make_hopper_bwd_launch_params<Elem, kHeadDim>(p, kv_tokens, lp);
     if (!g_error.empty()) return 1;
     if (l2vf::launch_bwd_preprocess<Elem, kHeadDim>(p, EmuLaunchSm90{}) != 0) return 1;
-    return l2vf::launch_backward_sm90<Elem, kHeadDim>(hp, EmuLaunchSm90{});
+    return l2vf::launch_backward_sm90<Elem, kHeadDim>(lp, EmuLaunchSm90{});
   });
 }
+
+// The order the emulator runs each later launch's blocks in: 0 = launch order, else a permutation the seed fixes.
+void emu_set_block_order(uint64_t seed) { emu::emulator().block_order_seed = seed; }
 
 }  // extern "C"

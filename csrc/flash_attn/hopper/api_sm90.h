@@ -22,9 +22,9 @@ std::string run_fwd_sm90(const FwdParams& p, int64_t kv_tokens, cudaStream_t str
 template <class Elem, int kHeadDim>
 int smem_bytes_needed_sm90();
 
-// dq (added to p.dq_accum with atomics, which must be set: the caller scales and converts it), dk and dv,
-// as run_bwd's atomic path computes them (csrc/bwd_sm90_*.cu); kv_tokens as for run_fwd_sm90. The
-// deterministic path (p.dq_accum null) is run_bwd's. "" or a one-line reason.
+// dq, dk and dv as run_bwd computes them (csrc/bwd_sm90_*.cu): dq added to p.dq_accum with atomics when it is
+// set (the caller scales and converts it), else written to p.dq once per element (deterministic); kv_tokens as
+// for run_fwd_sm90. "" or a one-line reason.
 template <class Elem, int kHeadDim>
 std::string run_bwd_sm90(const BwdParams& p, int64_t kv_tokens, cudaStream_t stream);
 

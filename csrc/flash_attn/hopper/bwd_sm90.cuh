@@ -1,6 +1,7 @@
 // The attention backward's dK/dV kernel for Hopper (sm_90a) in the FlashAttention-3 structure, with
-// dQ added by float atomics (the fast, non-deterministic path; the deterministic path stays on the
-// sm80 kernels of bwd_kernels.cuh). The preprocess (delta, lse in log2 units) is the sm80 kernel's.
+// dQ added by float atomics (kAtomicDq: the fast path, whose float32 sums depend on the order the blocks
+// add in) or without dQ (the deterministic path, whose dQ is bwd_dq_sm90.cuh's, one writer per element).
+// The preprocess (delta, lse in log2 units) is the sm80 kernel's.
 //
 // One block per (key tile of kBlockN keys, kv head, sequence), three warpgroups. Warpgroup 0 is the
 // producer: it gives its registers away (setmaxnreg) and one thread loads the block's K and V once,
@@ -13,9 +14,9 @@
 //   P^T = 2^(S^T log2 - lse2), dS^T = P^T (dP^T - delta)  in registers (the accumulator layout is
 //   the A layout of an RS wgmma), unseen pairs selected to 0,
 //   dV += P^T dO, dK += dS^T Q        wgmma m64 n{kHeadDim} k16, A from registers, dO / Q MN-major,
-//   dQ_part = dS K_own               dS^T stored to the warpgroup's own shared tile (fence.proxy.async),
-//                                    read as an MN-major A; K MN-major; added to p.dq_accum with
-//                                    red.global.add (each consumer adds its 64 keys' share).
+//   dQ_part = dS K_own               (kAtomicDq) dS^T stored to the warpgroup's own shared tile
+//                                    (fence.proxy.async), read as an MN-major A; K MN-major; added to
+//                                    p.dq_accum with red.global.add (each consumer adds its 64 keys' share).
 // (lse2 and delta are not TMA-loaded: their rows are 4-byte aligned only, where TMA needs 16 bytes.)
 // Non-finite values: TMA loads padding and out-of-sequence rows as they are (no zero fill), so 0 * NaN
 // may reach an accumulator; as in the sm80 kernel, flagged dQ elements and dK/dV rows are recomputed
@@ -206,8 +207,9 @@ __device__ __forceinline__ float seen_dq_share(const AttnParams& p, const SeqSli
   return acc;
 }
 
-// One consumer warpgroup: its 64 keys against every query tile of the walk, then dK and dV.
-template <class Cfg>
+// One consumer warpgroup: its 64 keys against every query tile of the walk (adding dQ shares if kAtomicDq),
+// then dK and dV.
+template <class Cfg, bool kAtomicDq>
 __device__ __forceinline__ void consume_bwd(const HopperBwdParams& hp, const HopperBwdSmem<Cfg>& sm, int consumer) {
   using Elem = typename Cfg::Elem;
   using QTile = typename Cfg::QTile;
@@ -259,6 +261,10 @@ __device__ __forceinline__ void consume_bwd(const HopperBwdParams& hp, const Hop
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) acc_dk[i] = acc_dv[i] = 0.f;
 
+  // S^T, dP^T of a query tile: n8 tile j = queries 8 j ..; then P^T, dS^T. Declared outside the loop: the CPU
+  // emulator compiles the kernel as host C++, where a loop-local array's memory may hold another value between
+  // iterations, which its wgmma register check would report as a write after wgmma_fence.
+  float acc_s[BM / 2], acc_dp[BM / 2];
   mbarrier_wait(sm.kv_full, 0);
   int it = 0;
 #pragma unroll 1
@@ -269,7 +275,6 @@ __device__ __forceinline__ void consume_bwd(const HopperBwdParams& hp, const Hop
       const int s = it % kStages;
       const uint32_t sq = sm.stage(sm.q, s), sdo = sm.stage(sm.d_o, s);
       const int m0 = tile * BM;
-      float acc_s[BM / 2], acc_dp[BM / 2];  // S^T, dP^T: n8 tile j = queries 8 j ..; then P^T, dS^T
       mbarrier_wait(sm.full + 8 * s, (it / kStages) & 1);
       wgmma_fence_operands(acc_s);
       wgmma_fence_operands(acc_dp);
@@ -322,21 +327,23 @@ __device__ __forceinline__ void consume_bwd(const HopperBwdParams& hp, const Hop
         accumulator_cols_to_a<Elem>(a_p[kk], acc_s, kk);
         accumulator_cols_to_a<Elem>(a_ds[kk], acc_dp, kk);
       }
-      // dS^T to this warpgroup's shared tile, once its previous dQ product has retired in every warp.
-      // (The tile's address is opaque so that its 16 store addresses are recomputed here, not hoisted out of
-      // the loop, where they would stay live and spill.)
-      named_barrier_sync(kBwdConsumerBarrier0 + consumer, 128);
-      const uint32_t ds_tile = opaque(s_ds);
+      if constexpr (kAtomicDq) {
+        // dS^T to this warpgroup's shared tile, once its previous dQ product has retired in every warp.
+        // (The tile's address is opaque so that its 16 store addresses are recomputed here, not hoisted out of
+        // the loop, where they would stay live and spill.)
+        named_barrier_sync(kBwdConsumerBarrier0 + consumer, 128);
+        const uint32_t ds_tile = opaque(s_ds);
 #pragma unroll
-      for (int j = 0; j < kQT; ++j) {
+        for (int j = 0; j < kQT; ++j) {
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          store_pair<DSTile, Elem>(ds_tile, 16 * warp + lane / 4 + 8 * hf, j, acc_dp[4 * j + 2 * hf],
-                                   acc_dp[4 * j + 2 * hf + 1]);
+          for (int hf = 0; hf < 2; ++hf) {
+            store_pair<DSTile, Elem>(ds_tile, 16 * warp + lane / 4 + 8 * hf, j, acc_dp[4 * j + 2 * hf],
+                                     acc_dp[4 * j + 2 * hf + 1]);
+          }
         }
+        fence_proxy_async();
+        named_barrier_sync(kBwdConsumerBarrier0 + consumer, 128);
       }
-      fence_proxy_async();
-      named_barrier_sync(kBwdConsumerBarrier0 + consumer, 128);
 
       // dV += P^T dO, dK += dS^T Q (k = the tile's queries); then dQ_share = dS K_own (k = this warpgroup's
       // keys), once P^T and dS^T have left the registers (both groups in flight at once would spill).
@@ -358,6 +365,7 @@ __device__ __forceinline__ void consume_bwd(const HopperBwdParams& hp, const Hop
       wgmma_fence_operands(acc_dk);
       wgmma_fence_operands(acc_dv);
       mbarrier_arrive(sm.empty + 8 * s);  // Q and dO of this stage are no longer read
+      if constexpr (!kAtomicDq) continue;
       float acc_dq[D / 2];  // rows = the tile's queries
       wgmma_fence_operands(acc_dq);
       wgmma_fence();
@@ -435,8 +443,8 @@ __device__ __forceinline__ void consume_bwd(const HopperBwdParams& hp, const Hop
   copy_rows_to_global<KVTile, 16>(sm.v, warp_key0, dv, p.dk_row_stride, blk.cols);
 }
 
-// One block per (key tile, kv head, sequence).
-template <class Cfg>
+// One block per (key tile, kv head, sequence); kAtomicDq: dQ added to p.dq_accum too.
+template <class Cfg, bool kAtomicDq>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_sm90_kernel(const __grid_constant__ HopperBwdParams hp) {
   const HopperBwdSmem<Cfg> sm(dynamic_smem());
   if (threadIdx.x == 0) {
@@ -451,7 +459,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_sm90_kernel(const __grid
   if (threadIdx.x < 128) {
     produce_bwd<Cfg>(hp, sm);
   } else {
-    consume_bwd<Cfg>(hp, sm, static_cast<int>(threadIdx.x) / 128 - 1);
+    consume_bwd<Cfg, kAtomicDq>(hp, sm, static_cast<int>(threadIdx.x) / 128 - 1);
   }
 }
 

@@ -8,6 +8,7 @@
 #include "../configs.cuh"
 #include "../params.h"
 #include "../tma_host.h"
+#include "bwd_dq_sm90.cuh"
 #include "bwd_sm90.cuh"
 #include "configs_sm90.cuh"
 
@@ -16,17 +17,28 @@ namespace l2vf {
 template <class Elem, int kHeadDim>
 struct HopperBwdConfigs;
 
-// 128 keys (two consumer warpgroups of 64) x 64 queries, Q and dO double-buffered:
+// dK/dV: 128 keys (two consumer warpgroups of 64) x 64 queries, Q and dO double-buffered:
 // head dim 64 80 KB of shared memory, head dim 128 144 KB.
+// dQ (deterministic path): 128 queries (two consumer warpgroups of 64) x 64 keys, K and V double-buffered:
+// head dim 64 65 KB, head dim 128 129 KB.
 template <class Elem>
 struct HopperBwdConfigs<Elem, 64> {
   using KV = HopperBwdConfig<Elem, 64, /*kBlockM=*/64, /*kStages=*/2>;
+  using Q = HopperDqConfig<Elem, 64, /*kBlockN=*/64, /*kStages=*/2>;
 };
 
 template <class Elem>
 struct HopperBwdConfigs<Elem, 128> {
   using KV = HopperBwdConfig<Elem, 128, /*kBlockM=*/64, /*kStages=*/2>;
+  using Q = HopperDqConfig<Elem, 128, /*kBlockN=*/64, /*kStages=*/2>;
 };
+
+// The dynamic shared memory per block the Hopper backward of a head dim needs at most.
+template <class Elem, int kHeadDim>
+constexpr int hopper_bwd_smem_bytes() {
+  using C = HopperBwdConfigs<Elem, kHeadDim>;
+  return C::KV::kSmemBytes > C::Q::kSmemBytes ? C::KV::kSmemBytes : C::Q::kSmemBytes;
+}
 
 // The kernel parameters with q, dout, k and v's tensor maps; kv_tokens is the length of k/v's token
 // dimension (seqlen_k padded, total keys varlen). "" or why a map cannot be encoded.
@@ -58,12 +70,35 @@ std::string make_hopper_bwd_params(const BwdParams& p, int64_t kv_tokens, Hopper
   return problem;
 }
 
-// dk, dv and dq (added to hp.p.dq_accum, which must be set: the deterministic path is launch_backward's),
-// after launch_bwd_preprocess has written delta and lse_log2.
+// The parameters of both kernels of a Hopper backward (their tensor maps' boxes differ); dq's are unset on the
+// atomic path.
+struct HopperBwdLaunchParams {
+  HopperBwdParams dkdv, dq;
+};
+
+// Both kernels' parameters: the dQ kernel's only for the deterministic path (p.dq_accum null). "" or why a map
+// cannot be encoded.
+template <class Elem, int kHeadDim>
+std::string make_hopper_bwd_launch_params(const BwdParams& p, int64_t kv_tokens, HopperBwdLaunchParams& lp) {
+  using Cfgs = HopperBwdConfigs<Elem, kHeadDim>;
+  std::string problem = make_hopper_bwd_params<typename Cfgs::KV>(p, kv_tokens, lp.dkdv);
+  if (problem.empty() && p.dq_accum == nullptr) problem = make_hopper_bwd_params<typename Cfgs::Q>(p, kv_tokens, lp.dq);
+  return problem;
+}
+
+// After launch_bwd_preprocess has written delta and lse_log2: dk and dv, and dq either added to p.dq_accum
+// (when set: atomics, fast) or written by the dQ kernel (one writer per element: deterministic).
 template <class Elem, int kHeadDim, class Launch>
-auto launch_backward_sm90(const HopperBwdParams& hp, Launch&& launch) {
-  using Cfg = typename HopperBwdConfigs<Elem, kHeadDim>::KV;
-  return launch(bwd_sm90_kernel<Cfg>, block_grid_over_keys<Cfg>(hp.p), Cfg::kThreads, Cfg::kSmemBytes, hp);
+auto launch_backward_sm90(const HopperBwdLaunchParams& lp, Launch&& launch) {
+  using KV = typename HopperBwdConfigs<Elem, kHeadDim>::KV;
+  using Q = typename HopperBwdConfigs<Elem, kHeadDim>::Q;
+  const BwdParams& p = lp.dkdv.p;
+  if (p.dq_accum != nullptr) {
+    return launch(bwd_sm90_kernel<KV, true>, block_grid_over_keys<KV>(p), KV::kThreads, KV::kSmemBytes, lp.dkdv);
+  }
+  auto err = launch(bwd_sm90_kernel<KV, false>, block_grid_over_keys<KV>(p), KV::kThreads, KV::kSmemBytes, lp.dkdv);
+  if (err == 0) err = launch(bwd_dq_sm90_kernel<Q>, block_grid_over_queries<Q>(p), Q::kThreads, Q::kSmemBytes, lp.dq);
+  return err;
 }
 
 }  // namespace l2vf

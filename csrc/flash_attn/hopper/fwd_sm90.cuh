@@ -90,7 +90,8 @@ struct WorkTiles {
 };
 
 // Where a work tile's queries, heads and sequence live, and the key tiles it walks; the same in
-// every thread (the producer and consumers walk one sequence of tiles).
+// every thread (the producer and consumers walk one sequence of tiles). Also the Hopper dQ kernel's
+// (bwd_dq_sm90.cuh), hence AttnParams.
 template <int kBlockM, int kBlockN>
 struct HopperBlock {
   SeqSlice seq;
@@ -99,7 +100,7 @@ struct HopperBlock {
   const uint32_t* key_bits;
   int t_first, t_hi;  // key tiles [t_first, t_hi), those without a real key skipped
 
-  __device__ __forceinline__ HopperBlock(const FwdParams& p, int m_block, int h_, int b_)
+  __device__ __forceinline__ HopperBlock(const AttnParams& p, int m_block, int h_, int b_)
       : seq(seq_slice(p, b_)), h(h_), hk(h_ / p.group), b(b_), m0(m_block * kBlockM) {
     rows = min(kBlockM, seq.len_q - m0);
     key_bits = p.key_bits != nullptr ? p.key_bits + static_cast<int64_t>(b) * p.key_bits_stride : nullptr;
@@ -110,14 +111,14 @@ struct HopperBlock {
     tile_walk<kBlockM, kBlockN>(n_lo, n_hi, query_bits(p), m0, key_bits, t_first, t_hi);
   }
   // The mask bits of the query rows, when the key mask marks them too (recomputed, not kept in registers).
-  __device__ __forceinline__ const uint32_t* query_bits(const FwdParams& p) const {
+  __device__ __forceinline__ const uint32_t* query_bits(const AttnParams& p) const {
     return p.query_rows_masked ? key_bits : nullptr;
   }
   __device__ __forceinline__ int after(int tile) const {
     return next_tile_with_tokens<kBlockN>(key_bits, tile + 1, t_hi);
   }
   // The sequence coordinate of the tensor maps (varlen tensors are one sequence of packed tokens).
-  __device__ __forceinline__ int batch_coord(const FwdParams& p) const { return p.cu_seqlens_q != nullptr ? 0 : b; }
+  __device__ __forceinline__ int batch_coord(const AttnParams& p) const { return p.cu_seqlens_q != nullptr ? 0 : b; }
 };
 
 // The block's rows of q, out and lse, and its sequence's k and v (kv head hk): what the epilogue touches.
