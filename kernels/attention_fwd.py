@@ -94,6 +94,15 @@ def folded_scores(qk, qk_scale, softcap_scale, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def excluded(raw, allowed, NEGATIVE_SCALE: tl.constexpr):
+    """Raw scores with the pairs `allowed` does not mark set to the value no row max (min when the scale is
+    negative, see folded_scores) takes: -inf, or +inf."""
+    if NEGATIVE_SCALE:
+        return tl.where(allowed, raw, float("inf"))
+    return tl.where(allowed, raw, float("-inf"))
+
+
+@triton.jit
 def _tiles_ending(
     CuSeqlensQ,
     chunk,
@@ -179,15 +188,18 @@ def _attend_tiles(
     PRECISION: tl.constexpr,
     EXACT: tl.constexpr,
     TMA: tl.constexpr,
+    SPECIALIZE: tl.constexpr,
     NEGATIVE_SCALE: tl.constexpr,
 ):
     """Fold keys [start, end) into (acc, l_i, m_i) (m_i in log2 units); MASKED applies window, bound and
     padding masks. By pointers, V of padding keys is never loaded (in fp32 full tiles it is: see the redo).
-    TMA (the Hopper path) reads K/V tiles through the descriptors KDesc/VDesc, bounded by the sequence (keys
-    past its end read as zeros), in a warp-specialized loop: a producer partition issues the loads, two
-    consumer warpgroups compute. EXACT (MASKED tiles only, never TMA) also keeps non-finite V of keys that
-    only some rows see away from the others."""
-    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=TMA):
+    TMA (the Hopper paths) reads K/V tiles through the descriptors KDesc/VDesc, bounded by the sequence (keys
+    past its end read as zeros), padding keys' V too (the redo keeps non-finite ones out), and masks a full
+    tile's scores only where its mask bits hold a hole. SPECIALIZE: the loop is warp-specialized (a producer
+    partition issues the loads, two consumer warpgroups compute); otherwise Triton software-pipelines it.
+    EXACT (MASKED tiles only, never TMA) also keeps non-finite V of keys that only some rows see away from
+    the others."""
+    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=SPECIALIZE):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
         if TMA:
@@ -203,13 +215,14 @@ def _attend_tiles(
             allowed = allowed & window_allowed(
                 offs_m, offs_n, offset, window_left, window_right, WINDOW_LEFT, WINDOW_RIGHT
             )
+        if TMA and HAS_MASK and not MASKED:  # a full tile: bits read, scores masked only where it holds a hole
+            if tl.min(keys_ok.to(tl.int32), axis=0) == 0:
+                raw = excluded(raw, allowed, NEGATIVE_SCALE)
+        elif MASKED or HAS_MASK:
+            raw = excluded(raw, allowed, NEGATIVE_SCALE)
         if NEGATIVE_SCALE:  # raw * scale with scale < 0: the largest score is at the smallest raw one
-            if MASKED or HAS_MASK:
-                raw = tl.where(allowed, raw, float("inf"))
             m_new = tl.maximum(m_i, tl.min(raw, axis=1) * scale)
         else:
-            if MASKED or HAS_MASK:
-                raw = tl.where(allowed, raw, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(raw, axis=1) * scale)
         if MASKED or HAS_MASK:  # a row may have seen no key yet: keep exp2 away from -inf - -inf
             m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -220,6 +233,8 @@ def _attend_tiles(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if TMA:
             v = VDesc.load([start_n, 0])
+            if EXACT:  # the redo: V of the keys no row sees set to zero
+                v = tl.where(keys_ok[:, None], v, 0.0)
         else:
             v = load_tile(
                 V + offs_n[:, None] * stride_vs + offs_d[None, :],
@@ -282,18 +297,19 @@ def _attend_spans(
     PRECISION: tl.constexpr,
     EXACT: tl.constexpr,
     TMA: tl.constexpr,
+    SPECIALIZE: tl.constexpr,
     NEGATIVE_SCALE: tl.constexpr,
     EVEN_KEYS: tl.constexpr,
 ):
     """(acc, l_i, m_i) of one query block over every span of keys it may see. EXACT: every tile masked and
     read by pointers, so that no non-finite value of a key a row does not see can reach it (the slow redo).
-    TMA (the Hopper path, no mask, no window): one warp-specialized loop over [0, k_len), as Triton's Hopper
-    warp specialization takes a kernel with a single loop only; bounds-masked unless EVEN_KEYS (k_len a
-    multiple of every BLOCK_N: every tile full)."""
+    TMA: K/V tiles through the descriptors. SPECIALIZE (TMA, no mask, no window): one warp-specialized loop
+    over [0, k_len), as Triton's Hopper warp specialization takes a kernel with a single loop only;
+    bounds-masked unless EVEN_KEYS (k_len a multiple of every BLOCK_N: every tile full)."""
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    if TMA:
+    if SPECIALIZE:
         hi = tl.where(num_spans > 0, k_len, 0)
         acc, l_i, m_i = _attend_tiles(
             acc,
@@ -327,6 +343,7 @@ def _attend_spans(
             UPCAST,
             PRECISION,
             False,
+            True,
             True,
             NEGATIVE_SCALE,
         )
@@ -371,6 +388,7 @@ def _attend_spans(
                     UPCAST,
                     PRECISION,
                     True,
+                    TMA,
                     False,
                     NEGATIVE_SCALE,
                 )
@@ -410,6 +428,7 @@ def _attend_spans(
                         UPCAST,
                         PRECISION,
                         False,
+                        TMA,
                         False,
                         NEGATIVE_SCALE,
                     )
@@ -445,6 +464,7 @@ def _attend_spans(
                     UPCAST,
                     PRECISION,
                     False,
+                    TMA,
                     False,
                     NEGATIVE_SCALE,
                 )
@@ -480,6 +500,7 @@ def _attend_spans(
                     UPCAST,
                     PRECISION,
                     False,
+                    TMA,
                     False,
                     NEGATIVE_SCALE,
                 )
@@ -516,6 +537,7 @@ FWD_HOPPER_TILES = {
         "WINDOW_LEFT",
         "WINDOW_RIGHT",
         "SOFTCAP",
+        "TMA",
         "HOPPER",
         "PACK_GQA",
     ],
@@ -568,6 +590,7 @@ def attention_fwd_kernel(
     SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
     HOPPER: tl.constexpr,
     NEGATIVE_SCALE: tl.constexpr,
     EVEN_KEYS: tl.constexpr,
@@ -579,9 +602,14 @@ def attention_fwd_kernel(
     """One tile of BLOCK_M query rows. Rows are tokens of one query head, or with PACK_GQA (token, head)
     pairs of the GROUP query heads that share the program's KV head. SCHEDULE_BLOCK > 0 (packed batches):
     axis 0 numbers the (sequence, tile) work items (`scheduled_tile`), else it is the tile and axis 2 the
-    sequence. HOPPER (no mask, no window, no packing, 16-bit): Q/K/V/O through TMA descriptors bounded by
-    the sequence and one warp-specialized key loop; otherwise pointers (cp.async) and the span walk."""
+    sequence. TMA (16-bit on Hopper): K/V, and Q/O unless PACK_GQA gathers their rows, through descriptors
+    bounded by the sequence; otherwise pointers (cp.async). HOPPER (TMA, no mask, no window, no packing): one
+    warp-specialized key loop; otherwise the span walk, software-pipelined."""
     head = tl.program_id(1)
+    # Masked batches on TMA keep a redo after the key walk, for which the largest tiles lack the registers
+    # the descriptors take (sm_90a, 16-bit: 128x128 at d128 spills 16 bytes, 128x64 at d256 120 bytes):
+    # those tiles read K/V by pointers.
+    DESCRIPTORS: tl.constexpr = TMA and not (HAS_MASK and BLOCK_M * BLOCK_N * BLOCK_D > 128 * 64 * 128)
     # The Hopper path has no early returns (its warp-specialization pass takes structured control flow
     # only): a tile past its sequence's end walks no keys and every store it makes is masked or clipped.
     if SCHEDULE_BLOCK > 0:
@@ -627,7 +655,7 @@ def attention_fwd_kernel(
     num_spans = tl.where(tile_first < rows, num_spans, 0)
 
     Q += batch.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs
-    if HOPPER:
+    if DESCRIPTORS and not PACK_GQA:
         q_desc = tl.make_tensor_descriptor(Q + head * stride_qh, [q_len, HEAD_DIM], [stride_qs, 1], [BLOCK_M, BLOCK_D])
         q = q_desc.load([row_first, 0])
     else:
@@ -635,7 +663,7 @@ def attention_fwd_kernel(
         q = load_tile(Q + q_rows[:, None] + offs_d[None, :], rows_in, offs_d, True, HEAD_DIM, BLOCK_D)
     K += batch.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + kv_head * stride_kh
     V += batch.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + kv_head * stride_vh
-    if HOPPER:
+    if DESCRIPTORS:
         k_desc = tl.make_tensor_descriptor(K, [k_len, HEAD_DIM], [stride_ks, 1], [BLOCK_N, BLOCK_D])
         v_desc = tl.make_tensor_descriptor(V, [k_len, HEAD_DIM], [stride_vs, 1], [BLOCK_N, BLOCK_D])
     else:
@@ -674,17 +702,19 @@ def attention_fwd_kernel(
         UPCAST,
         PRECISION,
         False,
+        DESCRIPTORS,
         HOPPER,
         NEGATIVE_SCALE,
         EVEN_KEYS,
     )
     Out += batch.to(tl.int64) * stride_ob + q_start.to(tl.int64) * stride_os
     Lse += batch.to(tl.int64) * stride_lb + q_start
-    if WINDOW_LEFT or WINDOW_RIGHT or (HAS_MASK and V.dtype.element_ty == tl.float32):
+    if WINDOW_LEFT or WINDOW_RIGHT or (HAS_MASK and (DESCRIPTORS or V.dtype.element_ty == tl.float32)):
         # A non-finite V of a key a row does not see (at a window edge; for fp32, whose full tiles load V
-        # unmasked to stay spill-free, also padding) reaches it as 0 * NaN and stays non-finite in acc to
-        # the end. Rare: then redo the block exactly. (Each branch stores its own result, so the first
-        # pass's registers are free during the redo.) Never on the Hopper path (no window, no mask).
+        # unmasked to stay spill-free, and TMA tiles, also padding) reaches it as 0 * NaN and stays
+        # non-finite in acc to the end. Rare: then redo the block exactly, by pointers. (Each branch stores
+        # its own result, so the first pass's registers are free during the redo.) Never on the
+        # warp-specialized path (no window, no mask).
         if any_nonfinite(acc):
             acc, l_i, m_i = _attend_spans(
                 q,
@@ -718,6 +748,7 @@ def attention_fwd_kernel(
                 UPCAST,
                 PRECISION,
                 True,
+                DESCRIPTORS and not (WINDOW_LEFT or WINDOW_RIGHT),
                 False,
                 NEGATIVE_SCALE,
                 False,
@@ -743,7 +774,7 @@ def attention_fwd_kernel(
                 BLOCK_M,
                 BLOCK_D,
                 UPCAST,
-                HOPPER,
+                DESCRIPTORS and not PACK_GQA,
             )
         else:
             _store_block(
@@ -767,7 +798,7 @@ def attention_fwd_kernel(
                 BLOCK_M,
                 BLOCK_D,
                 UPCAST,
-                HOPPER,
+                DESCRIPTORS and not PACK_GQA,
             )
     else:
         _store_block(
@@ -791,7 +822,7 @@ def attention_fwd_kernel(
             BLOCK_M,
             BLOCK_D,
             UPCAST,
-            HOPPER,
+            DESCRIPTORS and not PACK_GQA,
         )
 
 
@@ -861,9 +892,10 @@ def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, options
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on an ``llm2vec_fast`` AttentionLayout (key mask as KeySpans) and
-    AttentionOptions; returns (out like q, float32 lse (B, Hq, Sq) or (Hq, Tq)). The Hopper path (TMA,
-    warp specialization) is taken where `hopper_path` says so and every tensor suits TMA; GQA packing where
-    `pack_gqa` says so; packed batches get the device-side tile schedule (no host sync)."""
+    AttentionOptions; returns (out like q, float32 lse (B, Hq, Sq) or (Hq, Tq)). The Hopper paths (TMA, and
+    warp specialization where `warp_specialized` allows) are taken where `hopper_path` says so, the inputs
+    are 16-bit and every tensor suits TMA; GQA packing where `pack_gqa` says so; packed batches get the
+    device-side tile schedule (no host sync)."""
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     shape = launch_shape(q, k, layout, options)
     heads_q, heads_kv, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -875,8 +907,9 @@ def attention_forward(
     qk_scale, softcap_scale = score_scales(options.softmax_scale, softcap)
     group = heads_q // heads_kv
     packed = pack_gqa(group, shape.is_varlen)
-    hopper = hopper_path(q.device) and warp_specialized(shape, packed, q.dtype) and tma_aligned(q, k, v, out)
-    if hopper:
+    tma = hopper_path(q.device) and descriptor_loads(shape, q.dtype) and tma_aligned(q, k, v, out)
+    hopper = tma and warp_specialized(shape, packed)
+    if tma:
         ensure_allocator(q.device)
     rows_per_token = group if packed else 1
     heads = heads_kv if packed else heads_q
@@ -914,6 +947,7 @@ def attention_forward(
         SOFTCAP=softcap > 0,
         UPCAST=INTERPRETING,
         PRECISION=dot_precision(q.dtype),
+        TMA=tma,
         HOPPER=hopper,
         NEGATIVE_SCALE=qk_scale < 0 and softcap == 0,
         EVEN_KEYS=not shape.is_varlen and shape.seqlen_k % 128 == 0,  # 128: the widest BLOCK_N
@@ -945,11 +979,20 @@ def _tile_grid(shape, tokens_q: int, rows_per_token: int, heads: int, one_chunk:
     return grid, seqlen_bucket(tokens_q * rows_per_token // shape.batch), schedule_block
 
 
-def warp_specialized(shape, packed: bool, dtype: torch.dtype) -> bool:
-    """Whether the Hopper key walk is one warp-specialized loop. Triton's Hopper warp specialization (3.9)
-    takes a kernel whose only loop is the specialized one and whose loads are all TMA: no window edges
-    (loops of their own), no key mask (whose padding keys' V a TMA tile reads, so the kernel keeps a redo
-    after the loop) and no GQA packing (its query rows are gathered by pointers). fp32 (exact dots on CUDA
-    cores) is not specialized either."""
+def descriptor_loads(shape, dtype: torch.dtype) -> bool:
+    """Whether a Hopper launch reads K/V (and Q/O where no GQA packing gathers them) through TMA descriptors:
+    16-bit batches without a window, where the sm_90a static proxy (benchmarks/NOTES.md, "v2.3") is not
+    worse than the pointer path's. Windowed batches keep pointers: densely, TMA's best tile issues more
+    warp-instructions per score block than the pointer path's 128x128; with a key mask its 128x64 tiles
+    spill. fp32 (exact dots on CUDA cores) keeps pointers too."""
+    return dtype != torch.float32 and shape.window_left < 0 and shape.window_right < 0
+
+
+def warp_specialized(shape, packed: bool) -> bool:
+    """Whether the Hopper (TMA) key walk is one warp-specialized loop. Triton's Hopper warp specialization
+    (3.9) takes a kernel whose only loop is the specialized one and whose loads are all TMA: no window edges
+    (loops of their own), no key mask (its bits are a pointer load, its spans a loop, and padding keys' V a
+    TMA tile reads needs a redo after the loop) and no GQA packing (its query rows are gathered by
+    pointers). Those walk their spans with descriptor loads in software-pipelined loops."""
     plain = shape.window_left < 0 and shape.window_right < 0 and shape.key_mask is None
-    return plain and not packed and dtype != torch.float32
+    return plain and not packed

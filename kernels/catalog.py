@@ -57,7 +57,7 @@ class Kernel:
 
 
 _BWD_LAYOUTS = ("padded", "dense", "packed")  # the backward has no tile schedule: "scheduled" would be "packed"
-_FWD_FLAGS = dict(HOPPER=False, NEGATIVE_SCALE=False, EVEN_KEYS=False, PACK_GQA=False, SCHEDULE_BLOCK=0)
+_FWD_FLAGS = dict(TMA=False, HOPPER=False, NEGATIVE_SCALE=False, EVEN_KEYS=False, PACK_GQA=False, SCHEDULE_BLOCK=0)
 KERNELS: dict[str, Kernel] = {
     "fwd": Kernel(
         "attention_fwd_kernel",
@@ -72,8 +72,16 @@ KERNELS: dict[str, Kernel] = {
         attention_fwd,
         attention_fwd.FWD_HOPPER_TILES,
         archs=("sm_90a",),
-        flags=_FWD_FLAGS | dict(HOPPER=True),
+        flags=_FWD_FLAGS | dict(TMA=True, HOPPER=True),
         layouts=("dense", "scheduled"),
+    ),
+    "fwd_tma": Kernel(  # TMA descriptor loads in the span walk: masked and GQA-packed 16-bit batches on sm_90a
+        "attention_fwd_kernel",
+        attention_fwd,
+        {name: attention_fwd.FWD_TILES[name] for name in ("half", "half_wide")},
+        archs=("sm_90a",),
+        flags=_FWD_FLAGS | dict(TMA=True),
+        layouts=("padded", "scheduled_gqa"),
     ),
     "bwd": Kernel(  # see _fused
         "attention_bwd_kernel", attention_bwd, attention_bwd.BWD_TILES, archs=("sm_90a",), layouts=_BWD_LAYOUTS

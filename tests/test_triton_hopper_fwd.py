@@ -1,10 +1,12 @@
-"""The Triton forward's two paths from one source, against the float64 oracle under the interpreter.
+"""The Triton forward's paths from one source, against the float64 oracle under the interpreter.
 
-HOPPER (TMA descriptors for Q/K/V/O, the key loop warp-specialized where Triton allows) and the pointer
-(cp.async) path; GQA packing (rows = (token, head-in-group) pairs) and the packed batches' device-side tile
-schedule. ``LLM2VEC_FAST_TRITON_PATH`` and ``LLM2VEC_FAST_PACK_GQA`` force the choices the launcher makes
-on a GPU. Forward only (out and lse), straight through ``attention_forward``: the backward has its own
-tests. Every launch is recorded, so each test also asserts which variant ran.
+TMA (descriptors for K/V, and Q/O unless GQA packing gathers their rows), HOPPER (TMA with the key loop
+warp-specialized, where Triton allows: no mask, no window, no packing; masked and GQA-packed batches walk
+their spans with descriptor loads instead) and the pointer (cp.async) path; GQA packing (rows = (token,
+head-in-group) pairs) and the packed batches' device-side tile schedule. ``LLM2VEC_FAST_TRITON_PATH`` and
+``LLM2VEC_FAST_PACK_GQA`` force the choices the launcher makes on a GPU. Forward only (out and lse), straight
+through ``attention_forward``: the backward has its own tests. Every launch is recorded, so each test also
+asserts which variant ran.
 """
 
 from __future__ import annotations
@@ -103,19 +105,55 @@ def tensors(shape_q, shape_k, dtype):
     return torch.randn(shape_q).to(dtype), torch.randn(shape_k).to(dtype), torch.randn(shape_k).to(dtype)
 
 
+def descriptors(path, dtype, window=(-1, -1)) -> bool:
+    """Whether the launcher reads through TMA descriptors (see attention_fwd.descriptor_loads)."""
+    return path == "hopper" and dtype != torch.float32 and window == (-1, -1)
+
+
 def specialized(path, dtype, mask=None, window=(-1, -1), packed=False) -> bool:
-    """Whether the launcher takes the Hopper path (see attention_fwd.warp_specialized)."""
-    plain = mask is None and window == (-1, -1) and not packed
-    return path == "hopper" and plain and dtype != torch.float32
+    """Whether the launcher takes the warp-specialized Hopper path (see attention_fwd.warp_specialized)."""
+    return descriptors(path, dtype, window) and mask is None and not packed
+
+
+def assert_path(flags, path, dtype, mask=None, window=(-1, -1), packed=False):
+    assert flags["TMA"] == descriptors(path, dtype, window)
+    assert flags["HOPPER"] == specialized(path, dtype, mask, window, packed)
 
 
 @pytest.mark.parametrize("seqlen", [1, 70])
-@pytest.mark.parametrize("mask_kind", ["none", "left", "empty_row"])
+@pytest.mark.parametrize("mask_kind", ["none", "left", "empty_row", "holes"])
 def test_padded_lengths_and_masks(path, launches, seqlen, mask_kind):
+    """Masked batches on TMA: spans start past left padding (descriptor loads at any key), an all-padding row
+    walks none, and full tiles with holes (row 0: keys 1..23; row 1: every third) mask their scores while
+    hole-free ones (row 0, keys 32..63) skip the mask."""
     q, k, v = tensors((2, seqlen, 4, 16), (2, seqlen, 2, 16), torch.float16)
     mask = key_padding_mask(mask_kind, 2, seqlen)
     check(*forward(q, k, v, mask), torch.float16)
-    assert launches.flags["HOPPER"] == specialized(path, torch.float16, mask)
+    assert_path(launches.flags, path, torch.float16, mask)
+
+
+@pytest.mark.parametrize("heads_q,heads_kv,pack", [(2, 2, "0"), (4, 1, "0"), (4, 2, "1"), (4, 1, "1")])
+def test_masked_gqa_batches_on_tma(launches, monkeypatch, heads_q, heads_kv, pack):
+    """GQA 1/2/4 on a masked padded batch through the descriptors, with and without GQA packing (then Q/O
+    by pointers: the packed rows are (token, head) pairs)."""
+    monkeypatch.setenv(launch.PATH_VARIABLE, "hopper")
+    monkeypatch.setenv(launch.PACK_GQA_VARIABLE, pack)
+    q, k, v = tensors((2, 45, heads_q, 16), (2, 45, heads_kv, 16), torch.bfloat16)
+    mask = key_padding_mask("holes", 2, 45)
+    check(*forward(q, k, v, mask), torch.bfloat16)
+    packed = pack == "1" and heads_q > heads_kv
+    assert launches.flags["PACK_GQA"] == packed
+    assert_path(launches.flags, "hopper", torch.bfloat16, mask, packed=packed)
+
+
+def test_strided_and_expanded_inputs_on_tma(launches, monkeypatch):
+    """q in (B, H, S, D) storage and k/v expanded over the batch (stride 0): TMA descriptors address both."""
+    monkeypatch.setenv(launch.PATH_VARIABLE, "hopper")
+    q = torch.randn(2, 2, 40, 16).to(torch.float16).transpose(1, 2)
+    k, v = (torch.randn(1, 40, 1, 16).to(torch.float16).expand(2, 40, 1, 16) for _ in range(2))
+    mask = key_padding_mask("right", 2, 40)
+    check(*forward(q, k, v, mask), torch.float16)
+    assert_path(launches.flags, "hopper", torch.float16, mask)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -123,7 +161,7 @@ def test_dtypes(path, launches, dtype):
     q, k, v = tensors((2, 65, 4, 32), (2, 65, 2, 32), dtype)
     mask = None
     check(*forward(q, k, v, mask), dtype)
-    assert launches.flags["HOPPER"] == specialized(path, dtype, mask)
+    assert_path(launches.flags, path, dtype, mask)
 
 
 @pytest.mark.parametrize("seqlen_k", [128, 127])
@@ -135,11 +173,13 @@ def test_even_key_tiles_skip_the_bounds_mask(path, launches, seqlen_k):
     assert launches.flags["HOPPER"] == (path == "hopper")
 
 
-@pytest.mark.parametrize("head_dim", [8, 80, 256])
-def test_head_dims(path, head_dim):
+@pytest.mark.parametrize("head_dim,mask_kind", [(8, "none"), (80, "none"), (256, "none"), (64, "holes"), (80, "right")])
+def test_head_dims(path, launches, head_dim, mask_kind):
     """Head dims below a power of two: the descriptors' blocks are BLOCK_D wide, their bounds HEAD_DIM."""
-    q, k, v = tensors((1, 40, 2, head_dim), (1, 40, 1, head_dim), torch.bfloat16)
-    check(*forward(q, k, v), torch.bfloat16)
+    q, k, v = tensors((2, 40, 2, head_dim), (2, 40, 1, head_dim), torch.bfloat16)
+    mask = key_padding_mask(mask_kind, 2, 40)
+    check(*forward(q, k, v, mask), torch.bfloat16)
+    assert_path(launches.flags, path, torch.bfloat16, mask)
 
 
 @pytest.mark.parametrize(
@@ -151,13 +191,25 @@ def test_head_dims(path, head_dim):
         ((7, 7), 4.0, True, None, "holes"),
     ],
 )
-def test_windows_softcap_and_negative_scales(path, window, softcap, causal, scale, mask_kind):
-    """The scale folds into the exp2 FFMA with the max on raw scores: a negative scale takes their min (the
-    windowed and masked cases take the pointer path on both: they check the span walk's folding)."""
+def test_windows_softcap_and_negative_scales(path, launches, window, softcap, causal, scale, mask_kind):
+    """The scale folds into the exp2 FFMA with the max on raw scores: a negative scale takes their min
+    (windowed cases take the pointer path on both: they check the span walk's folding)."""
     q, k, v = tensors((2, 70, 2, 16), (2, 70, 1, 16), torch.bfloat16)
     mask = key_padding_mask(mask_kind, 2, 70)
     got = forward(q, k, v, mask, causal=causal, window=window, softcap=softcap, scale=scale)
     check(*got, torch.bfloat16)
+    window = (-1, 0) if causal and window == (-1, -1) else window
+    assert_path(launches.flags, path, torch.bfloat16, mask, window)
+
+
+@pytest.mark.parametrize("scale,softcap", [(-0.3, 0.0), (None, 3.0)])
+def test_masked_negative_scales_and_softcap_on_tma(launches, monkeypatch, scale, softcap):
+    """A full tile with a hole masks to +inf under a negative scale (the row min is the max score)."""
+    monkeypatch.setenv(launch.PATH_VARIABLE, "hopper")
+    q, k, v = tensors((2, 70, 2, 16), (2, 70, 1, 16), torch.bfloat16)
+    mask = key_padding_mask("holes", 2, 70)
+    check(*forward(q, k, v, mask, softcap=softcap, scale=scale), torch.bfloat16)
+    assert_path(launches.flags, "hopper", torch.bfloat16, mask)
 
 
 def short_lengths(count: int, longest: int) -> list[int]:
@@ -169,10 +221,11 @@ def short_lengths(count: int, longest: int) -> list[int]:
     return lengths.tolist()
 
 
-# (path, GQA packing, query heads, KV heads): packed rows take the pointer path whatever the path asked for.
+# (path, GQA packing, query heads, KV heads): packed rows read K/V through descriptors, Q/O by pointers.
 SHORT_CASES = [
     ("hopper", "0", 2, 2),
     ("hopper", "0", 4, 1),
+    ("hopper", "1", 4, 2),
     ("ampere", "0", 2, 2),
     ("ampere", "0", 4, 1),
     ("ampere", "1", 4, 2),
@@ -196,7 +249,7 @@ def test_short_packed_sequences(launches, monkeypatch, path, pack, heads_q, head
     packed = pack == "1" and heads_q > heads_kv
     assert flags["PACK_GQA"] == packed
     assert flags["SCHEDULE_BLOCK"] > 0
-    assert flags["HOPPER"] == specialized(path, torch.bfloat16, packed=packed)
+    assert_path(flags, path, torch.bfloat16, packed=packed)
     rows = [length * (heads_q // heads_kv if packed else 1) for length in lengths]
     tiles = sum(-(-r // launch.INTERPRETER_TILES[0]) for r in rows)
     launched = flags["grid"](dict(BLOCK_M=launch.INTERPRETER_TILES[0]))[0]
@@ -218,7 +271,7 @@ def test_packed_padded_batches(path, launches, monkeypatch):
     monkeypatch.setenv(launch.PACK_GQA_VARIABLE, "1")
     q, k, v = tensors((2, 45, 4, 16), (2, 45, 1, 16), torch.float32)
     check(*forward(q, k, v, key_padding_mask("holes", 2, 45), window=(6, 3)), torch.float32)
-    assert launches.flags["PACK_GQA"]
+    assert launches.flags["PACK_GQA"] and not launches.flags["TMA"]
 
 
 @pytest.mark.parametrize("count", [70])
@@ -255,7 +308,15 @@ def test_unaligned_inputs_take_the_pointer_path(launches, monkeypatch, which):
         v = misaligned(v)
     assert not launch.tma_aligned(q, k, v)
     check(*forward(q, k, v, cu_seqlens=offsets([20, 30])), torch.float16)
-    assert not launches.flags["HOPPER"]
+    assert not launches.flags["HOPPER"] and not launches.flags["TMA"]
+
+
+def test_unaligned_masked_inputs_take_the_pointer_path(launches, monkeypatch):
+    monkeypatch.setenv(launch.PATH_VARIABLE, "hopper")
+    q, k, v = tensors((2, 30, 2, 16), (2, 30, 1, 16), torch.float16)
+    mask = key_padding_mask("holes", 2, 30)
+    check(*forward(misaligned(q), k, v, mask), torch.float16)
+    assert not launches.flags["TMA"]
 
 
 def test_tma_alignment_rule():
@@ -278,13 +339,20 @@ def test_path_choice_is_checked(monkeypatch):
 
 @pytest.mark.parametrize(
     "path,layout",
-    [("hopper", "varlen_tail"), ("ampere", "varlen_tail"), ("ampere", "padded_holes"), ("ampere", "window_edge")],
+    [
+        ("hopper", "varlen_tail"),
+        ("hopper", "padded_holes"),
+        ("ampere", "varlen_tail"),
+        ("ampere", "padded_holes"),
+        ("ampere", "window_edge"),
+    ],
 )
 def test_unseen_nonfinite_values_stay_out(monkeypatch, path, layout):
     """Keys no row sees hold NaN/inf (padding keys, tokens past the last sequence, keys outside every
-    window): TMA tiles read some of them (padding, window edges: the redo keeps them out) or never do
-    (descriptors end at the sequence); the outputs are the clean inputs' ones. Masks and windows take the
-    pointer path whatever the path asked for."""
+    window): TMA tiles read some of them (padding: the redo keeps them out, its V tiles zeroed at keys no
+    row sees) or never do (descriptors end at the sequence); pointer tiles mask them (window edges: the
+    redo); the outputs are the clean inputs' ones. Windows take the pointer path whatever the path asked
+    for."""
     monkeypatch.setenv(launch.PATH_VARIABLE, path)
     seqlen_q, mask, cu, window = 70, None, None, (-1, -1)
     if layout == "window_edge":
