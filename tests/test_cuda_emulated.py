@@ -304,11 +304,15 @@ def test_query_tile_fully_padded(emulator):
     emulator.run(case, deterministic=True)
 
 
-@pytest.mark.parametrize("window_size,softcap", [((20, 3), 2.0), ((-1, 0), 0.0)])
-def test_head_dim_128_windows_softcap_and_holes(emulator, window_size, softcap):
+@pytest.mark.parametrize(
+    "window_size,softcap,scale", [((20, 3), 2.0, None), ((-1, 0), 0.0, None), ((-1, -1), 0.0, -0.2)]
+)
+def test_head_dim_128_windows_softcap_and_holes(emulator, window_size, softcap, scale):
     """Head dim 128 runs 32-key tiles of 32 query rows per warp (configs.cuh): window edges, the soft cap and a
-    key mask with holes over several key tiles, through both backward paths."""
-    case = padded_case(1, 150, 150, 2, 1, 128, torch.bfloat16, "holes", window_size=window_size, softcap=softcap)
+    key mask with holes over several key tiles, through both backward paths; a negative scale takes the
+    forward's path that scales scores before the max (a positive one folds into the exponent)."""
+    options = dict(window_size=window_size, softcap=softcap, softmax_scale=scale)
+    case = padded_case(1, 150, 150, 2, 1, 128, torch.bfloat16, "holes", **options)
     emulator.run(case, deterministic=softcap > 0)
 
 

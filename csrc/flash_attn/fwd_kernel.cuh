@@ -208,9 +208,12 @@ struct KeyTileRing {
     const uint32_t dst = tile + KVTile::offset(row, chunk);
     const uint16_t* src = base + static_cast<int64_t>(n0 + row) * row_stride + chunk * 8;
     const int64_t step = kRowStep * row_stride;
+    uint32_t row_bits[TileBits<kBlockN>::kWords];  // bit i * kRowStep % 32: row row + i * kRowStep
+#pragma unroll
+    for (int w = 0; w < TileBits<kBlockN>::kWords; ++w) row_bits[w] = bits.word[w] >> row;
 #pragma unroll
     for (int i = 0; i < kBlockN / kRowStep; ++i) {
-      const bool valid = bits.test(i * kRowStep / 32, row + i * kRowStep % 32);
+      const bool valid = (row_bits[i * kRowStep / 32] >> (i * kRowStep % 32)) & 1u;
       cp_async_16(dst + i * kRowStep * KVTile::kRowBytes, valid ? src : base, valid);
       src += step;
     }
@@ -301,9 +304,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p
 
   // Scores arrive in log2 units: x = s * scale * log2(e), or with a soft cap
   // x = softcap * log2(e) * tanh(s * scale / softcap).
+  // Uncapped with a positive scale the scores stay raw instead: the max of raw scores is the max of scaled
+  // ones, and P = 2^(s mul - m mul) is one FFMA per score (exp_mul = mul; else exp_mul = 1 on log2 units).
   const bool capped = p.softcap > 0.f;
   const float score_mul = capped ? p.scale / p.softcap : p.scale * kLog2e;
   const float cap_log2 = p.softcap * kLog2e;
+  const bool fold_scale = !capped && score_mul > 0.f;
+  const float exp_mul = fold_scale ? score_mul : 1.f;
 
   const int warp_row0 = warp * Cfg::kWarpRows;  // first row of this warp within the tile
   const LdsmAddr<QTile> q_frag = a_operand<QTile>(sQ);
@@ -359,22 +366,24 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p
       }
     }
 
-    // Scores in log2 units (the soft cap is one branch per tile, not one per score).
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] *= score_mul;
-      }
-    }
-    if (capped) {
+    // Scores in log2 units unless the scale folds into the exponent (branches per tile, not per score).
+    if (!fold_scale) {
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] = cap_log2 * accurate_tanh(acc_s[mt][nt][e]);
+          for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] *= score_mul;
+        }
+      }
+      if (capped) {
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] = cap_log2 * accurate_tanh(acc_s[mt][nt][e]);
+          }
         }
       }
     }
@@ -410,7 +419,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p
       }
     }
 
-    // Online softmax: new row max, rescale what was accumulated, P = 2^(x - max).
+    // Online softmax: new row max, rescale what was accumulated, P = 2^((x - max) exp_mul) (row_max in
+    // the scores' units).
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
@@ -422,14 +432,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p
         mx = fmaxf(mx, warp_shfl_xor(mx, 2));
         // A row that has seen only masked keys keeps max -inf; subtract 0 instead (no -inf - -inf).
         const float m_use = mx == -INFINITY ? 0.f : mx;
-        const float correction = fast_exp2(row_max[mt][hf] - m_use);  // 0 while the old max is -inf
+        const float m_scaled = m_use * exp_mul;
+        const float correction = fast_exp2(fmaf(row_max[mt][hf], exp_mul, -m_scaled));  // 0 while the old max is -inf
         row_max[mt][hf] = mx;
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
           for (int e = 2 * hf; e < 2 * hf + 2; ++e) {
-            acc_s[mt][nt][e] = fast_exp2(acc_s[mt][nt][e] - m_use);
+            acc_s[mt][nt][e] = fast_exp2(fmaf(acc_s[mt][nt][e], exp_mul, -m_scaled));
             sum += acc_s[mt][nt][e];
           }
         }
@@ -485,7 +496,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) fwd_kernel(const FwdParams p
       // Zeros are selected, not multiplied in: acc may hold NaN from a padding row's own q.
       const bool row_ok = valid && sum != 0.f;
       const float inv = 1.f / sum;
-      const float row_lse = row_ok ? (row_max[mt][hf] + log2f(sum)) * kLn2 : -INFINITY;
+      const float row_lse = row_ok ? (row_max[mt][hf] * exp_mul + log2f(sum)) * kLn2 : -INFINITY;
       if (lane % 4 == 0 && r < fin.rows) st_global_f32(fin.lse + r, row_lse);
       bool row_nonfinite = false;
 #pragma unroll
