@@ -2,8 +2,9 @@
 //
 // Each warp owns kWarpRows = 16 * kMTiles query rows. Per key tile (kBlockN keys):
 //   S = Q K^T (A = Q rows from shared memory, B = K rows: the [n][k] layout, plain ldmatrix),
-//   scaled into log2 units (or soft-capped), masked only where the tile needs it, folded into
-//   the running row max / row sum (online softmax, exp2), then O += P V with P kept in
+//   scaled into log2 units (or soft-capped; a positive scale instead folds into the exponent),
+//   masked only where the tile needs it, folded into the running row max / row sum (online
+//   softmax, exp2), then O += P V with P kept in
 //   registers (accumulator layout = A layout) and V read through ldmatrix.trans ([k][n] layout).
 // K/V tiles stream through a kStages-deep cp.async ring; tiles whose keys are all padding are
 // never loaded. O is normalised at the end, staged through the warp's own rows of the Q tile and
