@@ -138,8 +138,9 @@ __device__ __forceinline__ void consume_dq(const HopperBwdParams& hp, const Hopp
   const HopperBlock<Cfg::kBlockM, Cfg::kBlockN> blk(p, blockIdx.x, blockIdx.y, blockIdx.z);
   if (blk.rows <= 0) return;  // past the end of a shorter varlen sequence
   const SeqSlice& seq = blk.seq;
+  const int token = seq.q_token0 + blk.m0;
   uint16_t* dq = static_cast<uint16_t*>(p.dq) +
-                 token_offset(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, blk.b, seq.q_token0 + blk.m0, blk.h);
+                 token_offset(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, blk.b, token, blk.h);
   if (blk.t_first >= blk.t_hi) {
     write_zero_dq<Cfg>(p, blk, dq, consumer);
     return;
@@ -256,7 +257,6 @@ __device__ __forceinline__ void consume_dq(const HopperBwdParams& hp, const Hopp
   }
   __syncwarp();
   if (redo_rows != 0) {  // the exact slow path, over the rows' staged dQ
-    const int token = seq.q_token0 + blk.m0;
     const uint16_t* q = static_cast<const uint16_t*>(p.q) +
                         token_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, blk.b, token, blk.h);
     const uint16_t* d_o = static_cast<const uint16_t*>(p.dout) +

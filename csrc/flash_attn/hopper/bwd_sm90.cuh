@@ -365,7 +365,7 @@ __device__ __forceinline__ void consume_bwd(const HopperBwdParams& hp, const Hop
       wgmma_fence_operands(acc_dk);
       wgmma_fence_operands(acc_dv);
       mbarrier_arrive(sm.empty + 8 * s);  // Q and dO of this stage are no longer read
-      if constexpr (!kAtomicDq) continue;
+      if constexpr (!kAtomicDq) continue;  // the deterministic path's dQ is bwd_dq_sm90.cuh's
       float acc_dq[D / 2];  // rows = the tile's queries
       wgmma_fence_operands(acc_dq);
       wgmma_fence();
