@@ -233,8 +233,6 @@ def _attend_tiles(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if TMA:
             v = VDesc.load([start_n, 0])
-            if EXACT:  # the redo: V of the keys no row sees set to zero
-                v = tl.where(keys_ok[:, None], v, 0.0)
         else:
             v = load_tile(
                 V + offs_n[:, None] * stride_vs + offs_d[None, :],
@@ -388,7 +386,7 @@ def _attend_spans(
                     UPCAST,
                     PRECISION,
                     True,
-                    TMA,
+                    False,
                     False,
                     NEGATIVE_SCALE,
                 )
@@ -507,7 +505,7 @@ def _attend_spans(
     return acc, l_i, m_i
 
 
-FWD_TILES = {  # the pointer path, on Hopper and Ampere
+FWD_TILES = {  # the pointer path, on Hopper and Ampere, and the TMA span walk (TMA without HOPPER) on Hopper
     "half": [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
     "half_wide": [(128, 64, 8, 2)],  # wgmma and spill-free on sm_90a; on sm_80 it spills (~950 B)
     "fp32": [(32, 64, 8, 2), (16, 64, 4, 2), (16, 32, 8, 2)],
@@ -607,7 +605,7 @@ def attention_fwd_kernel(
     warp-specialized key loop; otherwise the span walk, software-pipelined."""
     head = tl.program_id(1)
     # Masked batches on TMA keep a redo after the key walk, for which the largest tiles lack the registers
-    # the descriptors take (sm_90a, 16-bit: 128x128 at d128 spills 16 bytes, 128x64 at d256 120 bytes):
+    # the descriptors take (sm_90a, 16-bit: 128x128 at d128 spills 24 bytes, 128x64 at d256 124 bytes):
     # those tiles read K/V by pointers.
     DESCRIPTORS: tl.constexpr = TMA and not (HAS_MASK and BLOCK_M * BLOCK_N * BLOCK_D > 128 * 64 * 128)
     # The Hopper path has no early returns (its warp-specialization pass takes structured control flow
@@ -748,7 +746,7 @@ def attention_fwd_kernel(
                 UPCAST,
                 PRECISION,
                 True,
-                DESCRIPTORS and not (WINDOW_LEFT or WINDOW_RIGHT),
+                False,
                 False,
                 NEGATIVE_SCALE,
                 False,
