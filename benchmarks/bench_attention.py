@@ -353,6 +353,7 @@ def static_figures(row: dict, report: list[dict], tiles: dict[str, tuple]) -> st
                     and static["arch"] == "sm_90a"
                     and "d128_bf16" in static.get("file", "")
                     and static.get("kernel", "").startswith(names[kernel])
+                    and not static.get("kernel", "").endswith(", false>")  # the deterministic dK/dV: not run here
                 ):
                     parts.append(_figure(kernel, static))
     return "; ".join(parts)

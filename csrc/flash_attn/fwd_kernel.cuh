@@ -14,7 +14,7 @@
 #include <cstdint>
 
 #include "block_info.cuh"
-#include "hopper/ptx_extra.cuh"  // opaque()
+#include "opaque.cuh"
 #include "params.h"
 #include "ptx.cuh"
 #include "tile.cuh"

@@ -29,11 +29,11 @@
 #include "../block_info.cuh"
 #include "../bwd_kernels.cuh"
 #include "../fwd_kernel.cuh"
+#include "../opaque.cuh"
 #include "../params.h"
 #include "../ptx_sm90.cuh"
 #include "../tile.cuh"
 #include "../tma_host.h"
-#include "ptx_extra.cuh"
 #include "tile_sm90.cuh"
 
 namespace l2vf {
