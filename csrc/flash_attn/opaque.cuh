@@ -1,4 +1,5 @@
-// What the Hopper forward needs beyond ptx_sm90.cuh: not an instruction of its own, a compiler fence.
+// A compiler fence the sm80 and Hopper kernels share: not an instruction of its own, so it lives outside
+// ptx.cuh (which the CPU emulator replaces) and ptx_sm90.cuh.
 #pragma once
 
 #include <cstdint>
