@@ -1,13 +1,16 @@
 """The Hopper backward of csrc/ (flash_attn/hopper/bwd_sm90.cuh, bwd_dq_sm90.cuh, sm_90a) on the CPU emulator:
 what the case matrix of test_cuda_emulated_sm90.py (which runs both backward paths) does not show.
 
-deterministic=True runs the Hopper dK/dV kernel without its dQ product, then the Hopper dQ kernel (one block
-per query tile): every dq element is written once by a plain store (the emulator fails a launch that stores to
-one word twice). The emulator runs a grid's blocks one after another, in launch order or in a permutation a seed
-fixes (emu_set_block_order): the deterministic path gives bitwise-equal dq, dk and dv under different orders,
-while the atomic path, whose float32 dQ sums depend on the order the key tiles' blocks add in, does not, which
-shows that the check can fail. The deterministic path is also compared with the float64 oracle at the matrix's
-key points and on test_nonfinite.py's cases.
+deterministic=True runs the Hopper dK/dV kernel without its dQ product, then the Hopper dQ kernel, both
+persistent (a grid of at most ctas blocks, each walking work tiles c, c + ctas, ...; the harness's default
+ctas is 3, emu_set_backward_ctas changes it): every dq element is written once by a plain store (the emulator
+fails a launch that stores to one word twice), and blocks that walk several work tiles (ring and K/V or Q/dO
+barriers carried across them, empty tiles skipped in between) give the same bits as one block per tile. The
+atomic path's dK/dV kernel stays one block per work tile. The emulator runs a grid's blocks one after another,
+in launch order or in a permutation a seed fixes (emu_set_block_order): the deterministic path gives
+bitwise-equal dq, dk and dv under different orders, while the atomic path, whose float32 dQ sums depend on the
+order the key tiles' blocks add in, does not, which shows that the check can fail. The deterministic path is
+also compared with the float64 oracle at the matrix's key points and on test_nonfinite.py's cases.
 What it cannot show: timing, the tensor cores' rounding, the hardware's scheduling of blocks.
 """
 
@@ -64,6 +67,17 @@ def block_order(hopper) -> Callable[[int], None]:
     """Sets the order every later launch runs its blocks in (0: launch order); launch order again afterwards."""
     yield lambda seed: hopper.lib.emu_set_block_order(ctypes.c_uint64(seed))
     hopper.lib.emu_set_block_order(ctypes.c_uint64(0))
+
+
+# The harness's persistent grid size (kEmulatedSms of harness_sm90.cpp), restored after each test that changes it.
+DEFAULT_CTAS = 3
+
+
+@pytest.fixture
+def backward_ctas(hopper) -> Callable[[int], None]:
+    """Sets at most how many blocks every later backward launch runs; the default again afterwards."""
+    yield lambda ctas: hopper.lib.emu_set_backward_ctas(ctypes.c_int(ctas))
+    hopper.lib.emu_set_backward_ctas(ctypes.c_int(DEFAULT_CTAS))
 
 
 @pytest.fixture(autouse=True)
@@ -152,6 +166,45 @@ def test_atomic_dq_depends_on_block_order(hopper, block_order):
     for seed, accum, grads in zip(ORDER_SEEDS[1:], accumulators[1:], runs[1:]):
         assert not torch.equal(accumulators[0], accum), f"atomic dQ sums under block order {seed} equal launch order's"
         assert torch.equal(runs[0][1], grads[1]) and torch.equal(runs[0][2], grads[2])
+
+
+# ---- the persistent schedule: blocks that walk several work tiles
+
+
+def packed_short_sequences() -> Case:
+    """A packed batch of short sequences (one empty), one head: 10 dK/dV work tiles (2 key tiles x 5 sequences)
+    and 10 dQ work tiles, most of the second round empty, between real ones; odd numbers of query tiles (4, 1, 3,
+    1) and key tiles per work tile, so that the ring's stage and phase differ from one work tile to the next."""
+    lengths = [200, 0, 17, 140, 5]
+    return varlen_case(lengths, lengths, 1, 1, 64, torch.float16)
+
+
+def padded_gqa_with_padded_key_tile() -> Case:
+    """Three padded causal GQA-2 sequences of 300 tokens: 9 dK/dV work tiles, one a key tile of padding only
+    (no query sees it: zeros between real tiles), one sequence's first 200 keys padding."""
+    case = padded_case(3, 300, 300, 2, 1, 64, torch.bfloat16, causal=True)
+    case.key_mask = torch.ones(3, 300, dtype=torch.bool)
+    case.key_mask[1, 128:256] = False
+    case.key_mask[2, :200] = False
+    return case
+
+
+@pytest.mark.parametrize("make_case", [packed_short_sequences, padded_gqa_with_padded_key_tile])
+def test_persistent_blocks_walk_several_work_tiles(hopper, backward_ctas, block_order, make_case):
+    """The deterministic path with 1 block (every work tile in one block), 3 blocks (in launch order and
+    permuted) and a block per work tile: matches the oracle, and the same bits whatever the grid."""
+    case = make_case()
+    out, lse = hopper.forward(case)
+    grids = ((1, 0), (3, 0), (3, 3), (64, 0))  # (ctas, block order seed)
+    runs = []
+    for ctas, seed in grids:
+        backward_ctas(ctas)
+        block_order(seed)
+        runs.append(hopper.backward(case, out, lse, deterministic=True, with_dlse=False))
+    check(case, (out, lse, *runs[0]))
+    for (ctas, seed), grads in zip(grids[1:], runs[1:]):
+        for name, first, again in zip(("dq", "dk", "dv"), runs[0], grads):
+            assert torch.equal(first, again), f"{name} with {ctas} blocks (order {seed}) differs from one block's"
 
 
 # ---- non-finite inputs on the deterministic path: the dQ kernel's exact slow path repairs every row that does

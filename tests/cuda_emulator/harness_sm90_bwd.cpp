@@ -1,10 +1,18 @@
 // The Hopper backward of csrc/ (flash_attn/hopper/bwd_sm90.cuh, bwd_dq_sm90.cuh) on the CPU emulator's sm_90
 // model, for tests/test_cuda_emulated_sm90_bwd.py through ctypes: harness_sm90.cpp (the registry, the mask
 // packer, the Hopper forward) plus the entry points that do what csrc/flash_api.cpp does on an sm_90 GPU for
-// the backward (both paths on the Hopper kernels), and one that sets the order the emulator runs blocks in.
+// the backward (both paths on the Hopper kernels), one that sets the order the emulator runs blocks in, and one
+// that sets the persistent grids' size.
 #include "harness_sm90.cpp"  // NOLINT(bugprone-suspicious-include): one library, one registry
 
 #include "flash_attn/hopper/configs_bwd_sm90.cuh"
+
+namespace {
+
+// The persistent grids' size of later backward launches (emu_set_backward_ctas); the forward's by default.
+int g_backward_ctas = kEmulatedSms;
+
+}  // namespace
 
 extern "C" {
 
@@ -24,7 +32,7 @@ int emu_backward_sm90(int elem, const l2vf::AttnArgs* args, const l2vf::TensorVi
     using Elem = decltype(e);
     constexpr int kHeadDim = decltype(d)::value;
     l2vf::HopperBwdLaunchParams lp;
-    g_error = l2vf::make_hopper_bwd_launch_params<Elem, kHeadDim>(p, kv_tokens, lp);
+    g_error = l2vf::make_hopper_bwd_launch_params<Elem, kHeadDim>(p, kv_tokens, g_backward_ctas, lp);
     if (!g_error.empty()) return 1;
     if (l2vf::launch_bwd_preprocess<Elem, kHeadDim>(p, EmuLaunchSm90{}) != 0) return 1;
     return l2vf::launch_backward_sm90<Elem, kHeadDim>(lp, EmuLaunchSm90{});
@@ -33,5 +41,8 @@ int emu_backward_sm90(int elem, const l2vf::AttnArgs* args, const l2vf::TensorVi
 
 // The order the emulator runs each later launch's blocks in: 0 = launch order, else a permutation the seed fixes.
 void emu_set_block_order(uint64_t seed) { emu::emulator().block_order_seed = seed; }
+
+// At most how many blocks each later backward launch runs (each walks work tiles c, c + ctas, ...).
+void emu_set_backward_ctas(int ctas) { g_backward_ctas = ctas; }
 
 }  // extern "C"

@@ -2,12 +2,15 @@
 // preprocess and bwd_sm90_kernel<Cfg, false> (dK and dV only). Each dQ element has one writer (a plain store),
 // so dq is the same bit for bit whatever order the blocks run in.
 //
-// One block per (query tile of kBlockM rows, query head, sequence), three warpgroups, the forward's layout
-// (fwd_sm90.cuh) without its persistent schedule. Warpgroup 0 is the producer: one thread loads the block's
-// Q and dO once (q_full), then K and V of every key tile its queries see (tiles without a real key skipped;
-// kv head h / group: GQA without expanding K/V) into a kStages-deep ring (full: the TMA bytes; a stage is
-// reused once both consumers have arrived on its empty mbarrier). Warpgroups 1 and 2 are the consumers,
-// 64 query rows each; per key tile:
+// A persistent grid of hp.ctas blocks (at most one per SM) over the work tiles (query tile of kBlockM rows,
+// query head, sequence) in BwdWorkTiles' order (bwd_sm90.cuh), tiles past a sequence's end skipped by the
+// producer and the consumers alike; three warpgroups, the forward's layout (fwd_sm90.cuh). Warpgroup 0 is the
+// producer: per work tile, one thread loads Q and dO (q_full, once the consumers have released the previous
+// work tile's, which staged its dQ: q_empty), then K and V of every key tile its queries see (tiles without a
+// real key skipped; kv head h / group: GQA without expanding K/V) into a kStages-deep ring (full: the TMA
+// bytes; a stage is reused once both consumers have arrived on its empty mbarrier); the ring's stage and phase
+// and the Q barriers' phases run on across work tiles. Warpgroups 1 and 2 are the consumers, 64 query rows
+// each; per key tile:
 //   S = Q K^T, dP = dO V^T            wgmma m64 n{kBlockN} k16, both operands K-major in shared memory,
 //   P = 2^(S log2 - lse2), dS = P (dP - delta) (1 - t^2)  in registers, unseen pairs selected to 0,
 //   dQ += dS K                        wgmma m64 n{kHeadDim} k16, dS from registers, K MN-major.
@@ -42,13 +45,13 @@ struct HopperDqConfig {
   using KVTile = SwizzledPanels<kBlockN, kHeadDim>;  // K and V
   static constexpr int kBoxBytesQ = QTile::kBytes;
   static constexpr int kBoxBytesKV = KVTile::kBytes;
-  // From a 1024-byte aligned base: Q, dO, K stages, V stages, then the mbarriers (q full; per stage full,
-  // empty), 8 bytes each.
+  // From a 1024-byte aligned base: Q, dO, K stages, V stages, then the mbarriers (q full, q empty; per stage
+  // full, empty), 8 bytes each.
   static constexpr int kOffDo = QTile::kBytes;
   static constexpr int kOffK = 2 * QTile::kBytes;
   static constexpr int kOffV = kOffK + kStages * KVTile::kBytes;
   static constexpr int kOffBarriers = kOffV + kStages * KVTile::kBytes;
-  static constexpr int kSmemBytes = 1024 + kOffBarriers + 8 * (1 + 2 * kStages);
+  static constexpr int kSmemBytes = 1024 + kOffBarriers + 8 * (2 + 2 * kStages);
 
   static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "wgmma n = head dim, whole 64-column panels");
   static_assert(kBlockN % 32 == 0 && 128 % kBlockN == 0, "key tiles cover whole words of the mask bits");
@@ -62,7 +65,7 @@ constexpr int kDqConsumerBarrier0 = 1;  // + consumer index: each consumer warpg
 template <class Cfg>
 struct HopperDqSmem {
   uint32_t q, d_o, k, v;        // k, v: kStages tiles each
-  uint32_t q_full, full, empty;  // full, empty: kStages barriers each, 8 bytes apart
+  uint32_t q_full, q_empty, full, empty;  // full, empty: kStages barriers each, 8 bytes apart
 
   __device__ __forceinline__ explicit HopperDqSmem(uint32_t base) {
     const uint32_t aligned = (base + 1023u) & ~1023u;
@@ -71,7 +74,8 @@ struct HopperDqSmem {
     k = aligned + Cfg::kOffK;
     v = aligned + Cfg::kOffV;
     q_full = aligned + Cfg::kOffBarriers;
-    full = q_full + 8;
+    q_empty = q_full + 8;
+    full = q_empty + 8;
     empty = full + 8 * Cfg::kStages;
   }
   __device__ __forceinline__ uint32_t stage(uint32_t ring, int s) const {
@@ -79,17 +83,19 @@ struct HopperDqSmem {
   }
 };
 
-// The producer: thread 0 loads Q and dO, then K and V of every key tile of the walk.
+// One work tile of the producer (its queries see a key): thread 0 loads Q and dO once the consumers have
+// released the previous work tile's (q_round: the work tiles this block has loaded), then K and V of every key
+// tile of the walk; `it` counts the ring's tiles across work tiles.
 template <class Cfg>
-__device__ __forceinline__ void produce_dq(const HopperBwdParams& hp, const HopperDqSmem<Cfg>& sm) {
+__device__ __forceinline__ void produce_dq_tile(const HopperBwdParams& hp, const HopperDqSmem<Cfg>& sm,
+                                                const HopperBlock<Cfg::kBlockM, Cfg::kBlockN>& blk, int& it,
+                                                int q_round) {
   constexpr int kPanels = Cfg::QTile::kPanels, kStages = Cfg::kStages;
-  setmaxnreg_dec<Cfg::kProducerRegs>();
-  if (threadIdx.x != 0) return;
   const BwdParams& p = hp.p;
-  const HopperBlock<Cfg::kBlockM, Cfg::kBlockN> blk(p, blockIdx.x, blockIdx.y, blockIdx.z);
-  if (blk.t_first >= blk.t_hi) return;  // no key to load (the consumers write zeros)
   const int bc = blk.batch_coord(p);
   const int token = blk.seq.q_token0 + blk.m0;
+  // A fresh barrier counts as having completed the phase before its first: the first wait passes at once.
+  mbarrier_wait(sm.q_empty, (q_round & 1) ^ 1);
   mbarrier_arrive_expect_tx(sm.q_full, 2 * Cfg::kBoxBytesQ);
 #pragma unroll
   for (int panel = 0; panel < kPanels; ++panel) {
@@ -97,11 +103,9 @@ __device__ __forceinline__ void produce_dq(const HopperBwdParams& hp, const Hopp
     tma_load_4d(sm.q + off, hp.tma_q, sm.q_full, 64 * panel, token, blk.h, bc);
     tma_load_4d(sm.d_o + off, hp.tma_do, sm.q_full, 64 * panel, token, blk.h, bc);
   }
-  int it = 0;
 #pragma unroll 1
   for (int tile = blk.t_first; tile < blk.t_hi; tile = blk.after(tile), ++it) {
     const int s = it % kStages;
-    // A fresh barrier counts as having completed the phase before its first: the first wait passes at once.
     mbarrier_wait(sm.empty + 8 * s, ((it / kStages) & 1) ^ 1);
     const int key_token = blk.seq.k_token0 + tile * Cfg::kBlockN;
     mbarrier_arrive_expect_tx(sm.full + 8 * s, 2 * Cfg::kBoxBytesKV);
@@ -114,37 +118,56 @@ __device__ __forceinline__ void produce_dq(const HopperBwdParams& hp, const Hopp
   }
 }
 
+// The producer: every work tile of this block, those whose queries see no key skipped (the consumers write
+// zeros).
+template <class Cfg>
+__device__ __forceinline__ void produce_dq(const HopperBwdParams& hp, const HopperDqSmem<Cfg>& sm) {
+  using Work = BwdWorkTiles<Cfg::kBlockM, false>;
+  setmaxnreg_dec<Cfg::kProducerRegs>();
+  if (threadIdx.x != 0) return;
+  const BwdParams& p = hp.p;
+  int it = 0, q_round = 0;
+#pragma unroll 1
+  for (int w = blockIdx.x; w < Work::total(p); w += hp.ctas) {
+    int m_block, h, b;
+    Work::coords(w, p, m_block, h, b);
+    const HopperBlock<Cfg::kBlockM, Cfg::kBlockN> blk(p, m_block, h, b);
+    if (blk.t_first < blk.t_hi) produce_dq_tile<Cfg>(hp, sm, blk, it, q_round++);
+  }
+}
+
 // dq of this consumer's 64 rows when the block's queries see no key: zeros.
 template <class Cfg>
 __device__ __forceinline__ void write_zero_dq(const BwdParams& p, const HopperBlock<Cfg::kBlockM, Cfg::kBlockN>& blk,
-                                              uint16_t* dq, int consumer) {
+                                              int consumer) {
   constexpr int kChunks = Cfg::kHeadDim / 8;
-  const int r0 = 64 * consumer, rows = min(64, blk.rows - r0), thread = static_cast<int>(threadIdx.x) % 128;
+  uint16_t* dq = static_cast<uint16_t*>(p.dq) + token_offset(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride,
+                                                             blk.b, blk.seq.q_token0 + blk.m0, blk.h);
+  // thread is opaque so that the addresses derived from it are not hoisted out of the persistent loop (where they
+  // would stay live across it and spill).
+  const int r0 = 64 * consumer, rows = min(64, blk.rows - r0), thread = static_cast<int>(opaque(threadIdx.x) % 128);
   for (int idx = thread; idx < rows * kChunks; idx += 128) {
     st_global_16(dq + (r0 + idx / kChunks) * p.dq_row_stride + (idx % kChunks) * 8, make_uint4(0u, 0u, 0u, 0u));
   }
 }
 
-// One consumer warpgroup: its 64 query rows against every key tile of the walk, then dQ.
+// One consumer warpgroup on one work tile whose queries see a key: its 64 query rows against every key tile of
+// the walk, then dQ, staged through its Q rows, which then go back to the producer (q_empty). `it` counts the
+// ring's tiles across work tiles, q_round the Q tiles.
 template <class Cfg>
-__device__ __forceinline__ void consume_dq(const HopperBwdParams& hp, const HopperDqSmem<Cfg>& sm, int consumer) {
+__device__ __forceinline__ void consume_dq_tile(const HopperBwdParams& hp,
+                                                const HopperBlock<Cfg::kBlockM, Cfg::kBlockN>& blk,
+                                                const HopperDqSmem<Cfg>& sm, int consumer, int& it, int q_round) {
   using Elem = typename Cfg::Elem;
   using QTile = typename Cfg::QTile;
   using KVTile = typename Cfg::KVTile;
   constexpr int D = Cfg::kHeadDim, BN = Cfg::kBlockN, kStages = Cfg::kStages;
   constexpr int kNT = BN / 8, kDT = D / 8;  // n8 column tiles of S / dP and of dQ
-  setmaxnreg_inc<Cfg::kConsumerRegs>();
   const BwdParams& p = hp.p;
-  const HopperBlock<Cfg::kBlockM, Cfg::kBlockN> blk(p, blockIdx.x, blockIdx.y, blockIdx.z);
-  if (blk.rows <= 0) return;  // past the end of a shorter varlen sequence
   const SeqSlice& seq = blk.seq;
   const int token = seq.q_token0 + blk.m0;
   uint16_t* dq = static_cast<uint16_t*>(p.dq) +
                  token_offset(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, blk.b, token, blk.h);
-  if (blk.t_first >= blk.t_hi) {
-    write_zero_dq<Cfg>(p, blk, dq, consumer);
-    return;
-  }
   const int thread = static_cast<int>(threadIdx.x) % 128;
   const int warp = thread / 32, lane = thread % 32;
   const int wg_row0 = 64 * consumer;          // first row of this warpgroup within the block's tile
@@ -168,8 +191,7 @@ __device__ __forceinline__ void consume_dq(const HopperBwdParams& hp, const Hopp
 
   float acc_s[BN / 2], acc_dp[BN / 2];  // S, dP of a key tile: n8 tile nt = keys 8 nt ..; then P, dS (outside
                                         // the loop for the reason bwd_sm90.cuh gives)
-  mbarrier_wait(sm.q_full, 0);
-  int it = 0;
+  mbarrier_wait(sm.q_full, q_round & 1);
 #pragma unroll 1
   for (int tile = blk.t_first; tile < blk.t_hi; tile = blk.after(tile), ++it) {
     const int s = it % kStages;
@@ -278,14 +300,39 @@ __device__ __forceinline__ void consume_dq(const HopperBwdParams& hp, const Hopp
     __syncwarp();
   }
   copy_rows_to_global<QTile, 16>(sm.q, warp_row0, dq, p.dq_row_stride, blk.rows);
+  // The Q tile (which staged dQ) and the dO tile go back to the producer; its next TMA load overwrites them.
+  fence_proxy_async();
+  mbarrier_arrive(sm.q_empty);
 }
 
-// One block per (query tile, query head, sequence).
+// A consumer warpgroup: every work tile of this block.
+template <class Cfg>
+__device__ __forceinline__ void consume_dq(const HopperBwdParams& hp, const HopperDqSmem<Cfg>& sm, int consumer) {
+  using Work = BwdWorkTiles<Cfg::kBlockM, false>;
+  setmaxnreg_inc<Cfg::kConsumerRegs>();
+  const BwdParams& p = hp.p;
+  int it = 0, q_round = 0;
+#pragma unroll 1
+  for (int w = blockIdx.x; w < Work::total(p); w += hp.ctas) {
+    int m_block, h, b;
+    Work::coords(w, p, m_block, h, b);
+    const HopperBlock<Cfg::kBlockM, Cfg::kBlockN> blk(p, m_block, h, b);
+    if (blk.rows <= 0) continue;  // past the end of a shorter varlen sequence
+    if (blk.t_first >= blk.t_hi) {
+      write_zero_dq<Cfg>(p, blk, consumer);
+    } else {
+      consume_dq_tile<Cfg>(hp, blk, sm, consumer, it, q_round++);
+    }
+  }
+}
+
+// A persistent grid of hp.ctas blocks over the work tiles (query tile, query head, sequence).
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_dq_sm90_kernel(const __grid_constant__ HopperBwdParams hp) {
   const HopperDqSmem<Cfg> sm(dynamic_smem());
   if (threadIdx.x == 0) {
     mbarrier_init(sm.q_full, 1);
+    mbarrier_init(sm.q_empty, 128 * Cfg::kConsumers);
     for (int s = 0; s < Cfg::kStages; ++s) {
       mbarrier_init(sm.full + 8 * s, 1);
       mbarrier_init(sm.empty + 8 * s, 128 * Cfg::kConsumers);

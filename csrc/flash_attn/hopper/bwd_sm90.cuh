@@ -3,13 +3,19 @@
 // add in) or without dQ (the deterministic path, whose dQ is bwd_dq_sm90.cuh's, one writer per element).
 // The preprocess (delta, lse in log2 units) is the sm80 kernel's.
 //
-// One block per (key tile of kBlockN keys, kv head, sequence), three warpgroups. Warpgroup 0 is the
-// producer: it gives its registers away (setmaxnreg) and one thread loads the block's K and V once,
-// then for every query head of the GQA group and every query tile that sees these keys the Q and dO
-// tiles by TMA into a kStages-deep ring, while its first kBlockM threads copy the tile's lse2 and delta
-// rows into the same stage (one full mbarrier per stage: their arrivals and the TMA transaction bytes;
-// a stage is reused once both consumers have arrived on its empty mbarrier). Warpgroups 1 and 2 are the
-// consumers, 64 keys each; per query tile, with their keys as the wgmma rows:
+// On the deterministic path a persistent grid of hp.ctas blocks (at most one per SM) over the work tiles
+// (key tile of kBlockN keys, kv head, sequence) in BwdWorkTiles' order: block c takes tiles c, c + ctas, ...,
+// tiles past a sequence's end skipped in a few instructions by the producer and the consumers alike; on the
+// atomic path, whose consumers have no registers left for the loop's state, one block per work tile.
+// Three warpgroups. Warpgroup 0
+// is the producer: it gives its registers away (setmaxnreg) and, per work tile, one thread loads K and V
+// (once the consumers have released the previous tile's, which staged its dK and dV: kv_empty), then for
+// every query head of the GQA group and every query tile that sees these keys the Q and dO tiles by TMA
+// into a kStages-deep ring, while its first kBlockM threads copy the tile's lse2 and delta rows into the
+// same stage (one full mbarrier per stage: their arrivals and the TMA transaction bytes; a stage is reused
+// once both consumers have arrived on its empty mbarrier). The ring's stage and phase and the K/V barriers'
+// phases run on across work tiles. Warpgroups 1 and 2 are the consumers, 64 keys each; per query tile,
+// with their keys as the wgmma rows:
 //   S^T = K Q^T, dP^T = V dO^T      wgmma m64 n{kBlockM} k16, both operands K-major in shared memory,
 //   P^T = 2^(S^T log2 - lse2), dS^T = P^T (dP^T - delta)  in registers (the accumulator layout is
 //   the A layout of an RS wgmma), unseen pairs selected to 0,
@@ -42,6 +48,32 @@ namespace l2vf {
 struct HopperBwdParams {
   BwdParams p;
   TmaDescriptor tma_q, tma_do, tma_k, tma_v;
+  int ctas;  // the persistent grid's size: block c takes work tiles c, c + ctas, ...
+};
+
+// The persistent schedule of both Hopper backward kernels, over tiles of kRows keys (kOverKeys: the dK/dV
+// kernel's, per kv head) or queries (the dQ kernel's, per query head): work tile w is tile index w / lanes of
+// lane w % lanes = (head, sequence), lanes = heads x batch, so that each round of ctas blocks takes the same
+// tile index of many sequences. Tiles that see the most go first under causal masks: key tiles in ascending
+// order (key tile 0 sees every query), query tiles in descending order (the last sees every key); in a packed
+// batch of short sequences the real tiles (low indices) thus spread evenly over the blocks, while an order
+// with the tile index innermost would give block c only tile index c mod tiles. Computed from the
+// parameters at each use (they stay in parameter space, not in registers).
+template <int kRows, bool kOverKeys>
+struct BwdWorkTiles {
+  __host__ __device__ __forceinline__ static int tiles(const AttnParams& p) {
+    return ceil_div(kOverKeys ? p.seqlen_k : p.seqlen_q, kRows);
+  }
+  __host__ __device__ __forceinline__ static int heads(const AttnParams& p) {
+    return kOverKeys ? p.heads_kv : p.heads_q;
+  }
+  __host__ __device__ __forceinline__ static int total(const AttnParams& p) { return tiles(p) * heads(p) * p.batch; }
+  __device__ __forceinline__ static void coords(int w, const AttnParams& p, int& tile, int& head, int& b) {
+    const int lanes = heads(p) * p.batch, t = w / lanes;
+    tile = kOverKeys ? t : tiles(p) - 1 - t;
+    head = w % heads(p);
+    b = (w % lanes) / heads(p);
+  }
 };
 
 template <class Elem_, int kHeadDim_, int kBlockM_, int kStages_>
@@ -51,14 +83,16 @@ struct HopperBwdConfig {
   static constexpr int kConsumers = 2;  // warpgroups of 64 keys
   static constexpr int kBlockN = 64 * kConsumers;
   static constexpr int kThreads = 128 * (1 + kConsumers);
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  // After setmaxnreg: 128 x 32 + 256 x 240 = the 65536 registers of an SM (the producer's persistent loop state
+  // does not fit the forward's 24).
+  static constexpr int kProducerRegs = 32, kConsumerRegs = 240;
   using QTile = SwizzledPanels<kBlockM, kHeadDim>;   // Q and dO
   using KVTile = SwizzledPanels<kBlockN, kHeadDim>;  // K and V, then dK and dV staged
   using DSTile = SwizzledPanels<64, kBlockM>;        // one consumer's dS^T: [key][query]
   static constexpr int kBoxBytesQ = QTile::kBytes;
   static constexpr int kBoxBytesKV = KVTile::kBytes;
   // From a 1024-byte aligned base: K, V, Q stages, dO stages, dS^T per consumer, lse2 and delta stages
-  // (kBlockM floats each), then the mbarriers (kv full; per stage full, empty), 8 bytes each.
+  // (kBlockM floats each), then the mbarriers (kv full, kv empty; per stage full, empty), 8 bytes each.
   static constexpr int kOffV = KVTile::kBytes;
   static constexpr int kOffQ = 2 * KVTile::kBytes;
   static constexpr int kOffDo = kOffQ + kStages * QTile::kBytes;
@@ -66,7 +100,7 @@ struct HopperBwdConfig {
   static constexpr int kOffLse = kOffDs + kConsumers * DSTile::kBytes;
   static constexpr int kOffDelta = kOffLse + kStages * kBlockM * 4;
   static constexpr int kOffBarriers = kOffDelta + kStages * kBlockM * 4;
-  static constexpr int kSmemBytes = 1024 + kOffBarriers + 8 * (1 + 2 * kStages);
+  static constexpr int kSmemBytes = 1024 + kOffBarriers + 8 * (2 + 2 * kStages);
 
   static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "wgmma n = head dim, whole 64-column panels");
   static_assert(kBlockM % 64 == 0 && 128 % kBlockM == 0, "query tiles: whole panels of dS^T, whole mask words");
@@ -82,7 +116,7 @@ template <class Cfg>
 struct HopperBwdSmem {
   uint32_t k, v, q, d_o, ds;     // q, d_o: kStages tiles each; ds: one tile per consumer
   uint32_t lse, delta;            // kStages rows of kBlockM floats each
-  uint32_t kv_full, full, empty;  // full, empty: kStages barriers each, 8 bytes apart
+  uint32_t kv_full, kv_empty, full, empty;  // full, empty: kStages barriers each, 8 bytes apart
 
   __device__ __forceinline__ explicit HopperBwdSmem(uint32_t base) {
     const uint32_t aligned = (base + 1023u) & ~1023u;
@@ -94,7 +128,8 @@ struct HopperBwdSmem {
     lse = aligned + Cfg::kOffLse;
     delta = aligned + Cfg::kOffDelta;
     kv_full = aligned + Cfg::kOffBarriers;
-    full = kv_full + 8;
+    kv_empty = kv_full + 8;
+    full = kv_empty + 8;
     empty = full + 8 * Cfg::kStages;
   }
   __device__ __forceinline__ uint32_t stage(uint32_t ring, int s) const {
@@ -139,19 +174,20 @@ struct HopperBwdBlock {
   __device__ __forceinline__ int batch_coord(const BwdParams& p) const { return p.cu_seqlens_q != nullptr ? 0 : b; }
 };
 
-// The producer: thread 0 loads K and V, then Q and dO of every (query head, query tile) of the walk;
-// threads 0 .. kBlockM-1 copy that tile's lse2 and delta (row = thread; +inf and 0 past the sequence).
+// One work tile of the producer (some query sees its keys): thread 0 loads K and V once the consumers have
+// released the previous work tile's (kv_round: the work tiles this block has loaded), then Q and dO of every
+// (query head, query tile) of the walk; threads 0 .. kBlockM-1 copy that tile's lse2 and delta (row = thread;
+// +inf and 0 past the sequence). `it` counts the ring's tiles across work tiles.
 template <class Cfg>
-__device__ __forceinline__ void produce_bwd(const HopperBwdParams& hp, const HopperBwdSmem<Cfg>& sm) {
+__device__ __forceinline__ void produce_bwd_tile(const HopperBwdParams& hp, const HopperBwdSmem<Cfg>& sm,
+                                                 const HopperBwdBlock<Cfg::kBlockM, Cfg::kBlockN>& blk, int row,
+                                                 int& it, int kv_round) {
   constexpr int kPanels = Cfg::QTile::kPanels, kStages = Cfg::kStages;
-  setmaxnreg_dec<Cfg::kProducerRegs>();
-  const int row = static_cast<int>(threadIdx.x);
-  if (row >= Cfg::kBlockM) return;
   const BwdParams& p = hp.p;
-  const HopperBwdBlock<Cfg::kBlockM, Cfg::kBlockN> blk(p, blockIdx.x, blockIdx.y, blockIdx.z);
-  if (blk.t_first >= blk.t_hi) return;  // no query sees these keys (the consumers write zeros)
   const int bc = blk.batch_coord(p);
   if (row == 0) {
+    // A fresh barrier counts as having completed the phase before its first: the first wait passes at once.
+    mbarrier_wait(sm.kv_empty, (kv_round & 1) ^ 1);
     const int key_token = blk.seq.k_token0 + blk.n0;
     mbarrier_arrive_expect_tx(sm.kv_full, 2 * Cfg::kBoxBytesKV);
 #pragma unroll
@@ -161,14 +197,12 @@ __device__ __forceinline__ void produce_bwd(const HopperBwdParams& hp, const Hop
       tma_load_4d(sm.v + off, hp.tma_v, sm.kv_full, 64 * panel, key_token, blk.hk, bc);
     }
   }
-  int it = 0;
 #pragma unroll 1
   for (int c = 0; c < p.group; ++c) {
     const int h = blk.hk * p.group + c;
 #pragma unroll 1
     for (int tile = blk.t_first; tile < blk.t_hi; tile = blk.after(p, tile), ++it) {
       const int s = it % kStages;
-      // A fresh barrier counts as having completed the phase before its first: the first wait passes at once.
       mbarrier_wait(sm.empty + 8 * s, ((it / kStages) & 1) ^ 1);
       const int m0 = tile * Cfg::kBlockM;
       const bool in_seq = m0 + row < blk.seq.len_q;
@@ -191,6 +225,27 @@ __device__ __forceinline__ void produce_bwd(const HopperBwdParams& hp, const Hop
   }
 }
 
+// The producer: every work tile of this block (kPersistent; else the block's one), those no query sees skipped
+// (the consumers write zeros).
+template <class Cfg, bool kPersistent>
+__device__ __forceinline__ void produce_bwd(const HopperBwdParams& hp, const HopperBwdSmem<Cfg>& sm) {
+  using Work = BwdWorkTiles<Cfg::kBlockN, true>;
+  setmaxnreg_dec<Cfg::kProducerRegs>();
+  const int row = static_cast<int>(threadIdx.x);
+  if (row >= Cfg::kBlockM) return;
+  const BwdParams& p = hp.p;
+  int it = 0, kv_round = 0;
+  const int w_end = kPersistent ? Work::total(p) : static_cast<int>(blockIdx.x) + 1;
+#pragma unroll 1
+  for (int w = blockIdx.x; w < w_end; w += hp.ctas) {
+    int n_block, hk, b;
+    Work::coords(w, p, n_block, hk, b);
+    const HopperBwdBlock<Cfg::kBlockM, Cfg::kBlockN> blk(p, n_block, hk, b);
+    if (blk.t_first < blk.t_hi) produce_bwd_tile<Cfg>(hp, sm, blk, row, it, kv_round++);
+    if constexpr (!kPersistent) break;
+  }
+}
+
 // Element (query row r of the tile, column c) of one consumer's dQ share over exactly the keys query m
 // sees among its 64 (n0w.. in the sequence, rows krow0.. of the K tile), from dS^T and K in shared memory.
 template <class Cfg>
@@ -207,45 +262,47 @@ __device__ __forceinline__ float seen_dq_share(const AttnParams& p, const SeqSli
   return acc;
 }
 
-// One consumer warpgroup: its 64 keys against every query tile of the walk (adding dQ shares if kAtomicDq),
-// then dK and dV.
+// dK and dV of this consumer's 64 keys when no query sees them: zeros.
+template <class Cfg>
+__device__ __forceinline__ void write_zero_dkdv(const BwdParams& p,
+                                                const HopperBwdBlock<Cfg::kBlockM, Cfg::kBlockN>& blk, int consumer) {
+  constexpr int kChunks = Cfg::kHeadDim / 8;
+  const int key_token = blk.seq.k_token0 + blk.n0;
+  uint16_t* dk = static_cast<uint16_t*>(p.dk) +
+                 token_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, blk.b, key_token, blk.hk);
+  uint16_t* dv = static_cast<uint16_t*>(p.dv) +
+                 token_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, blk.b, key_token, blk.hk);
+  // thread is opaque for the reason given in consume_bwd_tile.
+  const int r0 = 64 * consumer, rows = min(64, blk.cols - r0), thread = static_cast<int>(opaque(threadIdx.x) % 128);
+  for (int idx = thread; idx < rows * kChunks; idx += 128) {
+    const int64_t off = (r0 + idx / kChunks) * p.dk_row_stride + (idx % kChunks) * 8;
+    st_global_16(dk + off, make_uint4(0u, 0u, 0u, 0u));
+    st_global_16(dv + off, make_uint4(0u, 0u, 0u, 0u));
+  }
+}
+
+// One consumer warpgroup on one work tile that some query sees: its 64 keys against every query tile of the
+// walk (adding dQ shares if kAtomicDq), then dK and dV, staged through its K and V rows, which then go back to
+// the producer (kv_empty). `it` counts the ring's tiles across work tiles, kv_round the K/V tiles.
 template <class Cfg, bool kAtomicDq>
-__device__ __forceinline__ void consume_bwd(const HopperBwdParams& hp, const HopperBwdSmem<Cfg>& sm, int consumer) {
+__device__ __forceinline__ void consume_bwd_tile(const HopperBwdParams& hp,
+                                                 const HopperBwdBlock<Cfg::kBlockM, Cfg::kBlockN>& blk,
+                                                 const HopperBwdSmem<Cfg>& sm, int consumer, int& it, int kv_round) {
   using Elem = typename Cfg::Elem;
   using QTile = typename Cfg::QTile;
   using KVTile = typename Cfg::KVTile;
   using DSTile = typename Cfg::DSTile;
   constexpr int D = Cfg::kHeadDim, BM = Cfg::kBlockM, kStages = Cfg::kStages;
   constexpr int kQT = BM / 8, kDT = D / 8;  // n8 column tiles of S^T and of dK / dV / dQ
-  setmaxnreg_inc<Cfg::kConsumerRegs>();
   const BwdParams& p = hp.p;
-  const HopperBwdBlock<Cfg::kBlockM, Cfg::kBlockN> blk(p, blockIdx.x, blockIdx.y, blockIdx.z);
-  if (blk.cols <= 0) return;  // past the end of a shorter varlen sequence
   const SeqSlice& seq = blk.seq;
-  const int thread = static_cast<int>(threadIdx.x) % 128;
+  // The thread index is opaque so that what derives from it (addresses) is computed per work tile, as when one
+  // block took one tile: hoisted out of the persistent loop, it would stay live across the epilogue too and spill.
+  const int thread = static_cast<int>(opaque(threadIdx.x) % 128);
   const int warp = thread / 32, lane = thread % 32;
   const int krow0 = 64 * consumer;           // this warpgroup's first key within the block's tile
   const int warp_key0 = krow0 + 16 * warp;  // this warp's first key
   const int n0w = blk.n0 + krow0;
-  const int key_token = seq.k_token0 + blk.n0;
-  const uint16_t* k = static_cast<const uint16_t*>(p.k) +
-                      token_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, blk.b, key_token, blk.hk);
-  const uint16_t* v = static_cast<const uint16_t*>(p.v) +
-                      token_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, blk.b, key_token, blk.hk);
-  uint16_t* dk = static_cast<uint16_t*>(p.dk) +
-                 token_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, blk.b, key_token, blk.hk);
-  uint16_t* dv = static_cast<uint16_t*>(p.dv) +
-                 token_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, blk.b, key_token, blk.hk);
-  if (blk.t_first >= blk.t_hi) {  // no query sees these keys: zero gradients, this warpgroup's 64 rows
-    const int rows = min(64, blk.cols - krow0);
-    constexpr int kChunks = D / 8;
-    for (int idx = thread; idx < rows * kChunks; idx += 128) {
-      const int64_t off = (krow0 + idx / kChunks) * p.dk_row_stride + (idx % kChunks) * 8;
-      st_global_16(dk + off, make_uint4(0u, 0u, 0u, 0u));
-      st_global_16(dv + off, make_uint4(0u, 0u, 0u, 0u));
-    }
-    return;
-  }
   const uint32_t* query_bits = blk.query_bits(p);
   const uint32_t s_ds = sm.ds + consumer * DSTile::kBytes;
 
@@ -265,8 +322,7 @@ __device__ __forceinline__ void consume_bwd(const HopperBwdParams& hp, const Hop
   // emulator compiles the kernel as host C++, where a loop-local array's memory may hold another value between
   // iterations, which its wgmma register check would report as a write after wgmma_fence.
   float acc_s[BM / 2], acc_dp[BM / 2];
-  mbarrier_wait(sm.kv_full, 0);
-  int it = 0;
+  mbarrier_wait(sm.kv_full, kv_round & 1);
 #pragma unroll 1
   for (int c = 0; c < p.group; ++c) {
     const int h = blk.hk * p.group + c;
@@ -274,6 +330,9 @@ __device__ __forceinline__ void consume_bwd(const HopperBwdParams& hp, const Hop
     for (int tile = blk.t_first; tile < blk.t_hi; tile = blk.after(p, tile), ++it) {
       const int s = it % kStages;
       const uint32_t sq = sm.stage(sm.q, s), sdo = sm.stage(sm.d_o, s);
+      // K's and V's wgmma descriptors are recomputed per query tile: the persistent schedule's loop state leaves
+      // no room to keep their 16 words in registers across the loop.
+      const uint32_t k_tile = opaque(sm.k), v_tile = opaque(sm.v);
       const int m0 = tile * BM;
       mbarrier_wait(sm.full + 8 * s, (it / kStages) & 1);
       wgmma_fence_operands(acc_s);
@@ -281,12 +340,12 @@ __device__ __forceinline__ void consume_bwd(const HopperBwdParams& hp, const Hop
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        wgmma_ss<Elem, BM, Major::kK, Major::kK>(acc_s, KVTile::k_major(sm.k, krow0, kk), QTile::k_major(sq, 0, kk),
+        wgmma_ss<Elem, BM, Major::kK, Major::kK>(acc_s, KVTile::k_major(k_tile, krow0, kk), QTile::k_major(sq, 0, kk),
                                                  kk > 0);
       }
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        wgmma_ss<Elem, BM, Major::kK, Major::kK>(acc_dp, KVTile::k_major(sm.v, krow0, kk), QTile::k_major(sdo, 0, kk),
+        wgmma_ss<Elem, BM, Major::kK, Major::kK>(acc_dp, KVTile::k_major(v_tile, krow0, kk), QTile::k_major(sdo, 0, kk),
                                                  kk > 0);
       }
       wgmma_commit();
@@ -372,7 +431,7 @@ __device__ __forceinline__ void consume_bwd(const HopperBwdParams& hp, const Hop
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         wgmma_ss<Elem, D, Major::kMN, Major::kMN>(acc_dq, DSTile::mn_major(s_ds, kk),
-                                                  KVTile::mn_major(sm.k, 4 * consumer + kk), kk > 0);
+                                                  KVTile::mn_major(k_tile, 4 * consumer + kk), kk > 0);
       }
       wgmma_commit();
       wgmma_wait<0>();
@@ -411,17 +470,30 @@ __device__ __forceinline__ void consume_bwd(const HopperBwdParams& hp, const Hop
 
   // dK and dV staged through this warpgroup's own K and V rows, once every warp's products have retired.
   named_barrier_sync(kBwdConsumerBarrier0 + consumer, 128);
+  // The epilogue's shared addresses derive from opaque values (the tiles and the warp's first key) so that they
+  // are recomputed per work tile: hoisted out of the persistent loop, they would stay live across it and spill.
+  const uint32_t dk_tile = opaque(sm.k), dv_tile = opaque(sm.v);
+  const int stage_row0 = static_cast<int>(opaque(warp_key0));
+  const int key_token = seq.k_token0 + blk.n0;  // the global rows: computed here, not kept across the loop
+  const uint16_t* k = static_cast<const uint16_t*>(p.k) +
+                      token_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, blk.b, key_token, blk.hk);
+  const uint16_t* v = static_cast<const uint16_t*>(p.v) +
+                      token_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, blk.b, key_token, blk.hk);
+  uint16_t* dk = static_cast<uint16_t*>(p.dk) +
+                 token_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, blk.b, key_token, blk.hk);
+  uint16_t* dv = static_cast<uint16_t*>(p.dv) +
+                 token_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, blk.b, key_token, blk.hk);
   bool redo[2] = {false, false};  // a non-finite gradient, maybe from 0 * NaN (padding keys included)
 #pragma unroll
   for (int dt = 0; dt < kDT; ++dt) {
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      const int r = warp_key0 + lane / 4 + 8 * hf;
+      const int r = stage_row0 + lane / 4 + 8 * hf;
       const float k0 = acc_dk[4 * dt + 2 * hf], k1 = acc_dk[4 * dt + 2 * hf + 1];
       const float v0 = acc_dv[4 * dt + 2 * hf], v1 = acc_dv[4 * dt + 2 * hf + 1];
       redo[hf] = redo[hf] || nonfinite(k0) || nonfinite(k1) || nonfinite(v0) || nonfinite(v1);
-      store_pair<KVTile, Elem>(sm.k, r, dt, nan_if_infinite(k0 * p.scale), nan_if_infinite(k1 * p.scale));
-      store_pair<KVTile, Elem>(sm.v, r, dt, nan_if_infinite(v0), nan_if_infinite(v1));
+      store_pair<KVTile, Elem>(dk_tile, r, dt, nan_if_infinite(k0 * p.scale), nan_if_infinite(k1 * p.scale));
+      store_pair<KVTile, Elem>(dv_tile, r, dt, nan_if_infinite(v0), nan_if_infinite(v1));
     }
   }
   const uint32_t redo_rows = flagged_rows(redo[0], redo[1]);
@@ -430,25 +502,53 @@ __device__ __forceinline__ void consume_bwd(const HopperBwdParams& hp, const Hop
 #pragma unroll 1
     for (int wr = 0; wr < 16; ++wr) {
       if (!((redo_rows >> wr) & 1u)) continue;
-      const int r = warp_key0 + wr;
+      const int r = stage_row0 + wr;
       RowSlice<D> dk_row, dv_row;
       seen_dkdv_row<Elem, D>(p, seq, score, blk.b, blk.hk, blk.n0 + r, k + r * p.k_row_stride, v + r * p.v_row_stride,
                              blk.key_bits, query_bits, dk_row, dv_row);
-      store_row_slice<KVTile, Elem, D>(sm.k, r, dk_row, p.scale);
-      store_row_slice<KVTile, Elem, D>(sm.v, r, dv_row, 1.f);
+      store_row_slice<KVTile, Elem, D>(dk_tile, r, dk_row, p.scale);
+      store_row_slice<KVTile, Elem, D>(dv_tile, r, dv_row, 1.f);
     }
     __syncwarp();
   }
-  copy_rows_to_global<KVTile, 16>(sm.k, warp_key0, dk, p.dk_row_stride, blk.cols);
-  copy_rows_to_global<KVTile, 16>(sm.v, warp_key0, dv, p.dk_row_stride, blk.cols);
+  copy_rows_to_global<KVTile, 16>(dk_tile, stage_row0, dk, p.dk_row_stride, blk.cols);
+  copy_rows_to_global<KVTile, 16>(dv_tile, stage_row0, dv, p.dk_row_stride, blk.cols);
+  // The K and V tiles (which staged dK and dV) go back to the producer; its next TMA load overwrites them.
+  fence_proxy_async();
+  mbarrier_arrive(sm.kv_empty);
 }
 
-// One block per (key tile, kv head, sequence); kAtomicDq: dQ added to p.dq_accum too.
+// A consumer warpgroup: every work tile of this block (kPersistent; else the block's one).
+template <class Cfg, bool kAtomicDq, bool kPersistent>
+__device__ __forceinline__ void consume_bwd(const HopperBwdParams& hp, const HopperBwdSmem<Cfg>& sm, int consumer) {
+  using Work = BwdWorkTiles<Cfg::kBlockN, true>;
+  setmaxnreg_inc<Cfg::kConsumerRegs>();
+  const BwdParams& p = hp.p;
+  int it = 0, kv_round = 0;
+  const int w_end = kPersistent ? Work::total(p) : static_cast<int>(blockIdx.x) + 1;
+#pragma unroll 1
+  for (int w = blockIdx.x; w < w_end; w += hp.ctas) {
+    int n_block, hk, b;
+    Work::coords(w, p, n_block, hk, b);
+    const HopperBwdBlock<Cfg::kBlockM, Cfg::kBlockN> blk(p, n_block, hk, b);
+    if (blk.cols <= 0) continue;  // past the end of a shorter varlen sequence
+    if (blk.t_first >= blk.t_hi) {
+      write_zero_dkdv<Cfg>(p, blk, consumer);
+    } else {
+      consume_bwd_tile<Cfg, kAtomicDq>(hp, blk, sm, consumer, it, kv_round++);
+    }
+    if constexpr (!kPersistent) break;
+  }
+}
+
+// A persistent grid of hp.ctas blocks over the work tiles (key tile, kv head, sequence); kAtomicDq: dQ added to
+// p.dq_accum too.
 template <class Cfg, bool kAtomicDq>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_sm90_kernel(const __grid_constant__ HopperBwdParams hp) {
   const HopperBwdSmem<Cfg> sm(dynamic_smem());
   if (threadIdx.x == 0) {
     mbarrier_init(sm.kv_full, 1);
+    mbarrier_init(sm.kv_empty, 128 * Cfg::kConsumers);
     for (int s = 0; s < Cfg::kStages; ++s) {
       mbarrier_init(sm.full + 8 * s, Cfg::kBlockM);  // the lse2/delta copiers, thread 0 also expecting the TMA bytes
       mbarrier_init(sm.empty + 8 * s, 128 * Cfg::kConsumers);
@@ -456,10 +556,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_sm90_kernel(const __grid
     mbarrier_init_fence();
   }
   __syncthreads();
+  // The atomic path's consumers have no registers left for the persistent loop's state (it spills): one block
+  // per work tile there (launch_backward_sm90 gives it a grid of every tile).
+  constexpr bool kPersistent = !kAtomicDq;
   if (threadIdx.x < 128) {
-    produce_bwd<Cfg>(hp, sm);
+    produce_bwd<Cfg, kPersistent>(hp, sm);
   } else {
-    consume_bwd<Cfg, kAtomicDq>(hp, sm, static_cast<int>(threadIdx.x) / 128 - 1);
+    consume_bwd<Cfg, kAtomicDq, kPersistent>(hp, sm, static_cast<int>(threadIdx.x) / 128 - 1);
   }
 }
 

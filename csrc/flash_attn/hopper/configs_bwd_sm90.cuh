@@ -3,6 +3,7 @@
 // the CUDA launcher or the CPU emulator of the tests.
 #pragma once
 
+#include <algorithm>
 #include <string>
 
 #include "../configs.cuh"
@@ -40,14 +41,16 @@ constexpr int hopper_bwd_smem_bytes() {
   return C::KV::kSmemBytes > C::Q::kSmemBytes ? C::KV::kSmemBytes : C::Q::kSmemBytes;
 }
 
-// The kernel parameters with q, dout, k and v's tensor maps; kv_tokens is the length of k/v's token
-// dimension (seqlen_k padded, total keys varlen). "" or why a map cannot be encoded.
-template <class Cfg>
-std::string make_hopper_bwd_params(const BwdParams& p, int64_t kv_tokens, HopperBwdParams& hp) {
+// The kernel parameters with q, dout, k and v's tensor maps and the persistent grid's size (at most `ctas`,
+// one block per SM on a GPU, over the kernel's `Work` tiles); kv_tokens is the length of k/v's token dimension
+// (seqlen_k padded, total keys varlen). "" or why a map cannot be encoded.
+template <class Cfg, class Work>
+std::string make_hopper_bwd_params(const BwdParams& p, int64_t kv_tokens, int ctas, HopperBwdParams& hp) {
   const bool varlen = p.cu_seqlens_q != nullptr;
   const int sequences = varlen ? 1 : p.batch;
   const int64_t q_tokens = varlen ? p.tokens_q : p.seqlen_q;
   hp.p = p;
+  hp.ctas = std::max(1, std::min(ctas, Work::total(p)));
   std::string problem = encode_tma_descriptor(
       operand_spec(p.q, Cfg::kHeadDim, q_tokens, p.heads_q, sequences, p.q_row_stride, p.q_head_stride,
                    p.q_batch_stride, Cfg::kBlockM),
@@ -76,14 +79,33 @@ struct HopperBwdLaunchParams {
   HopperBwdParams dkdv, dq;
 };
 
-// Both kernels' parameters: the dQ kernel's only for the deterministic path (p.dq_accum null). "" or why a map
-// cannot be encoded.
+// The work tiles of each kernel: the dK/dV kernel's over key tiles per kv head, the dQ kernel's over query tiles
+// per query head.
+template <class Cfg>
+using DkdvWork = BwdWorkTiles<Cfg::kBlockN, true>;
+template <class Cfg>
+using DqWork = BwdWorkTiles<Cfg::kBlockM, false>;
+
+// Both kernels' parameters, the deterministic path's a persistent grid of at most `ctas` blocks each, the atomic
+// path's dK/dV kernel one block per work tile (bwd_sm90_kernel<.., true> is not persistent); the dQ kernel's only
+// for the deterministic path (p.dq_accum null). "" or why a map cannot be encoded.
 template <class Elem, int kHeadDim>
-std::string make_hopper_bwd_launch_params(const BwdParams& p, int64_t kv_tokens, HopperBwdLaunchParams& lp) {
-  using Cfgs = HopperBwdConfigs<Elem, kHeadDim>;
-  std::string problem = make_hopper_bwd_params<typename Cfgs::KV>(p, kv_tokens, lp.dkdv);
-  if (problem.empty() && p.dq_accum == nullptr) problem = make_hopper_bwd_params<typename Cfgs::Q>(p, kv_tokens, lp.dq);
+std::string make_hopper_bwd_launch_params(const BwdParams& p, int64_t kv_tokens, int ctas, HopperBwdLaunchParams& lp) {
+  using KV = typename HopperBwdConfigs<Elem, kHeadDim>::KV;
+  using Q = typename HopperBwdConfigs<Elem, kHeadDim>::Q;
+  const int kv_ctas = p.dq_accum != nullptr ? DkdvWork<KV>::total(p) : ctas;
+  std::string problem = make_hopper_bwd_params<KV, DkdvWork<KV>>(p, kv_tokens, kv_ctas, lp.dkdv);
+  if (problem.empty() && p.dq_accum == nullptr) {
+    problem = make_hopper_bwd_params<Q, DqWork<Q>>(p, kv_tokens, ctas, lp.dq);
+  }
   return problem;
+}
+
+// The grid of a kernel over its work tiles: hp.ctas blocks (every tile's on the atomic path), none when there is
+// no work tile.
+template <class Work>
+dim3 persistent_grid(const HopperBwdParams& hp) {
+  return dim3(Work::total(hp.p) > 0 ? hp.ctas : 0);
 }
 
 // After launch_bwd_preprocess has written delta and lse_log2: dk and dv, and dq either added to p.dq_accum
@@ -93,11 +115,14 @@ auto launch_backward_sm90(const HopperBwdLaunchParams& lp, Launch&& launch) {
   using KV = typename HopperBwdConfigs<Elem, kHeadDim>::KV;
   using Q = typename HopperBwdConfigs<Elem, kHeadDim>::Q;
   const BwdParams& p = lp.dkdv.p;
+  const dim3 dkdv_grid = persistent_grid<DkdvWork<KV>>(lp.dkdv);
   if (p.dq_accum != nullptr) {
-    return launch(bwd_sm90_kernel<KV, true>, block_grid_over_keys<KV>(p), KV::kThreads, KV::kSmemBytes, lp.dkdv);
+    return launch(bwd_sm90_kernel<KV, true>, dkdv_grid, KV::kThreads, KV::kSmemBytes, lp.dkdv);
   }
-  auto err = launch(bwd_sm90_kernel<KV, false>, block_grid_over_keys<KV>(p), KV::kThreads, KV::kSmemBytes, lp.dkdv);
-  if (err == 0) err = launch(bwd_dq_sm90_kernel<Q>, block_grid_over_queries<Q>(p), Q::kThreads, Q::kSmemBytes, lp.dq);
+  auto err = launch(bwd_sm90_kernel<KV, false>, dkdv_grid, KV::kThreads, KV::kSmemBytes, lp.dkdv);
+  if (err == 0) {
+    err = launch(bwd_dq_sm90_kernel<Q>, persistent_grid<DqWork<Q>>(lp.dq), Q::kThreads, Q::kSmemBytes, lp.dq);
+  }
   return err;
 }
 
