@@ -193,12 +193,13 @@ def _attend_tiles(
 ):
     """Fold keys [start, end) into (acc, l_i, m_i) (m_i in log2 units); MASKED applies window, bound and
     padding masks. By pointers, V of padding keys is never loaded (in fp32 full tiles it is: see the redo).
-    TMA (the Hopper paths) reads K/V tiles through the descriptors KDesc/VDesc, bounded by the sequence (keys
-    past its end read as zeros), padding keys' V too (the redo keeps non-finite ones out), and masks a full
-    tile's scores only where its mask bits hold a hole. SPECIALIZE: the loop is warp-specialized (a producer
-    partition issues the loads, two consumer warpgroups compute); otherwise Triton software-pipelines it.
-    EXACT (MASKED tiles only, never TMA) also keeps non-finite V of keys that only some rows see away from
-    the others."""
+    TMA (the Hopper paths) reads K tiles through the descriptor KDesc, bounded by the sequence (keys past its
+    end read as zeros), padding keys' K too (their scores are masked), and V tiles through VDesc unless a key
+    mask is given (then by masked pointer loads, so that padding keys' V is never read and no redo is needed
+    for it); a full tile's scores are masked only where its mask bits hold a hole. SPECIALIZE: the loop is
+    warp-specialized (a producer partition issues the loads, two consumer warpgroups compute); otherwise
+    Triton software-pipelines it. EXACT (MASKED tiles only, never TMA) also keeps non-finite V of keys that
+    only some rows see away from the others."""
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=SPECIALIZE):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
@@ -231,7 +232,7 @@ def _attend_tiles(
         p = tl.exp2(raw * scale - m_base[:, None])
         alpha = tl.exp2(m_i - m_base)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if TMA:
+        if TMA and not HAS_MASK:
             v = VDesc.load([start_n, 0])
         else:
             v = load_tile(
@@ -600,14 +601,12 @@ def attention_fwd_kernel(
     """One tile of BLOCK_M query rows. Rows are tokens of one query head, or with PACK_GQA (token, head)
     pairs of the GROUP query heads that share the program's KV head. SCHEDULE_BLOCK > 0 (packed batches):
     axis 0 numbers the (sequence, tile) work items (`scheduled_tile`), else it is the tile and axis 2 the
-    sequence. TMA (16-bit on Hopper): K/V, and Q/O unless PACK_GQA gathers their rows, through descriptors
-    bounded by the sequence; otherwise pointers (cp.async). HOPPER (TMA, no mask, no window, no packing): one
-    warp-specialized key loop; otherwise the span walk, software-pipelined."""
+    sequence. TMA (16-bit on Hopper): K, V unless HAS_MASK, and Q/O unless PACK_GQA gathers their rows,
+    through descriptors bounded by the sequence; otherwise pointers (cp.async). HOPPER (TMA, no mask, no
+    window, no packing): one warp-specialized key loop; otherwise the span walk, software-pipelined."""
     head = tl.program_id(1)
-    # Masked batches on TMA keep a redo after the key walk, for which the largest tiles lack the registers
-    # the descriptors take (sm_90a, 16-bit: 128x128 at d128 spills 24 bytes, 128x64 at d256 124 bytes):
-    # those tiles read K/V by pointers.
-    DESCRIPTORS: tl.constexpr = TMA and not (HAS_MASK and BLOCK_M * BLOCK_N * BLOCK_D > 128 * 64 * 128)
+    # Masked head-dim-256 tiles keep pointer loads: with K on TMA, 128x64 spills 88 bytes on sm_90a.
+    DESCRIPTORS: tl.constexpr = TMA and not (HAS_MASK and BLOCK_D > 128)
     # The Hopper path has no early returns (its warp-specialization pass takes structured control flow
     # only): a tile past its sequence's end walks no keys and every store it makes is masked or clipped.
     if SCHEDULE_BLOCK > 0:
@@ -661,12 +660,12 @@ def attention_fwd_kernel(
         q = load_tile(Q + q_rows[:, None] + offs_d[None, :], rows_in, offs_d, True, HEAD_DIM, BLOCK_D)
     K += batch.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + kv_head * stride_kh
     V += batch.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + kv_head * stride_vh
+    k_desc = K
+    v_desc = V
     if DESCRIPTORS:
         k_desc = tl.make_tensor_descriptor(K, [k_len, HEAD_DIM], [stride_ks, 1], [BLOCK_N, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(V, [k_len, HEAD_DIM], [stride_vs, 1], [BLOCK_N, BLOCK_D])
-    else:
-        k_desc = K
-        v_desc = V
+        if not HAS_MASK:  # masked V tiles are read by pointers (see _attend_tiles)
+            v_desc = tl.make_tensor_descriptor(V, [k_len, HEAD_DIM], [stride_vs, 1], [BLOCK_N, BLOCK_D])
     offset = k_len - q_len
     acc, l_i, m_i = _attend_spans(
         q,
@@ -707,12 +706,12 @@ def attention_fwd_kernel(
     )
     Out += batch.to(tl.int64) * stride_ob + q_start.to(tl.int64) * stride_os
     Lse += batch.to(tl.int64) * stride_lb + q_start
-    if WINDOW_LEFT or WINDOW_RIGHT or (HAS_MASK and (DESCRIPTORS or V.dtype.element_ty == tl.float32)):
+    if WINDOW_LEFT or WINDOW_RIGHT or (HAS_MASK and V.dtype.element_ty == tl.float32):
         # A non-finite V of a key a row does not see (at a window edge; for fp32, whose full tiles load V
-        # unmasked to stay spill-free, and TMA tiles, also padding) reaches it as 0 * NaN and stays
-        # non-finite in acc to the end. Rare: then redo the block exactly, by pointers. (Each branch stores
-        # its own result, so the first pass's registers are free during the redo.) Never on the
-        # warp-specialized path (no window, no mask).
+        # unmasked to stay spill-free, also padding) reaches it as 0 * NaN and stays non-finite in acc to
+        # the end. Rare: then redo the block exactly, by pointers. (Each branch stores its own result, so the
+        # first pass's registers are free during the redo.) Never on a TMA path (no window; V of padding
+        # keys never read).
         if any_nonfinite(acc):
             acc, l_i, m_i = _attend_spans(
                 q,
@@ -978,19 +977,19 @@ def _tile_grid(shape, tokens_q: int, rows_per_token: int, heads: int, one_chunk:
 
 
 def descriptor_loads(shape, dtype: torch.dtype) -> bool:
-    """Whether a Hopper launch reads K/V (and Q/O where no GQA packing gathers them) through TMA descriptors:
-    16-bit batches without a window, where the sm_90a static proxy (benchmarks/NOTES.md, "v2.3") is not
-    worse than the pointer path's. Windowed batches keep pointers: densely, TMA's best tile issues more
-    warp-instructions per score block than the pointer path's 128x128; with a key mask its 128x64 tiles
-    spill. fp32 (exact dots on CUDA cores) keeps pointers too."""
+    """Whether a Hopper launch reads K (V too without a key mask, Q/O where no GQA packing gathers them) through
+    TMA descriptors: 16-bit batches without a window, where the sm_90a static proxy (benchmarks/NOTES.md,
+    "v2.3") is not worse than the pointer path's. Windowed batches keep pointers: densely, TMA's best tile
+    issues more warp-instructions per score block than the pointer path's 128x128; with a key mask its
+    larger tiles spill. fp32 (exact dots on CUDA cores) keeps pointers too."""
     return dtype != torch.float32 and shape.window_left < 0 and shape.window_right < 0
 
 
 def warp_specialized(shape, packed: bool) -> bool:
     """Whether the Hopper (TMA) key walk is one warp-specialized loop. Triton's Hopper warp specialization
     (3.9) takes a kernel whose only loop is the specialized one and whose loads are all TMA: no window edges
-    (loops of their own), no key mask (its bits are a pointer load, its spans a loop, and padding keys' V a
-    TMA tile reads needs a redo after the loop) and no GQA packing (its query rows are gathered by
-    pointers). Those walk their spans with descriptor loads in software-pipelined loops."""
+    (loops of their own), no key mask (its bits and V tiles are pointer loads, its spans nested loops) and no
+    GQA packing (its query rows are gathered by pointers). Those walk their spans with descriptor loads in
+    software-pipelined loops."""
     plain = shape.window_left < 0 and shape.window_right < 0 and shape.key_mask is None
     return plain and not packed

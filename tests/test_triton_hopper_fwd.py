@@ -349,9 +349,10 @@ def test_path_choice_is_checked(monkeypatch):
 )
 def test_unseen_nonfinite_values_stay_out(monkeypatch, path, layout):
     """Keys no row sees hold NaN/inf (padding keys, tokens past the last sequence, keys outside every
-    window): TMA tiles read some of them (padding: the redo, by pointers, keeps them out) or never do
-    (descriptors end at the sequence); pointer tiles mask them (window edges: the redo); the outputs are the
-    clean inputs' ones. Windows take the pointer path whatever the path asked for."""
+    window): TMA tiles read padding keys' K (their scores masked) but never their V (masked batches read V by
+    pointers), nor keys past the sequence (descriptors end there); pointer tiles mask them (window edges:
+    the redo); the outputs are the clean inputs' ones. Windows take the pointer path whatever the path asked
+    for."""
     monkeypatch.setenv(launch.PATH_VARIABLE, path)
     seqlen_q, mask, cu, window = 70, None, None, (-1, -1)
     if layout == "window_edge":
