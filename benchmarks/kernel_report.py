@@ -50,6 +50,7 @@ from triton_static import (  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("sm_80", "sm_90a")
 HOPPER = "sm_90a"
+SWEPT_CLASS = "half"  # the input class whose every tile --check compiles in every layout on sm_90a
 NVCC_FLAGS = ["-std=c++20", "-O3", "-lineinfo", "-Xptxas", "-v"]  # setup.py's (torch adds -std=c++20)
 # Score tile (query rows, keys) and warps of each CUDA kernel, read from its config's template arguments.
 CUDA_TILES = [
@@ -82,8 +83,9 @@ COLUMNS = [
 
 
 def triton_jobs(archs: tuple[str, ...], kernels: list[str] | None = None) -> list[TileJob]:
-    """Every shipped tile of the catalog: on sm_90a in every layout for the 16-bit d128 class (the one the
-    benchmarks time), else in the first layout (padded)."""
+    """Every shipped tile of the catalog in its kernel's first layout; on sm_90a also every (kernel, class,
+    layout) a launch there dispatches: each class's first tile (what LLM2VEC_FAST_AUTOTUNE=1 runs) in every
+    layout, and every tile in every layout for the 16-bit d128 class (the one the benchmarks time)."""
     shipped = catalog()
     jobs = []
     for label, kernel in shipped.KERNELS.items():
@@ -91,8 +93,9 @@ def triton_jobs(archs: tuple[str, ...], kernels: list[str] | None = None) -> lis
             continue
         for arch in (arch for arch in kernel.archs if arch in archs):
             for input_class, specs in kernel.tables(arch).items():
-                layouts = kernel.layouts if input_class == "half" and arch == HOPPER else kernel.layouts[:1]
-                for spec in specs:
+                for index, spec in enumerate(specs):
+                    every = arch == HOPPER and (index == 0 or input_class == SWEPT_CLASS)
+                    layouts = kernel.layouts if every else kernel.layouts[:1]
                     jobs += [TileJob(label, input_class, spec, arch, name, shipped.LAYOUTS[name]) for name in layouts]
     return jobs
 

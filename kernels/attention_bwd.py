@@ -51,9 +51,8 @@ from .tiles import (
 # two programs per 64-key tile, each accumulating half of the dK/dV columns (dkdv_split): its whole 64x256 dK
 # and dV spill, and 32 keys are too few rows for wgmma. 16x64 w8 s2 is spill-free padded, dense and packed once
 # every head-dim operand is a half tile (see _dkdv_program); 32x64 and 3 stages spill 450+ bytes.
-BWD_TILES = {
+BWD_TILES = {  # fp32 takes the pair on GPUs (_fused): its 16x32 w4 s2 spilled 900-992 bytes dense and packed
     "half": [(16, 128, 8, 2), (16, 64, 8, 2)],  # 16x64 duplicates S^T and dP^T in both warpgroups
-    "fp32": [(16, 32, 4, 2)],
 }
 DKDV_TILES = {
     "half": [(16, 128, 8, 2), (16, 64, 8, 2)],  # 128 keys: 2 warpgroups x 64 key rows, none duplicated
@@ -1480,12 +1479,15 @@ def dkdv_split(block_d: int) -> int:
 
 
 def _fused(q: torch.Tensor, options, block_d: int) -> bool:
-    """Whether the fused kernel runs: unless asked to be deterministic, for head dims up to 128 on sm_90+ (and
-    in the interpreter). Ampere and head dim 256 keep the pair, whose tiles are spill-free there (the fused
-    kernel's five accumulators spill on sm_80 and at head dim 256)."""
+    """Whether the fused kernel runs: unless asked to be deterministic, for head dims up to 128, on sm_90+ for
+    16-bit inputs, and in the interpreter (which tests it at every dtype). Ampere, head dim 256 and fp32 on a
+    GPU keep the pair, whose tiles are spill-free there (the fused kernel's five accumulators spill on sm_80,
+    at head dim 256, and at fp32 in the dense and packed layouts)."""
     if options.deterministic or block_d > 128:
         return False
-    return q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] >= 9
+    if q.device.type != "cuda":
+        return True
+    return q.dtype != torch.float32 and torch.cuda.get_device_capability(q.device)[0] >= 9
 
 
 def attention_backward(

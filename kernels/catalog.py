@@ -73,7 +73,7 @@ KERNELS: dict[str, Kernel] = {
         attention_fwd.FWD_HOPPER_TILES,
         archs=("sm_90a",),
         flags=_FWD_FLAGS | dict(TMA=True, HOPPER=True),
-        layouts=("dense", "scheduled"),
+        layouts=("dense", "scheduled", "packed"),  # packed: over SCHEDULE_CHUNK sequences, no schedule loop
     ),
     "fwd_tma": Kernel(  # TMA descriptor loads in the span walk: masked and GQA-packed 16-bit batches on sm_90a
         "attention_fwd_kernel",
@@ -98,7 +98,8 @@ KERNELS: dict[str, Kernel] = {
     "preprocess": Kernel(
         "attention_bwd_preprocess_kernel",
         attention_bwd,
-        {"half": [(attention_bwd._PREPROCESS_BLOCK_M, 0, 4, 1)]},  # Triton's default 4 warps, 1 stage
+        # One tile (Triton's default 4 warps, 1 stage) at every class: O and dO rows are HEAD_DIM wide.
+        {name: [(attention_bwd._PREPROCESS_BLOCK_M, 0, 4, 1)] for name in CLASS_INPUT},
         flags={"HAS_DLSE": True},
         layouts=("padded", "packed"),
     ),

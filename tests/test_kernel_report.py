@@ -12,9 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from kernel_report import cuda_archs, cuda_rows, problems, table_row  # noqa: E402
+from kernel_report import HOPPER, SWEPT_CLASS, cuda_archs, cuda_rows, problems, table_row, triton_jobs  # noqa: E402
 from sass_analysis import parse_ptxas_log, parse_sass, sass_features, steady_loop  # noqa: E402
-from triton_static import mma_partitions, warp_specialized  # noqa: E402
+from triton_static import catalog, mma_partitions, warp_specialized  # noqa: E402
 
 
 def sass(*instructions: str) -> str:
@@ -155,6 +155,25 @@ def test_hopper_only_sources_are_reported_for_sm_90a_alone():
     assert cuda_archs(Path("fwd_d128_bf16.cu")) == ("sm_80", "sm_90a")
 
 
+def test_check_compiles_every_kernel_class_and_layout_a_hopper_launch_dispatches():
+    """On sm_90a each (kernel, class, layout) at its first tile (what LLM2VEC_FAST_AUTOTUNE=1 runs) with that
+    layout's flags, every tile of the swept class in every layout; elsewhere every tile in the first layout."""
+    shipped = catalog()
+    every_job = triton_jobs(("sm_80", HOPPER))
+    jobs = {(job.kernel, job.arch, job.input_class, job.variant, job.spec): job for job in every_job}
+    assert len(jobs) == len(every_job), "a tile is compiled twice"
+    assert all(job.overrides == shipped.LAYOUTS[job.variant] for job in jobs.values())
+    for label, kernel in shipped.KERNELS.items():
+        for arch in kernel.archs:
+            for input_class, specs in kernel.tables(arch).items():
+                for index, spec in enumerate(specs):
+                    every = arch == HOPPER and (index == 0 or input_class == SWEPT_CLASS)
+                    for layout in kernel.layouts if every else kernel.layouts[:1]:
+                        assert (label, arch, input_class, layout, spec) in jobs, (label, arch, input_class, layout)
+    # The head-dim-256 dK/dV tile, which once spilled dense and packed only, where the check did not look.
+    assert {("dkdv", HOPPER, "half_wide", layout, (16, 64, 8, 2)) for layout in ("dense", "packed")} <= set(jobs)
+
+
 def run_report(*args):
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     command = [sys.executable, str(ROOT / "benchmarks" / "kernel_report.py"), *args]
@@ -198,6 +217,6 @@ def test_cuda_report_reads_the_hopper_forward_and_the_mma_sync_forward(hopper_cu
     assert hopper["wgmma"] and hopper["tma"] and hopper["warp_specialized"] and not hopper["mma_sync"]
     assert hopper["loop_mma"] > 0 and hopper["per_block"] > 0 and hopper["spill_bytes"] == 0
     mma_sync = rows["fwd_d128_bf16.cu", "sm_90a"]
-    assert mma_sync["mma_sync"] and not mma_sync["wgmma"] and (mma_sync["block_m"], mma_sync["block_n"]) == (128, 64)
-    assert table_row(mma_sync)["tile"] == "128x64 w8"
+    assert mma_sync["mma_sync"] and not mma_sync["wgmma"] and (mma_sync["block_m"], mma_sync["block_n"]) == (128, 32)
+    assert table_row(mma_sync)["tile"] == "128x32 w4"  # configs.cuh: d128 FwdConfig, 128 x 32, 4 warps
     assert problems(hopper_cuda_rows) == []
