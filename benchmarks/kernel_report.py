@@ -61,6 +61,8 @@ CUDA_TILES = [
     (re.compile(r"HopperFwdConfig<[\w:]+, (\d+), (\d+), (\d+)>"), lambda d, n, s: (128, n, 8)),
     # Hopper backward: BLOCK_M queries against 128 keys, two consumer warpgroups of 64 keys each.
     (re.compile(r"HopperBwdConfig<[\w:]+, (\d+), (\d+), (\d+)>"), lambda d, m, s: (m, 128, 8)),
+    # Hopper dQ (deterministic path): 128 queries, two consumer warpgroups of 64 rows, against BLOCK_N keys.
+    (re.compile(r"HopperDqConfig<[\w:]+, (\d+), (\d+), (\d+)>"), lambda d, n, s: (128, n, 8)),
 ]
 COLUMNS = [
     "kernel",
