@@ -38,10 +38,6 @@ AMPERE_GROUPS = {}  # (kernel, class, layout) -> its sm_80 tiles
 for shipped in SHIPPED:
     if shipped.arch == "sm_80":
         AMPERE_GROUPS.setdefault(f"{shipped.kernel}-{shipped.input_class}-{shipped.variant}", []).append(shipped)
-# Spills --check finds that wait for the forward's fix (kernels/attention_fwd.py FWD_TILES["half_wide"]): the
-# pointer path's d256 tile, which windowed (and TMA-unaligned) 16-bit batches run on sm_90a, spills 8-208 bytes
-# outside the padded layout. Strict: once it is spill-free the test fails until its id is removed here.
-KNOWN_SPILLS = {f"fwd-sm_90a-half_wide-{layout}-128x64w8s2" for layout in ("dense", "scheduled", "scheduled_gqa")}
 HEAD_DIM_80 = [
     TileJob("fwd", "half", spec, "sm_90a", "head dim 80", dict(HEAD_DIM=80, BLOCK_D=128))
     for spec in KERNELS["fwd"].specs("half")
@@ -80,12 +76,7 @@ def compiled(request):
         yield rows
 
 
-def hopper_param(job: TileJob):
-    known = pytest.mark.xfail(strict=True, reason="a known spill, see KNOWN_SPILLS")
-    return pytest.param(job, id=job_id(job), marks=[known] if job_id(job) in KNOWN_SPILLS else [])
-
-
-@pytest.mark.parametrize("job", [hopper_param(job) for job in SHIPPED if job.arch == "sm_90a"])
+@pytest.mark.parametrize("job", [job for job in SHIPPED if job.arch == "sm_90a"], ids=job_id)
 def test_hopper_tile_passes_the_report_check(compiled, job):
     rows = compiled([job])
     assert not problems(rows), problems(rows)
