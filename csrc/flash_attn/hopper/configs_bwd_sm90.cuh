@@ -46,29 +46,15 @@ constexpr int hopper_bwd_smem_bytes() {
 // (seqlen_k padded, total keys varlen). "" or why a map cannot be encoded.
 template <class Cfg, class Work>
 std::string make_hopper_bwd_params(const BwdParams& p, int64_t kv_tokens, int ctas, HopperBwdParams& hp) {
-  const bool varlen = p.cu_seqlens_q != nullptr;
-  const int sequences = varlen ? 1 : p.batch;
-  const int64_t q_tokens = varlen ? p.tokens_q : p.seqlen_q;
   hp.p = p;
   hp.ctas = std::max(1, std::min(ctas, Work::total(p)));
-  std::string problem = encode_tma_descriptor(
-      operand_spec(p.q, Cfg::kHeadDim, q_tokens, p.heads_q, sequences, p.q_row_stride, p.q_head_stride,
-                   p.q_batch_stride, Cfg::kBlockM),
-      &hp.tma_q);
+  std::string problem =
+      encode_qkv_maps<Cfg::kHeadDim>(p, kv_tokens, Cfg::kBlockM, Cfg::kBlockN, &hp.tma_q, &hp.tma_k, &hp.tma_v);
   if (problem.empty()) {
-    problem = encode_tma_descriptor(operand_spec(p.dout, Cfg::kHeadDim, q_tokens, p.heads_q, sequences,
+    const int sequences = p.cu_seqlens_q != nullptr ? 1 : p.batch;
+    problem = encode_tma_descriptor(operand_spec(p.dout, Cfg::kHeadDim, query_tokens(p), p.heads_q, sequences,
                                                  p.do_row_stride, p.do_head_stride, p.do_batch_stride, Cfg::kBlockM),
                                     &hp.tma_do);
-  }
-  if (problem.empty()) {
-    problem = encode_tma_descriptor(operand_spec(p.k, Cfg::kHeadDim, kv_tokens, p.heads_kv, sequences, p.k_row_stride,
-                                                 p.k_head_stride, p.k_batch_stride, Cfg::kBlockN),
-                                    &hp.tma_k);
-  }
-  if (problem.empty()) {
-    problem = encode_tma_descriptor(operand_spec(p.v, Cfg::kHeadDim, kv_tokens, p.heads_kv, sequences, p.v_row_stride,
-                                                 p.v_head_stride, p.v_batch_stride, Cfg::kBlockN),
-                                    &hp.tma_v);
   }
   return problem;
 }

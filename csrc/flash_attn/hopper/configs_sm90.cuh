@@ -57,28 +57,36 @@ inline TmaTensorSpec operand_spec(const void* base, int head_dim, int64_t tokens
 // The kernel parameters with q, k and v's tensor maps and the persistent grid's size (at most `ctas`,
 // one block per SM on a GPU); kv_tokens is the length of k/v's token dimension (seqlen_k padded,
 // total keys varlen). "" or why a map cannot be encoded.
-template <class Cfg>
-std::string make_hopper_fwd_params(const FwdParams& p, int64_t kv_tokens, int ctas, HopperFwdParams& hp) {
-  const bool varlen = p.cu_seqlens_q != nullptr;
-  const int sequences = varlen ? 1 : p.batch;
-  const int64_t q_tokens = varlen ? p.tokens_q : p.seqlen_q;
-  hp.p = p;
-  hp.ctas = std::max(1, std::min(ctas, WorkTiles<Cfg::kBlockM>::total(p)));
-  std::string problem = encode_tma_descriptor(
-      operand_spec(p.q, Cfg::kHeadDim, q_tokens, p.heads_q, sequences, p.q_row_stride, p.q_head_stride,
-                   p.q_batch_stride, Cfg::kBlockM),
-      &hp.tma_q);
+// The length of q's (and dout's) token dimension: seqlen_q padded, total queries varlen.
+inline int64_t query_tokens(const AttnParams& p) { return p.cu_seqlens_q != nullptr ? p.tokens_q : p.seqlen_q; }
+
+// q, k and v's tensor maps, boxes of `box_q` query rows and `box_kv` key rows (the forward's and both backward
+// kernels'); kv_tokens is the length of k/v's token dimension. "" or why a map cannot be encoded.
+template <int kHeadDim>
+std::string encode_qkv_maps(const AttnParams& p, int64_t kv_tokens, int box_q, int box_kv, TmaDescriptor* tma_q,
+                            TmaDescriptor* tma_k, TmaDescriptor* tma_v) {
+  const int sequences = p.cu_seqlens_q != nullptr ? 1 : p.batch;
+  std::string problem = encode_tma_descriptor(operand_spec(p.q, kHeadDim, query_tokens(p), p.heads_q, sequences,
+                                                           p.q_row_stride, p.q_head_stride, p.q_batch_stride, box_q),
+                                              tma_q);
   if (problem.empty()) {
-    problem = encode_tma_descriptor(operand_spec(p.k, Cfg::kHeadDim, kv_tokens, p.heads_kv, sequences, p.k_row_stride,
-                                                 p.k_head_stride, p.k_batch_stride, Cfg::kBlockN),
-                                    &hp.tma_k);
+    problem = encode_tma_descriptor(operand_spec(p.k, kHeadDim, kv_tokens, p.heads_kv, sequences, p.k_row_stride,
+                                                 p.k_head_stride, p.k_batch_stride, box_kv),
+                                    tma_k);
   }
   if (problem.empty()) {
-    problem = encode_tma_descriptor(operand_spec(p.v, Cfg::kHeadDim, kv_tokens, p.heads_kv, sequences, p.v_row_stride,
-                                                 p.v_head_stride, p.v_batch_stride, Cfg::kBlockN),
-                                    &hp.tma_v);
+    problem = encode_tma_descriptor(operand_spec(p.v, kHeadDim, kv_tokens, p.heads_kv, sequences, p.v_row_stride,
+                                                 p.v_head_stride, p.v_batch_stride, box_kv),
+                                    tma_v);
   }
   return problem;
+}
+
+template <class Cfg>
+std::string make_hopper_fwd_params(const FwdParams& p, int64_t kv_tokens, int ctas, HopperFwdParams& hp) {
+  hp.p = p;
+  hp.ctas = std::max(1, std::min(ctas, WorkTiles<Cfg::kBlockM>::total(p)));
+  return encode_qkv_maps<Cfg::kHeadDim>(p, kv_tokens, Cfg::kBlockM, Cfg::kBlockN, &hp.tma_q, &hp.tma_k, &hp.tma_v);
 }
 
 template <class Elem, int kHeadDim, class Launch>
