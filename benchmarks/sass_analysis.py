@@ -1,4 +1,5 @@
-"""Read compiled GPU code without a GPU: ptxas's resource log, SASS (from cuobjdump) and the steady loop.
+"""Read compiled GPU code without a GPU: ptxas's resource log, a cubin's resource usage, SASS (from cuobjdump)
+and the steady loop.
 
 The steady loop of an attention kernel is the loop over key (or query) tiles that runs once per block of
 scores. In SASS a loop is a backward branch: the instructions from its target up to the branch are its
@@ -177,4 +178,16 @@ def parse_ptxas_log(log: str) -> dict[tuple[str, str], PtxasEntry]:
                 values.get("stack", 0),
                 int(shared.group(1)) if shared else 0,
             )
+    return entries
+
+
+def parse_resource_usage(text: str) -> dict[str, PtxasEntry]:
+    """``cuobjdump -res-usage`` of a cubin -> {function: entry}: what the binary itself records, whatever
+    flags built it. A cubin keeps its stack frame, not ptxas's spill byte counts, so ``spill_bytes`` is
+    the frame too (our kernels hold no local arrays: a frame is spilled registers)."""
+    entries = {}
+    for function, usage in re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", text):
+        values = dict(re.findall(r"(\w+(?:\[\d+\])?):(\d+)", usage))
+        stack = int(values["STACK"]) + int(values.get("LOCAL", 0))
+        entries[function] = PtxasEntry(int(values["REG"]), stack, stack, int(values.get("SHARED", 0)))
     return entries

@@ -1,8 +1,11 @@
 """Compile the shipped Triton kernels (kernels/catalog.py) for NVIDIA GPUs on a machine without one and read
-what the GPU would run: ptxas's registers and spills, shared memory, and the SASS of the steady loop.
+what the GPU would run: registers and spills, shared memory, and the SASS of the steady loop.
 
 Triton ships its own ptxas and cuobjdump, so ``triton.compile`` with an explicit ``GPUTarget`` produces
-real cubins here. Arguments are specialised as a launch on 16-byte-aligned tensors would be (pointers and
+real cubins here. Registers and spills are read from that cubin (``cuobjdump -res-usage``), so they are
+what Triton's own ptxas invocation made of the kernel, with the flags of the installed Triton (3.9 adds
+``--regAllocOptLevel=2``, which moves several tiles across the spill line), not a ptxas rerun of ours.
+Arguments are specialised as a launch on 16-byte-aligned tensors would be (pointers and
 strides divisible by 16). Under TRITON_INTERPRET=1 (the test session) every @triton.jit function is an
 interpreter function, so compilation runs in worker processes started with the variable cleared
 (:func:`compiler_pool`); spawned workers inherit ``sys.path``, so this module must be importable there.
@@ -24,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sass_analysis import parse_ptxas_log, parse_sass, sass_features, steady_loop
+from sass_analysis import parse_resource_usage, parse_sass, sass_features, steady_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOAT_ARGS = {"qk_scale", "softcap_scale", "sm_scale"}
@@ -147,8 +150,8 @@ def compile_tile(job: TileJob) -> TileReport:
             options=dict(num_warps=num_warps, num_stages=num_stages),
         )
     ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
-    resources = next(iter(parse_ptxas_log(_ptxas_log(ptx, job.arch)).values()))
-    instructions = next(iter(parse_sass(_sass(compiled.asm["cubin"])).values()))
+    resources = next(iter(parse_resource_usage(_cuobjdump("-res-usage", compiled.asm["cubin"])).values()))
+    instructions = next(iter(parse_sass(_cuobjdump("-sass", compiled.asm["cubin"])).values()))
     features = sass_features(instructions)
     loop = steady_loop(instructions)
     partitions, loop_warps = mma_partitions(ttgir, num_warps)
@@ -193,20 +196,10 @@ def mma_partitions(ttgir: str, num_warps: int) -> tuple[int, int]:
     return (len(warps), warps[0]) if warps else (1, num_warps)
 
 
-def _ptxas_log(ptx: str, arch: str) -> str:
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
-        handle.write(ptx)
-    try:
-        command = [triton_tool("ptxas"), f"-arch={arch}", "-v", handle.name, "-o", os.devnull]
-        return subprocess.run(command, capture_output=True, text=True, check=True).stderr
-    finally:
-        os.unlink(handle.name)
-
-
-def _sass(cubin: bytes) -> str:
+def _cuobjdump(option: str, cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as handle:
         handle.write(cubin)
     try:
-        return subprocess.run([triton_tool("cuobjdump"), "-sass", handle.name], capture_output=True, text=True).stdout
+        return subprocess.run([triton_tool("cuobjdump"), option, handle.name], capture_output=True, text=True).stdout
     finally:
         os.unlink(handle.name)

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from kernel_report import HOPPER, SWEPT_CLASS, cuda_archs, cuda_rows, problems, table_row, triton_jobs  # noqa: E402
-from sass_analysis import parse_ptxas_log, parse_sass, sass_features, steady_loop  # noqa: E402
+from sass_analysis import parse_ptxas_log, parse_resource_usage, parse_sass, sass_features, steady_loop  # noqa: E402
 from triton_static import catalog, mma_partitions, warp_specialized  # noqa: E402
 
 
@@ -120,6 +120,38 @@ def test_ptxas_log_gives_registers_spills_stack_and_shared_memory_per_function()
     )
     entry = parse_ptxas_log(log)[("_Z1kv", "sm_90a")]
     assert (entry.registers, entry.spill_bytes, entry.stack_bytes, entry.shared_bytes) == (255, 20, 16, 1024)
+
+
+def test_resource_usage_of_a_cubin_gives_registers_and_its_stack_frame_as_spills():
+    text = (
+        "Resource usage:\n Common:\n  GLOBAL:11 CONSTANT[4]:8\n Function attention_fwd_kernel:\n"
+        "  REG:168 STACK:8 SHARED:1024 LOCAL:0 CONSTANT[0]:720 TEXTURE:0 SURFACE:0 SAMPLER:0\n"
+        " Function other:\n  REG:40 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:400 TEXTURE:0 SURFACE:0 SAMPLER:0\n"
+    )
+    entries = parse_resource_usage(text)
+    assert set(entries) == {"attention_fwd_kernel", "other"}
+    entry = entries["attention_fwd_kernel"]
+    assert (entry.registers, entry.spill_bytes, entry.stack_bytes, entry.shared_bytes) == (168, 8, 8, 1024)
+    assert entries["other"].spill_bytes == 0
+
+
+def test_triton_figures_are_those_of_tritons_own_ptxas_run(tmp_path):
+    """The report reads the cubin Triton built, so its registers and spills are what Triton's ptxas flags
+    (3.9 adds --regAllocOptLevel=2) gave, as its own ptxas log says, not those of a ptxas rerun of ours."""
+    job = "TileJob('preprocess', 'half', (64, 0, 4, 1), 'sm_90a', 'padded')"
+    script = (
+        f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+        "from triton_static import TileJob, compile_tile\n"
+        f"report = compile_tile({job})\n"
+        "print('REPORT', report.registers, report.spill_bytes)\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    environment |= dict(TRITON_CACHE_DIR=str(tmp_path), TRITON_DUMP_PTXAS_LOG="1")  # a fresh compile, log shown
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (entry,) = parse_ptxas_log(result.stdout).values()
+    registers, stack = map(int, result.stdout.split("REPORT")[-1].split())
+    assert (registers, stack) == (entry.registers, entry.stack_bytes)
 
 
 def triton_row(arch="sm_90a", spill=0, hmma=0, hgmma=8, **overrides):
