@@ -103,6 +103,22 @@ def excluded(raw, allowed, NEGATIVE_SCALE: tl.constexpr):
 
 
 @triton.jit
+def inclusive_sums(values, SIZE: tl.constexpr):
+    """Inclusive prefix sums of an int32 vector of SIZE (a power of two >= 8) elements, as masked sums (the
+    Hopper warp specialization rejects tt.scan, tl.cumsum) in two levels: within rows of 8, then over the
+    rows' totals. SIZE x 8 terms, not the SIZE^2 of one masked sum, which at 64 held 32 registers a thread
+    and spilled in the 40-register partition that runs the tile schedule in the warp-specialized kernel."""
+    ROWS: tl.constexpr = SIZE // 8
+    grid = tl.reshape(values, (ROWS, 8))
+    cols = tl.arange(0, 8)
+    within = tl.sum(tl.where(cols[None, None, :] <= cols[None, :, None], grid[:, None, :], 0), axis=2)
+    rows = tl.arange(0, ROWS)
+    totals = tl.sum(grid, axis=1)
+    before = tl.sum(tl.where(rows[None, :] < rows[:, None], totals[None, :], 0), axis=1)
+    return tl.reshape(before[:, None] + within, (SIZE,))
+
+
+@triton.jit
 def _tiles_ending(
     CuSeqlensQ,
     chunk,
@@ -119,8 +135,7 @@ def _tiles_ending(
     ok = idx < num_seqs
     lengths = tl.load(CuSeqlensQ + idx + 1, mask=ok, other=0) - tl.load(CuSeqlensQ + idx, mask=ok, other=0)
     tiles = tl.cdiv(lengths * ROWS_PER_TOKEN, BLOCK_M)
-    # Prefix sums as a masked row sum: the Hopper warp specialization rejects tt.scan (tl.cumsum).
-    ends = before + tl.sum(tl.where(idx[None, :] <= idx[:, None], tiles[None, :], 0), axis=1)
+    ends = before + inclusive_sums(tiles, SCHEDULE_BLOCK)
     done = ok & (ends <= work)
     return tl.sum(done.to(tl.int32), axis=0), tl.max(tl.where(done, ends, 0), axis=0), before + tl.sum(tiles, axis=0)
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from attention_cases import key_padding_mask, offsets
 from oracle import assert_close, attention_oracle, varlen_oracle
 
@@ -285,6 +287,42 @@ def test_more_sequences_than_one_schedule_chunk(path, launches, count):
     check(*forward(q, k, v, cu_seqlens=offsets(lengths)), torch.bfloat16)
     expect_schedule = not specialized(path, torch.bfloat16)
     assert (launches.flags["SCHEDULE_BLOCK"] > 0) == expect_schedule
+
+
+@triton.jit
+def _schedule_kernel(
+    CuSeqlensQ, Items, num_seqs, ROWS_PER_TOKEN: tl.constexpr, BLOCK_M: tl.constexpr, SCHEDULE_BLOCK: tl.constexpr
+):
+    """Items[w] = (sequence, row tile) `scheduled_tile` gives work item w, in one chunk and chunk by chunk."""
+    work = tl.program_id(0)
+    for one_chunk in tl.static_range(2):
+        if one_chunk == 0 or num_seqs <= SCHEDULE_BLOCK:
+            seq, tile = attention_fwd.scheduled_tile(
+                CuSeqlensQ, num_seqs, work, ROWS_PER_TOKEN, BLOCK_M, SCHEDULE_BLOCK, one_chunk == 1
+            )
+            tl.store(Items + 4 * work + 2 * one_chunk, seq)
+            tl.store(Items + 4 * work + 2 * one_chunk + 1, tile)
+
+
+@pytest.mark.parametrize("count,rows_per_token", [(5, 1), (16, 4), (64, 2), (70, 1)])
+def test_schedule_numbers_every_tile_in_order(count, rows_per_token):
+    """The device-side schedule (its prefix sums in two levels, `inclusive_sums`) against the host's count:
+    work item w is tile w - (tiles before s) of the sequence s it falls in, empty sequences skipped, and past
+    the last tile the sequence is `count`. One chunk (the warp-specialized kernel's) and the chunk loop agree."""
+    lengths = short_lengths(count, 40)
+    block_m = 32
+    schedule_block = min(triton.next_power_of_2(max(count, 16)), attention_fwd.SCHEDULE_CHUNK)
+    ends = torch.tensor(lengths).mul(rows_per_token).add(block_m - 1).div(block_m, rounding_mode="floor").cumsum(0)
+    items = int(ends[-1]) + 3
+    got = torch.full((items, 2, 2), -1, dtype=torch.int32)
+    _schedule_kernel[(items,)](offsets(lengths), got, count, rows_per_token, block_m, schedule_block)
+    work = torch.arange(items)
+    seq = (ends[None, :] <= work[:, None]).sum(1)
+    first = torch.where(seq > 0, ends[(seq - 1).clamp(min=0)], 0)
+    expected = torch.stack([seq, work - first], 1).int()
+    assert torch.equal(got[:, 0], expected), "the chunk loop"
+    if count <= schedule_block:
+        assert torch.equal(got[:, 1], expected), "one chunk"
 
 
 def misaligned(tensor: torch.Tensor) -> torch.Tensor:
