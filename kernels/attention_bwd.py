@@ -547,6 +547,34 @@ def _dkdv_group(
 
 
 @triton.jit
+def _program_id_again(axis: tl.constexpr, INTERPRETING: tl.constexpr):
+    """tl.program_id(axis) read again from its special register by an asm the compiler may not merge with the
+    first read (which it would keep live instead); the interpreter runs no asm."""
+    if INTERPRETING:
+        return tl.program_id(axis)
+    zero = tl.full([], 0, tl.int32)
+    if axis == 0:
+        return tl.inline_asm_elementwise("mov.u32 $0, %ctaid.x;", "=r,r", [zero], tl.int32, False, 1)
+    elif axis == 1:
+        return tl.inline_asm_elementwise("mov.u32 $0, %ctaid.y;", "=r,r", [zero], tl.int32, False, 1)
+    else:
+        return tl.inline_asm_elementwise("mov.u32 $0, %ctaid.z;", "=r,r", [zero], tl.int32, False, 1)
+
+
+@triton.jit
+def _key_bounds(CuSeqlensK, batch, seqlen_k, IS_VARLEN: tl.constexpr):
+    """(k_start, k_len) of sequence `batch` read again (volatile loads, which the compiler does not merge with
+    the first): the epilogue's copies, so that they need not stay live through the query loops."""
+    if IS_VARLEN:
+        k_start = tl.load(CuSeqlensK + batch, volatile=True)
+        k_len = tl.load(CuSeqlensK + batch + 1, volatile=True) - k_start
+    else:
+        k_start = 0
+        k_len = seqlen_k
+    return k_start, k_len
+
+
+@triton.jit
 def _dkdv_program(
     Q,
     K,
@@ -647,10 +675,12 @@ def _dkdv_program(
     offset = k_len - q_len
     key_last = tl.minimum(key_first + BLOCK_N, k_len) - 1
 
-    kv_tokens = (k_start + offs_n).to(tl.int64)[:, None]
+    # Scalar 64-bit tile bases and int32 row offsets: 64-bit row addresses live across the query loops spilled.
+    tile_token = (k_start + key_first).to(tl.int64)
+    key_rows = tl.arange(0, BLOCK_N)[:, None]
     K += batch.to(tl.int64) * stride_kb + kv_head * stride_kh
-    k_keys = K + kv_tokens * stride_ks
-    v_keys = V + batch.to(tl.int64) * stride_vb + kv_tokens * stride_vs + kv_head * stride_vh
+    k_keys = K + tile_token * stride_ks + key_rows * stride_ks
+    v_keys = V + batch.to(tl.int64) * stride_vb + tile_token * stride_vs + kv_head * stride_vh + key_rows * stride_vs
     k = load_tile(k_keys + offs_h[None, :], key_ok, offs_h, True, HEAD_H, BLOCK_H)
     v = load_tile(v_keys + offs_h[None, :], key_ok, offs_h, True, HEAD_H, BLOCK_H)
     k_nonfinite = any_nonfinite(k)
@@ -664,7 +694,7 @@ def _dkdv_program(
         v_nonfinite = v_nonfinite | any_nonfinite(v_rest)
     # A full key tile (every key real, K and V finite) lets the query tiles inside the window and span skip masks.
     key_clean = (tl.min(key_ok.to(tl.int32), axis=0) > 0) & ~(k_nonfinite | v_nonfinite)
-    k_rows = K + (k_start + key_first).to(tl.int64) * stride_ks + offs_d
+    k_rows = K + tile_token * stride_ks + offs_d
     dk, dv = _dkdv_group(
         k,
         v,
@@ -726,8 +756,15 @@ def _dkdv_program(
         PRECISION,
         False,
     )
-    DK += batch.to(tl.int64) * stride_dkb + kv_head * stride_dkh
-    DV += batch.to(tl.int64) * stride_dvb + kv_head * stride_dvh
+    batch = _program_id_again(2, UPCAST)
+    kv_head = _program_id_again(1, UPCAST)
+    key_first = _program_id_again(0, UPCAST) // SPLIT_D * BLOCK_N
+    k_start, k_len = _key_bounds(CuSeqlensK, batch, seqlen_k, IS_VARLEN)
+    tile_token = (k_start + key_first).to(tl.int64)
+    DK += batch.to(tl.int64) * stride_dkb + tile_token * stride_dks + kv_head * stride_dkh
+    DV += batch.to(tl.int64) * stride_dvb + tile_token * stride_dvs + kv_head * stride_dvh
+    key_rows = tl.arange(0, BLOCK_N)  # recomputed here, not kept live through the loops
+    keys_in = key_rows < k_len - key_first
     if WINDOW_LEFT or WINDOW_RIGHT:
         # A non-finite q of a row that does not see some of these keys (a window edge) reaches their dK as
         # 0 * NaN and stays non-finite to the end. Rare: then redo dK and dV exactly (dQ is already right).
@@ -793,14 +830,14 @@ def _dkdv_program(
                 PRECISION,
                 True,
             )
-            _store_rows(DK, kv_tokens, stride_dks, dk * sm_scale, keys_in, offs_h, HEAD_H, BLOCK_H, UPCAST)
-            _store_rows(DV, kv_tokens, stride_dvs, dv, keys_in, offs_h, HEAD_H, BLOCK_H, UPCAST)
+            _store_rows(DK, key_rows[:, None], stride_dks, dk * sm_scale, keys_in, offs_h, HEAD_H, BLOCK_H, UPCAST)
+            _store_rows(DV, key_rows[:, None], stride_dvs, dv, keys_in, offs_h, HEAD_H, BLOCK_H, UPCAST)
         else:
-            _store_rows(DK, kv_tokens, stride_dks, dk * sm_scale, keys_in, offs_h, HEAD_H, BLOCK_H, UPCAST)
-            _store_rows(DV, kv_tokens, stride_dvs, dv, keys_in, offs_h, HEAD_H, BLOCK_H, UPCAST)
+            _store_rows(DK, key_rows[:, None], stride_dks, dk * sm_scale, keys_in, offs_h, HEAD_H, BLOCK_H, UPCAST)
+            _store_rows(DV, key_rows[:, None], stride_dvs, dv, keys_in, offs_h, HEAD_H, BLOCK_H, UPCAST)
     else:
-        _store_rows(DK, kv_tokens, stride_dks, dk * sm_scale, keys_in, offs_h, HEAD_H, BLOCK_H, UPCAST)
-        _store_rows(DV, kv_tokens, stride_dvs, dv, keys_in, offs_h, HEAD_H, BLOCK_H, UPCAST)
+        _store_rows(DK, key_rows[:, None], stride_dks, dk * sm_scale, keys_in, offs_h, HEAD_H, BLOCK_H, UPCAST)
+        _store_rows(DV, key_rows[:, None], stride_dvs, dv, keys_in, offs_h, HEAD_H, BLOCK_H, UPCAST)
 
 
 @triton.autotune(key=_BWD_KEY, reset_to_zero=["DQAccum"], **autotuned(BWD_TILES))
