@@ -59,6 +59,9 @@ DKDV_TILES = {
     "half_wide": [(16, 64, 8, 2)],
     "fp32": [(16, 32, 4, 2)],
 }
+# Ampere adds a fp32 dK/dV tile: on sm_80 16x32 w4 spills 8 bytes padded (a pointer at the head loop, under
+# Triton 3.9's --regAllocOptLevel=2) and w8 8 bytes dense and packed, so each layout has one spill-free tile.
+DKDV_AMPERE_TILES = {"fp32": [(16, 32, 8, 2)]}
 DQ_TILES = {
     "half": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
     "half_wide": [(64, 32, 8, 2), (64, 16, 8, 2)],
@@ -327,12 +330,12 @@ def _dkdv_group(
     Delta,
     KeyMask,
     KeySpans,
+    CuSeqlensQ,
     k_rows,
     num_spans,
     batch,
     kv_head,
-    q_start,
-    q_len,
+    seqlen_q,
     key_first,
     key_last,
     k_len,
@@ -354,6 +357,7 @@ def _dkdv_group(
     qk_scale,
     softcap_scale,
     GROUP: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
     MASK_QUERIES: tl.constexpr,
     FUSED_DQ: tl.constexpr,
     WINDOW_LEFT: tl.constexpr,
@@ -377,6 +381,7 @@ def _dkdv_group(
     keys_left = k_len - key_first
     for group_member in range(GROUP):
         head = kv_head * GROUP + group_member
+        q_start, q_len = _bounds_again(CuSeqlensQ, batch, seqlen_q, IS_VARLEN)  # per head: not live across heads
         q_base = Q + batch.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + head * stride_qh
         do_base = DOut + batch.to(tl.int64) * stride_db + q_start.to(tl.int64) * stride_ds + head * stride_dh
         dq_base = DQAccum + batch.to(tl.int64) * stride_dqb + q_start.to(tl.int64) * stride_dqs + head * stride_dqh
@@ -562,16 +567,15 @@ def _program_id_again(axis: tl.constexpr, INTERPRETING: tl.constexpr):
 
 
 @triton.jit
-def _key_bounds(CuSeqlensK, batch, seqlen_k, IS_VARLEN: tl.constexpr):
-    """(k_start, k_len) of sequence `batch` read again (volatile loads, which the compiler does not merge with
-    the first): the epilogue's copies, so that they need not stay live through the query loops."""
+def _bounds_again(CuSeqlens, batch, seq_len, IS_VARLEN: tl.constexpr):
+    """(start, len) of sequence `batch` read again where they are used (volatile loads, which the compiler does
+    not merge with the first read): kept live through the query loops instead, they spilled packed."""
     if IS_VARLEN:
-        k_start = tl.load(CuSeqlensK + batch, volatile=True)
-        k_len = tl.load(CuSeqlensK + batch + 1, volatile=True) - k_start
+        start = tl.load(CuSeqlens + batch, volatile=True)
+        seq_len = tl.load(CuSeqlens + batch + 1, volatile=True) - start
     else:
-        k_start = 0
-        k_len = seqlen_k
-    return k_start, k_len
+        start = 0
+    return start, seq_len
 
 
 @triton.jit
@@ -654,7 +658,7 @@ def _dkdv_program(
     split = tl.program_id(0) % SPLIT_D
     kv_head = tl.program_id(1)
     batch = tl.program_id(2)
-    q_start, q_len, k_start, k_len = sequence_bounds(CuSeqlensQ, CuSeqlensK, batch, seqlen_q, seqlen_k, IS_VARLEN)
+    _, q_len, k_start, k_len = sequence_bounds(CuSeqlensQ, CuSeqlensK, batch, seqlen_q, seqlen_k, IS_VARLEN)
     key_first = pid_n * BLOCK_N
     if key_first >= k_len:
         return
@@ -714,12 +718,12 @@ def _dkdv_program(
         Delta,
         KeyMask,
         KeySpans,
+        CuSeqlensQ,
         k_rows,
         num_spans,
         batch,
         kv_head,
-        q_start,
-        q_len,
+        seqlen_q,
         key_first,
         key_last,
         k_len,
@@ -741,6 +745,7 @@ def _dkdv_program(
         qk_scale,
         softcap_scale,
         GROUP,
+        IS_VARLEN,
         MASK_QUERIES,
         FUSED_DQ,
         WINDOW_LEFT,
@@ -759,7 +764,7 @@ def _dkdv_program(
     batch = _program_id_again(2, UPCAST)
     kv_head = _program_id_again(1, UPCAST)
     key_first = _program_id_again(0, UPCAST) // SPLIT_D * BLOCK_N
-    k_start, k_len = _key_bounds(CuSeqlensK, batch, seqlen_k, IS_VARLEN)
+    k_start, k_len = _bounds_again(CuSeqlensK, batch, seqlen_k, IS_VARLEN)
     tile_token = (k_start + key_first).to(tl.int64)
     DK += batch.to(tl.int64) * stride_dkb + tile_token * stride_dks + kv_head * stride_dkh
     DV += batch.to(tl.int64) * stride_dvb + tile_token * stride_dvs + kv_head * stride_dvh
@@ -788,12 +793,12 @@ def _dkdv_program(
                 Delta,
                 KeyMask,
                 KeySpans,
+                CuSeqlensQ,
                 k_rows,
                 num_spans,
                 batch,
                 kv_head,
-                q_start,
-                q_len,
+                seqlen_q,
                 key_first,
                 key_last,
                 k_len,
@@ -815,6 +820,7 @@ def _dkdv_program(
                 qk_scale,
                 softcap_scale,
                 GROUP,
+                IS_VARLEN,
                 MASK_QUERIES,
                 False,
                 WINDOW_LEFT,
@@ -970,7 +976,7 @@ def attention_bwd_kernel(
     )
 
 
-@triton.autotune(key=_BWD_KEY, **autotuned(DKDV_TILES))
+@triton.autotune(key=_BWD_KEY, **autotuned(DKDV_TILES, ampere_table=DKDV_AMPERE_TILES))
 @triton.jit
 def attention_bwd_dkdv_kernel(
     Q,

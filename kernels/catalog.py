@@ -90,6 +90,7 @@ KERNELS: dict[str, Kernel] = {
         "attention_bwd_dkdv_kernel",
         attention_bwd,
         attention_bwd.DKDV_TILES,
+        arch_tiles={"sm_80": attention_bwd.DKDV_AMPERE_TILES},
         layouts=_BWD_LAYOUTS,
         flags=dict(SPLIT_D=1),
         class_flags={name: dict(SPLIT_D=attention_bwd.dkdv_split(CLASS_INPUT[name][1])) for name in CLASS_INPUT},
