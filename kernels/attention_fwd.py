@@ -170,6 +170,30 @@ def scheduled_tile(
 
 
 @triton.jit
+def opaque(value, SKIP: tl.constexpr):
+    """`value` (an int32 scalar) through an asm the compiler can neither see through nor merge: what is derived
+    from the copy is computed where it is used, not kept live from the first computation. SKIP: `value`
+    itself (the interpreter runs no asm)."""
+    if SKIP:
+        return value
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [value], tl.int32, False, 1)
+
+
+@triton.jit
+def block_rows(tile_first, head, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, PACK_GQA: tl.constexpr):
+    """(token, query head) of each row of the tile of rows [tile_first, tile_first + BLOCK_M); without
+    PACK_GQA the head is `head` for every row."""
+    rows = tile_first + tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        tokens = rows // GROUP
+        heads = head * GROUP + rows % GROUP
+    else:
+        tokens = rows
+        heads = head
+    return tokens, heads
+
+
+@triton.jit
 def _attend_tiles(
     acc,
     l_i,
@@ -647,17 +671,13 @@ def attention_fwd_kernel(
     if not HOPPER:  # past its sequence's end (the Hopper path masks instead: see above)
         if tile_first >= rows:
             return
-    tile_rows = tile_first + tl.arange(0, BLOCK_M)
     tile_last = tl.maximum(tl.minimum(tile_first + BLOCK_M, rows) - 1, tile_first)
+    offs_m, heads = block_rows(tile_first, head, GROUP, BLOCK_M, PACK_GQA)
     if PACK_GQA:
-        offs_m = tile_rows // GROUP
-        heads = head * GROUP + tile_rows % GROUP
         kv_head = head
         row_first = tile_first // GROUP
         row_last = tile_last // GROUP
     else:
-        offs_m = tile_rows
-        heads = head
         kv_head = head // GROUP
         row_first = tile_first
         row_last = tile_last
@@ -720,6 +740,14 @@ def attention_fwd_kernel(
         NEGATIVE_SCALE,
         EVEN_KEYS,
     )
+    # The epilogue's rows again, from an opaque copy of tile_first: kept live through the key walk instead,
+    # ptxas (Triton 3.9's --regAllocOptLevel=2) spilled them there (8-48 B at 128x128 and in fp32 tiles).
+    # Not with GQA packing: there the copy moves the pressure into the key loops (56 B at 128x128, not 8).
+    offs_m, heads = block_rows(opaque(tile_first, UPCAST or PACK_GQA), head, GROUP, BLOCK_M, PACK_GQA)
+    rows_in = offs_m < q_len
+    rows_real = rows_in
+    if MASK_QUERIES:
+        rows_real = real_keys(KeyMask, offs_m, rows_in, True)
     Out += batch.to(tl.int64) * stride_ob + q_start.to(tl.int64) * stride_os
     Lse += batch.to(tl.int64) * stride_lb + q_start
     if WINDOW_LEFT or WINDOW_RIGHT or (HAS_MASK and V.dtype.element_ty == tl.float32):
