@@ -6,7 +6,8 @@ persistent (a grid of at most ctas blocks, each walking work tiles c, c + ctas, 
 ctas is 3, emu_set_backward_ctas changes it): every dq element is written once by a plain store (the emulator
 fails a launch that stores to one word twice), and blocks that walk several work tiles (ring and K/V or Q/dO
 barriers carried across them, empty tiles skipped in between) give the same bits as one block per tile. The
-atomic path's dK/dV kernel stays one block per work tile. The emulator runs a grid's blocks one after another,
+atomic path's dK/dV kernel (the default) is persistent too: with 1 or 3 blocks walking the work tiles it matches
+the oracle, and its dk and dv are the deterministic path's bits. The emulator runs a grid's blocks one after another,
 in launch order or in a permutation a seed fixes (emu_set_block_order): the deterministic path gives
 bitwise-equal dq, dk and dv under different orders, while the atomic path, whose float32 dQ sums depend on the
 order the key tiles' blocks add in, does not, which shows that the check can fail. The deterministic path is
@@ -205,6 +206,23 @@ def test_persistent_blocks_walk_several_work_tiles(hopper, backward_ctas, block_
     for (ctas, seed), grads in zip(grids[1:], runs[1:]):
         for name, first, again in zip(("dq", "dk", "dv"), runs[0], grads):
             assert torch.equal(first, again), f"{name} with {ctas} blocks (order {seed}) differs from one block's"
+
+
+@pytest.mark.parametrize("make_case", [packed_short_sequences, padded_gqa_with_padded_key_tile])
+def test_atomic_persistent_blocks_walk_several_work_tiles(hopper, backward_ctas, block_order, make_case):
+    """The atomic path with 1 block (every work tile in one block) and 3 blocks (in launch order and permuted):
+    matches the oracle each time, and its dk and dv (one block per key tile, in the same order of sums) are the
+    bits of the deterministic path's dK/dV kernel, the same code without the dQ product."""
+    case = make_case()
+    out, lse = hopper.forward(case)
+    deterministic = hopper.backward(case, out, lse, deterministic=True, with_dlse=False)
+    for ctas, seed in ((1, 0), (3, 0), (3, 3)):  # (ctas, block order seed)
+        backward_ctas(ctas)
+        block_order(seed)
+        grads = hopper.backward(case, out, lse, deterministic=False, with_dlse=False)
+        check(case, (out, lse, *grads))
+        for name, want, got in zip(("dk", "dv"), deterministic[1:], grads[1:]):
+            assert torch.equal(want, got), f"atomic {name} with {ctas} blocks (order {seed}) differs from deterministic"
 
 
 # ---- non-finite inputs on the deterministic path: the dQ kernel's exact slow path repairs every row that does

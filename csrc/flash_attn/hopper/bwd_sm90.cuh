@@ -3,14 +3,12 @@
 // add in) or without dQ (the deterministic path, whose dQ is bwd_dq_sm90.cuh's, one writer per element).
 // The preprocess (delta, lse in log2 units) is the sm80 kernel's.
 //
-// On the deterministic path a persistent grid of hp.ctas blocks (at most one per SM) over the work tiles
-// (key tile of kBlockN keys, kv head, sequence) in BwdWorkTiles' order: block c takes tiles c, c + ctas, ...,
-// tiles past a sequence's end skipped in a few instructions by the producer and the consumers alike; on the
-// atomic path, whose consumers have no registers left for the loop's state, one block per work tile.
-// Three warpgroups. Warpgroup 0
+// A persistent grid of hp.ctas blocks (at most one per SM) over the work tiles (key tile of kBlockN keys, kv head,
+// sequence) in BwdWorkTiles' order: block c takes tiles c, c + ctas, ..., tiles past a sequence's end skipped in a
+// few instructions by the producer and the consumers alike. Three warpgroups. Warpgroup 0
 // is the producer: it gives its registers away (setmaxnreg) and, per work tile, one thread loads K and V
 // (once the consumers have released the previous tile's, which staged its dK and dV: kv_empty), then for
-// every query head of the GQA group and every query tile that sees these keys the Q and dO tiles by TMA
+// every query tile that sees these keys and every query head of the GQA group the Q and dO tiles by TMA
 // into a kStages-deep ring, while its first kBlockM threads copy the tile's lse2 and delta rows into the
 // same stage (one full mbarrier per stage: their arrivals and the TMA transaction bytes; a stage is reused
 // once both consumers have arrived on its empty mbarrier). The ring's stage and phase and the K/V barriers'
@@ -92,14 +90,16 @@ struct HopperBwdConfig {
   static constexpr int kBoxBytesQ = QTile::kBytes;
   static constexpr int kBoxBytesKV = KVTile::kBytes;
   // From a 1024-byte aligned base: K, V, Q stages, dO stages, dS^T per consumer, lse2 and delta stages
-  // (kBlockM floats each), then the mbarriers (kv full, kv empty; per stage full, empty), 8 bytes each.
+  // (kBlockM floats each), the consumers' loop state (8 bytes per thread), then the mbarriers (kv full, kv empty;
+  // per stage full, empty), 8 bytes each.
   static constexpr int kOffV = KVTile::kBytes;
   static constexpr int kOffQ = 2 * KVTile::kBytes;
   static constexpr int kOffDo = kOffQ + kStages * QTile::kBytes;
   static constexpr int kOffDs = kOffDo + kStages * QTile::kBytes;
   static constexpr int kOffLse = kOffDs + kConsumers * DSTile::kBytes;
   static constexpr int kOffDelta = kOffLse + kStages * kBlockM * 4;
-  static constexpr int kOffBarriers = kOffDelta + kStages * kBlockM * 4;
+  static constexpr int kOffLoopState = kOffDelta + kStages * kBlockM * 4;
+  static constexpr int kOffBarriers = kOffLoopState + 128 * kConsumers * 8;
   static constexpr int kSmemBytes = 1024 + kOffBarriers + 8 * (2 + 2 * kStages);
 
   static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "wgmma n = head dim, whole 64-column panels");
@@ -116,6 +116,7 @@ template <class Cfg>
 struct HopperBwdSmem {
   uint32_t k, v, q, d_o, ds;     // q, d_o: kStages tiles each; ds: one tile per consumer
   uint32_t lse, delta;            // kStages rows of kBlockM floats each
+  uint32_t loop_state;            // (work tile, kv_round) of each consumer thread
   uint32_t kv_full, kv_empty, full, empty;  // full, empty: kStages barriers each, 8 bytes apart
 
   __device__ __forceinline__ explicit HopperBwdSmem(uint32_t base) {
@@ -127,6 +128,7 @@ struct HopperBwdSmem {
     ds = aligned + Cfg::kOffDs;
     lse = aligned + Cfg::kOffLse;
     delta = aligned + Cfg::kOffDelta;
+    loop_state = aligned + Cfg::kOffLoopState;
     kv_full = aligned + Cfg::kOffBarriers;
     kv_empty = kv_full + 8;
     full = kv_empty + 8;
@@ -138,6 +140,8 @@ struct HopperBwdSmem {
   __device__ __forceinline__ uint32_t row_stage(uint32_t rows, int s) const {
     return rows + static_cast<uint32_t>(s * Cfg::kBlockM * 4);
   }
+  // This consumer thread's loop-state slot (the thread index opaque: recomputed at each use, never kept live).
+  __device__ __forceinline__ uint32_t loop_state_slot() const { return loop_state + 8 * (opaque(threadIdx.x) - 128); }
 };
 
 __device__ __forceinline__ void st_shared_f32(uint32_t addr, float value) {
@@ -146,8 +150,25 @@ __device__ __forceinline__ void st_shared_f32(uint32_t addr, float value) {
   st_shared_u32(addr, bits);
 }
 
+// This thread's place among the consumers, from an opaque thread index: built where it is used (per work tile, per
+// query tile, in the epilogue), so that what derives from it is recomputed there instead of staying live across the
+// persistent and query-tile loops, where the accumulators leave no registers for it.
+struct BwdConsumerThread {
+  int consumer, warp, lane;  // consumer warpgroup (0 or 1), warp within it, lane
+
+  __device__ __forceinline__ BwdConsumerThread() {
+    const int t = static_cast<int>(opaque(threadIdx.x));
+    consumer = t / 128 - 1;
+    warp = (t / 32) % 4;
+    lane = t % 32;
+  }
+  __device__ __forceinline__ int thread() const { return 32 * warp + lane; }  // within the warpgroup
+  __device__ __forceinline__ int krow0() const { return 64 * consumer; }      // first key within the block's tile
+  __device__ __forceinline__ int warp_key0() const { return krow0() + 16 * warp; }
+};
+
 // The block's key tile, kv head and sequence, and the query tiles [t_first, t_hi) that see its keys
-// (those without a real query skipped), walked once per query head of the group; the same in every thread.
+// (those without a real query skipped), each taken once per query head of the group; the same in every thread.
 template <int kBlockM, int kBlockN>
 struct HopperBwdBlock {
   SeqSlice seq;
@@ -168,15 +189,24 @@ struct HopperBwdBlock {
   __device__ __forceinline__ const uint32_t* query_bits(const BwdParams& p) const {
     return p.query_rows_masked ? key_bits : nullptr;
   }
-  __device__ __forceinline__ int after(const BwdParams& p, int tile) const {
-    return next_tile_with_tokens<kBlockM>(query_bits(p), tile + 1, t_hi);
+  __device__ __forceinline__ int after(const BwdParams& p, int tile) const { return after(p, tile, t_hi); }
+  __device__ __forceinline__ int after(const BwdParams& p, int tile, int end) const {
+    return next_tile_with_tokens<kBlockM>(query_bits(p), tile + 1, end);
+  }
+  // t_hi once more (when some query sees the tile), from an opaque n0: the consumers' query-tile loop ends there
+  // without keeping t_hi live across its body.
+  __device__ __forceinline__ int walk_end(const BwdParams& p) const {
+    const int n = static_cast<int>(opaque(n0));
+    int m_lo, m_hi;
+    visible_queries(p, seq, n, min(kBlockN, seq.len_k - n), m_lo, m_hi);
+    return ceil_div(m_hi, kBlockM);
   }
   __device__ __forceinline__ int batch_coord(const BwdParams& p) const { return p.cu_seqlens_q != nullptr ? 0 : b; }
 };
 
 // One work tile of the producer (some query sees its keys): thread 0 loads K and V once the consumers have
 // released the previous work tile's (kv_round: the work tiles this block has loaded), then Q and dO of every
-// (query head, query tile) of the walk; threads 0 .. kBlockM-1 copy that tile's lse2 and delta (row = thread;
+// (query tile, query head) of the walk; threads 0 .. kBlockM-1 copy that tile's lse2 and delta (row = thread;
 // +inf and 0 past the sequence). `it` counts the ring's tiles across work tiles.
 template <class Cfg>
 __device__ __forceinline__ void produce_bwd_tile(const HopperBwdParams& hp, const HopperBwdSmem<Cfg>& sm,
@@ -198,10 +228,10 @@ __device__ __forceinline__ void produce_bwd_tile(const HopperBwdParams& hp, cons
     }
   }
 #pragma unroll 1
-  for (int c = 0; c < p.group; ++c) {
-    const int h = blk.hk * p.group + c;
+  for (int tile = blk.t_first; tile < blk.t_hi; tile = blk.after(p, tile)) {
 #pragma unroll 1
-    for (int tile = blk.t_first; tile < blk.t_hi; tile = blk.after(p, tile), ++it) {
+    for (int c = 0; c < p.group; ++c, ++it) {
+      const int h = blk.hk * p.group + c;
       const int s = it % kStages;
       mbarrier_wait(sm.empty + 8 * s, ((it / kStages) & 1) ^ 1);
       const int m0 = tile * Cfg::kBlockM;
@@ -225,9 +255,8 @@ __device__ __forceinline__ void produce_bwd_tile(const HopperBwdParams& hp, cons
   }
 }
 
-// The producer: every work tile of this block (kPersistent; else the block's one), those no query sees skipped
-// (the consumers write zeros).
-template <class Cfg, bool kPersistent>
+// The producer: every work tile of this block, those no query sees skipped (the consumers write zeros).
+template <class Cfg>
 __device__ __forceinline__ void produce_bwd(const HopperBwdParams& hp, const HopperBwdSmem<Cfg>& sm) {
   using Work = BwdWorkTiles<Cfg::kBlockN, true>;
   setmaxnreg_dec<Cfg::kProducerRegs>();
@@ -235,14 +264,12 @@ __device__ __forceinline__ void produce_bwd(const HopperBwdParams& hp, const Hop
   if (row >= Cfg::kBlockM) return;
   const BwdParams& p = hp.p;
   int it = 0, kv_round = 0;
-  const int w_end = kPersistent ? Work::total(p) : static_cast<int>(blockIdx.x) + 1;
 #pragma unroll 1
-  for (int w = blockIdx.x; w < w_end; w += hp.ctas) {
+  for (int w = blockIdx.x; w < Work::total(p); w += hp.ctas) {
     int n_block, hk, b;
     Work::coords(w, p, n_block, hk, b);
     const HopperBwdBlock<Cfg::kBlockM, Cfg::kBlockN> blk(p, n_block, hk, b);
     if (blk.t_first < blk.t_hi) produce_bwd_tile<Cfg>(hp, sm, blk, row, it, kv_round++);
-    if constexpr (!kPersistent) break;
   }
 }
 
@@ -265,16 +292,16 @@ __device__ __forceinline__ float seen_dq_share(const AttnParams& p, const SeqSli
 // dK and dV of this consumer's 64 keys when no query sees them: zeros.
 template <class Cfg>
 __device__ __forceinline__ void write_zero_dkdv(const BwdParams& p,
-                                                const HopperBwdBlock<Cfg::kBlockM, Cfg::kBlockN>& blk, int consumer) {
+                                                const HopperBwdBlock<Cfg::kBlockM, Cfg::kBlockN>& blk) {
   constexpr int kChunks = Cfg::kHeadDim / 8;
   const int key_token = blk.seq.k_token0 + blk.n0;
   uint16_t* dk = static_cast<uint16_t*>(p.dk) +
                  token_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, blk.b, key_token, blk.hk);
   uint16_t* dv = static_cast<uint16_t*>(p.dv) +
                  token_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, blk.b, key_token, blk.hk);
-  // thread is opaque for the reason given in consume_bwd_tile.
-  const int r0 = 64 * consumer, rows = min(64, blk.cols - r0), thread = static_cast<int>(opaque(threadIdx.x) % 128);
-  for (int idx = thread; idx < rows * kChunks; idx += 128) {
+  const BwdConsumerThread me;
+  const int r0 = me.krow0(), rows = min(64, blk.cols - r0);
+  for (int idx = me.thread(); idx < rows * kChunks; idx += 128) {
     const int64_t off = (r0 + idx / kChunks) * p.dk_row_stride + (idx % kChunks) * 8;
     st_global_16(dk + off, make_uint4(0u, 0u, 0u, 0u));
     st_global_16(dv + off, make_uint4(0u, 0u, 0u, 0u));
@@ -283,11 +310,13 @@ __device__ __forceinline__ void write_zero_dkdv(const BwdParams& p,
 
 // One consumer warpgroup on one work tile that some query sees: its 64 keys against every query tile of the
 // walk (adding dQ shares if kAtomicDq), then dK and dV, staged through its K and V rows, which then go back to
-// the producer (kv_empty). `it` counts the ring's tiles across work tiles, kv_round the K/V tiles.
+// the producer (kv_empty). `it` counts the ring's tiles across work tiles, kv_round the K/V tiles. Every value
+// derived from the thread index comes from a BwdConsumerThread built where it is used, and t_hi, the tile's key
+// count and its first key token are recomputed where needed: kept live across the query-tile loop, they spilled.
 template <class Cfg, bool kAtomicDq>
 __device__ __forceinline__ void consume_bwd_tile(const HopperBwdParams& hp,
                                                  const HopperBwdBlock<Cfg::kBlockM, Cfg::kBlockN>& blk,
-                                                 const HopperBwdSmem<Cfg>& sm, int consumer, int& it, int kv_round) {
+                                                 const HopperBwdSmem<Cfg>& sm, int& it, int kv_round) {
   using Elem = typename Cfg::Elem;
   using QTile = typename Cfg::QTile;
   using KVTile = typename Cfg::KVTile;
@@ -296,22 +325,19 @@ __device__ __forceinline__ void consume_bwd_tile(const HopperBwdParams& hp,
   constexpr int kQT = BM / 8, kDT = D / 8;  // n8 column tiles of S^T and of dK / dV / dQ
   const BwdParams& p = hp.p;
   const SeqSlice& seq = blk.seq;
-  // The thread index is opaque so that what derives from it (addresses) is computed per work tile, as when one
-  // block took one tile: hoisted out of the persistent loop, it would stay live across the epilogue too and spill.
-  const int thread = static_cast<int>(opaque(threadIdx.x) % 128);
-  const int warp = thread / 32, lane = thread % 32;
-  const int krow0 = 64 * consumer;           // this warpgroup's first key within the block's tile
-  const int warp_key0 = krow0 + 16 * warp;  // this warp's first key
-  const int n0w = blk.n0 + krow0;
   const uint32_t* query_bits = blk.query_bits(p);
-  const uint32_t s_ds = sm.ds + consumer * DSTile::kBytes;
 
   TileBits<Cfg::kBlockN> key_valid;
   key_valid.load(blk.key_bits, blk.n0, seq.len_k);
   const bool keys_all_valid = key_valid.all();
   bool key_ok[2];
+  {
+    const BwdConsumerThread me;
 #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) key_ok[hf] = is_token(blk.key_bits, blk.n0 + warp_key0 + lane / 4 + 8 * hf, seq.len_k);
+    for (int hf = 0; hf < 2; ++hf) {
+      key_ok[hf] = is_token(blk.key_bits, blk.n0 + me.warp_key0() + me.lane / 4 + 8 * hf, seq.len_k);
+    }
+  }
 
   const ScoreTransform score(p);
   float acc_dk[D / 2], acc_dv[D / 2];  // n8 tile dt: [4 dt .. 4 dt + 3], rows = keys
@@ -324,10 +350,13 @@ __device__ __forceinline__ void consume_bwd_tile(const HopperBwdParams& hp,
   float acc_s[BM / 2], acc_dp[BM / 2];
   mbarrier_wait(sm.kv_full, kv_round & 1);
 #pragma unroll 1
-  for (int c = 0; c < p.group; ++c) {
-    const int h = blk.hk * p.group + c;
+  for (int tile = blk.t_first, end = blk.t_hi; tile < end; end = blk.walk_end(p), tile = blk.after(p, tile, end)) {
 #pragma unroll 1
-    for (int tile = blk.t_first; tile < blk.t_hi; tile = blk.after(p, tile), ++it) {
+    for (int c = 0; c < p.group; ++c, ++it) {
+      const int h = blk.hk * p.group + c;
+      const BwdConsumerThread me;
+      const int n0w = blk.n0 + me.krow0();
+      const uint32_t s_ds = sm.ds + me.consumer * DSTile::kBytes;
       const int s = it % kStages;
       const uint32_t sq = sm.stage(sm.q, s), sdo = sm.stage(sm.d_o, s);
       // K's and V's wgmma descriptors are recomputed per query tile: the persistent schedule's loop state leaves
@@ -340,13 +369,13 @@ __device__ __forceinline__ void consume_bwd_tile(const HopperBwdParams& hp,
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        wgmma_ss<Elem, BM, Major::kK, Major::kK>(acc_s, KVTile::k_major(k_tile, krow0, kk), QTile::k_major(sq, 0, kk),
-                                                 kk > 0);
+        wgmma_ss<Elem, BM, Major::kK, Major::kK>(acc_s, KVTile::k_major(k_tile, me.krow0(), kk),
+                                                 QTile::k_major(sq, 0, kk), kk > 0);
       }
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        wgmma_ss<Elem, BM, Major::kK, Major::kK>(acc_dp, KVTile::k_major(v_tile, krow0, kk), QTile::k_major(sdo, 0, kk),
-                                                 kk > 0);
+        wgmma_ss<Elem, BM, Major::kK, Major::kK>(acc_dp, KVTile::k_major(v_tile, me.krow0(), kk),
+                                                 QTile::k_major(sdo, 0, kk), kk > 0);
       }
       wgmma_commit();
       wgmma_wait<0>();
@@ -361,17 +390,17 @@ __device__ __forceinline__ void consume_bwd_tile(const HopperBwdParams& hp,
           !keys_all_valid || !query_valid.all() || !window_covers_tile(p, seq, m0, BM, blk.n0, Cfg::kBlockN);
 #pragma unroll
       for (int j = 0; j < kQT; ++j) {
-        const float2 lse2s = ld_shared_f32x2(sm.row_stage(sm.lse, s) + 4 * (8 * j + 2 * (lane % 4)));
-        const float2 deltas = ld_shared_f32x2(sm.row_stage(sm.delta, s) + 4 * (8 * j + 2 * (lane % 4)));
+        const float2 lse2s = ld_shared_f32x2(sm.row_stage(sm.lse, s) + 4 * (8 * j + 2 * (me.lane % 4)));
+        const float2 deltas = ld_shared_f32x2(sm.row_stage(sm.delta, s) + 4 * (8 * j + 2 * (me.lane % 4)));
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int bit = (j % 4) * 8 + 2 * (lane % 4) + (e % 2);  // query m0 + 32 * (j / 4) + bit
+          const int bit = (j % 4) * 8 + 2 * (me.lane % 4) + (e % 2);  // query m0 + 32 * (j / 4) + bit
           const int col = 32 * (j / 4) + bit;
           const float lse2 = e % 2 == 0 ? lse2s.x : lse2s.y;
           const float delta = e % 2 == 0 ? deltas.x : deltas.y;
           bool seen = true;
           if (tile_masked) {
-            const int key = blk.n0 + warp_key0 + lane / 4 + 8 * (e / 2);
+            const int key = blk.n0 + me.warp_key0() + me.lane / 4 + 8 * (e / 2);
             seen = key_ok[e / 2] && query_valid.test(j / 4, bit) && in_window(p, seq, m0 + col, key);
           }
           const float t = score.stored(acc_s[4 * j + e]);
@@ -390,18 +419,18 @@ __device__ __forceinline__ void consume_bwd_tile(const HopperBwdParams& hp,
         // dS^T to this warpgroup's shared tile, once its previous dQ product has retired in every warp.
         // (The tile's address is opaque so that its 16 store addresses are recomputed here, not hoisted out of
         // the loop, where they would stay live and spill.)
-        named_barrier_sync(kBwdConsumerBarrier0 + consumer, 128);
+        named_barrier_sync(kBwdConsumerBarrier0 + me.consumer, 128);
         const uint32_t ds_tile = opaque(s_ds);
 #pragma unroll
         for (int j = 0; j < kQT; ++j) {
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
-            store_pair<DSTile, Elem>(ds_tile, 16 * warp + lane / 4 + 8 * hf, j, acc_dp[4 * j + 2 * hf],
+            store_pair<DSTile, Elem>(ds_tile, 16 * me.warp + me.lane / 4 + 8 * hf, j, acc_dp[4 * j + 2 * hf],
                                      acc_dp[4 * j + 2 * hf + 1]);
           }
         }
         fence_proxy_async();
-        named_barrier_sync(kBwdConsumerBarrier0 + consumer, 128);
+        named_barrier_sync(kBwdConsumerBarrier0 + me.consumer, 128);
       }
 
       // dV += P^T dO, dK += dS^T Q (k = the tile's queries); then dQ_share = dS K_own (k = this warpgroup's
@@ -431,7 +460,7 @@ __device__ __forceinline__ void consume_bwd_tile(const HopperBwdParams& hp,
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         wgmma_ss<Elem, D, Major::kMN, Major::kMN>(acc_dq, DSTile::mn_major(s_ds, kk),
-                                                  KVTile::mn_major(k_tile, 4 * consumer + kk), kk > 0);
+                                                  KVTile::mn_major(k_tile, 4 * me.consumer + kk), kk > 0);
       }
       wgmma_commit();
       wgmma_wait<0>();
@@ -447,8 +476,8 @@ __device__ __forceinline__ void consume_bwd_tile(const HopperBwdParams& hp,
       for (int dt = 0; dt < kDT; ++dt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int r = 16 * warp + lane / 4 + 8 * (e / 2);
-          const int col = 8 * dt + 2 * (lane % 4) + (e % 2);
+          const int r = 16 * me.warp + me.lane / 4 + 8 * (e / 2);
+          const int col = 8 * dt + 2 * (me.lane % 4) + (e % 2);
           if (!is_token(query_bits, m0 + r, seq.len_q)) continue;
           if (nonfinite(acc_dq[4 * dt + e])) {
             redo |= uint64_t{1} << (4 * dt + e);
@@ -460,21 +489,24 @@ __device__ __forceinline__ void consume_bwd_tile(const HopperBwdParams& hp,
 #pragma unroll 1
       for (int idx = 0; redo != 0 && idx < D / 2; ++idx) {
         if (!((redo >> idx) & 1u)) continue;
-        const int r = 16 * warp + lane / 4 + 8 * ((idx % 4) / 2);
-        const int col = 8 * (idx / 4) + 2 * (lane % 4) + (idx % 2);
+        const int r = 16 * me.warp + me.lane / 4 + 8 * ((idx % 4) / 2);
+        const int col = 8 * (idx / 4) + 2 * (me.lane % 4) + (idx % 2);
         atomic_add_f32(dq + r * p.dqa_row_stride + col,
-                       seen_dq_share<Cfg>(p, seq, blk.key_bits, s_ds, sm.k, n0w, krow0, m0 + r, r, col));
+                       seen_dq_share<Cfg>(p, seq, blk.key_bits, s_ds, sm.k, n0w, me.krow0(), m0 + r, r, col));
       }
     }
   }
 
   // dK and dV staged through this warpgroup's own K and V rows, once every warp's products have retired.
-  named_barrier_sync(kBwdConsumerBarrier0 + consumer, 128);
-  // The epilogue's shared addresses derive from opaque values (the tiles and the warp's first key) so that they
-  // are recomputed per work tile: hoisted out of the persistent loop, they would stay live across it and spill.
+  const BwdConsumerThread me;
+  named_barrier_sync(kBwdConsumerBarrier0 + me.consumer, 128);
+  // The epilogue's shared addresses derive from opaque values (the tiles, the thread) so that they are recomputed
+  // per work tile: hoisted out of the persistent loop, they would stay live across it and spill. So is the sequence
+  // (b opaque: its first key token and the tile's key count are read again, not kept across the loop).
   const uint32_t dk_tile = opaque(sm.k), dv_tile = opaque(sm.v);
-  const int stage_row0 = static_cast<int>(opaque(warp_key0));
-  const int key_token = seq.k_token0 + blk.n0;  // the global rows: computed here, not kept across the loop
+  const int stage_row0 = me.warp_key0();
+  const SeqSlice tile_seq = seq_slice(p, static_cast<int>(opaque(blk.b)));
+  const int key_token = tile_seq.k_token0 + blk.n0, cols = min(Cfg::kBlockN, tile_seq.len_k - blk.n0);
   const uint16_t* k = static_cast<const uint16_t*>(p.k) +
                       token_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, blk.b, key_token, blk.hk);
   const uint16_t* v = static_cast<const uint16_t*>(p.v) +
@@ -488,7 +520,7 @@ __device__ __forceinline__ void consume_bwd_tile(const HopperBwdParams& hp,
   for (int dt = 0; dt < kDT; ++dt) {
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      const int r = stage_row0 + lane / 4 + 8 * hf;
+      const int r = stage_row0 + me.lane / 4 + 8 * hf;
       const float k0 = acc_dk[4 * dt + 2 * hf], k1 = acc_dk[4 * dt + 2 * hf + 1];
       const float v0 = acc_dv[4 * dt + 2 * hf], v1 = acc_dv[4 * dt + 2 * hf + 1];
       redo[hf] = redo[hf] || nonfinite(k0) || nonfinite(k1) || nonfinite(v0) || nonfinite(v1);
@@ -504,40 +536,45 @@ __device__ __forceinline__ void consume_bwd_tile(const HopperBwdParams& hp,
       if (!((redo_rows >> wr) & 1u)) continue;
       const int r = stage_row0 + wr;
       RowSlice<D> dk_row, dv_row;
-      seen_dkdv_row<Elem, D>(p, seq, score, blk.b, blk.hk, blk.n0 + r, k + r * p.k_row_stride, v + r * p.v_row_stride,
-                             blk.key_bits, query_bits, dk_row, dv_row);
+      seen_dkdv_row<Elem, D>(p, tile_seq, score, blk.b, blk.hk, blk.n0 + r, k + r * p.k_row_stride,
+                             v + r * p.v_row_stride, blk.key_bits, query_bits, dk_row, dv_row);
       store_row_slice<KVTile, Elem, D>(dk_tile, r, dk_row, p.scale);
       store_row_slice<KVTile, Elem, D>(dv_tile, r, dv_row, 1.f);
     }
     __syncwarp();
   }
-  copy_rows_to_global<KVTile, 16>(dk_tile, stage_row0, dk, p.dk_row_stride, blk.cols);
-  copy_rows_to_global<KVTile, 16>(dv_tile, stage_row0, dv, p.dk_row_stride, blk.cols);
+  copy_rows_to_global<KVTile, 16>(dk_tile, stage_row0, dk, p.dk_row_stride, cols);
+  copy_rows_to_global<KVTile, 16>(dv_tile, stage_row0, dv, p.dk_row_stride, cols);
   // The K and V tiles (which staged dK and dV) go back to the producer; its next TMA load overwrites them.
   fence_proxy_async();
   mbarrier_arrive(sm.kv_empty);
 }
 
-// A consumer warpgroup: every work tile of this block (kPersistent; else the block's one).
-template <class Cfg, bool kAtomicDq, bool kPersistent>
-__device__ __forceinline__ void consume_bwd(const HopperBwdParams& hp, const HopperBwdSmem<Cfg>& sm, int consumer) {
+// A consumer warpgroup: every work tile of this block. While a work tile's query-tile loop runs, the loop's own
+// state (work tile, kv_round) waits in this thread's slot of shared memory: kept in registers across that loop,
+// it (or what ptxas evicted in its place) spilled on the atomic path.
+template <class Cfg, bool kAtomicDq>
+__device__ __forceinline__ void consume_bwd(const HopperBwdParams& hp, const HopperBwdSmem<Cfg>& sm) {
   using Work = BwdWorkTiles<Cfg::kBlockN, true>;
   setmaxnreg_inc<Cfg::kConsumerRegs>();
   const BwdParams& p = hp.p;
   int it = 0, kv_round = 0;
-  const int w_end = kPersistent ? Work::total(p) : static_cast<int>(blockIdx.x) + 1;
 #pragma unroll 1
-  for (int w = blockIdx.x; w < w_end; w += hp.ctas) {
+  for (int w = blockIdx.x; w < Work::total(p); w += hp.ctas) {
     int n_block, hk, b;
     Work::coords(w, p, n_block, hk, b);
     const HopperBwdBlock<Cfg::kBlockM, Cfg::kBlockN> blk(p, n_block, hk, b);
     if (blk.cols <= 0) continue;  // past the end of a shorter varlen sequence
     if (blk.t_first >= blk.t_hi) {
-      write_zero_dkdv<Cfg>(p, blk, consumer);
-    } else {
-      consume_bwd_tile<Cfg, kAtomicDq>(hp, blk, sm, consumer, it, kv_round++);
+      write_zero_dkdv<Cfg>(p, blk);
+      continue;
     }
-    if constexpr (!kPersistent) break;
+    st_shared_u32(sm.loop_state_slot(), static_cast<uint32_t>(w));
+    st_shared_u32(sm.loop_state_slot() + 4, static_cast<uint32_t>(kv_round + 1));
+    consume_bwd_tile<Cfg, kAtomicDq>(hp, blk, sm, it, kv_round);
+    const float2 saved = ld_shared_f32x2(sm.loop_state_slot());  // the two words' bits (no 8-byte integer load)
+    memcpy(&w, &saved.x, 4);
+    memcpy(&kv_round, &saved.y, 4);
   }
 }
 
@@ -556,13 +593,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_sm90_kernel(const __grid
     mbarrier_init_fence();
   }
   __syncthreads();
-  // The atomic path's consumers have no registers left for the persistent loop's state (it spills): one block
-  // per work tile there (launch_backward_sm90 gives it a grid of every tile).
-  constexpr bool kPersistent = !kAtomicDq;
   if (threadIdx.x < 128) {
-    produce_bwd<Cfg, kPersistent>(hp, sm);
+    produce_bwd<Cfg>(hp, sm);
   } else {
-    consume_bwd<Cfg, kAtomicDq, kPersistent>(hp, sm, static_cast<int>(threadIdx.x) / 128 - 1);
+    consume_bwd<Cfg, kAtomicDq>(hp, sm);
   }
 }
 

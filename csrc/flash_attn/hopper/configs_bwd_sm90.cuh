@@ -72,23 +72,20 @@ using DkdvWork = BwdWorkTiles<Cfg::kBlockN, true>;
 template <class Cfg>
 using DqWork = BwdWorkTiles<Cfg::kBlockM, false>;
 
-// Both kernels' parameters, the deterministic path's a persistent grid of at most `ctas` blocks each, the atomic
-// path's dK/dV kernel one block per work tile (bwd_sm90_kernel<.., true> is not persistent); the dQ kernel's only
-// for the deterministic path (p.dq_accum null). "" or why a map cannot be encoded.
+// Both kernels' parameters, each a persistent grid of at most `ctas` blocks; the dQ kernel's only for the
+// deterministic path (p.dq_accum null). "" or why a map cannot be encoded.
 template <class Elem, int kHeadDim>
 std::string make_hopper_bwd_launch_params(const BwdParams& p, int64_t kv_tokens, int ctas, HopperBwdLaunchParams& lp) {
   using KV = typename HopperBwdConfigs<Elem, kHeadDim>::KV;
   using Q = typename HopperBwdConfigs<Elem, kHeadDim>::Q;
-  const int kv_ctas = p.dq_accum != nullptr ? DkdvWork<KV>::total(p) : ctas;
-  std::string problem = make_hopper_bwd_params<KV, DkdvWork<KV>>(p, kv_tokens, kv_ctas, lp.dkdv);
+  std::string problem = make_hopper_bwd_params<KV, DkdvWork<KV>>(p, kv_tokens, ctas, lp.dkdv);
   if (problem.empty() && p.dq_accum == nullptr) {
     problem = make_hopper_bwd_params<Q, DqWork<Q>>(p, kv_tokens, ctas, lp.dq);
   }
   return problem;
 }
 
-// The grid of a kernel over its work tiles: hp.ctas blocks (every tile's on the atomic path), none when there is
-// no work tile.
+// The grid of a kernel over its work tiles: hp.ctas blocks, none when there is no work tile.
 template <class Work>
 dim3 persistent_grid(const HopperBwdParams& hp) {
   return dim3(Work::total(hp.p) > 0 ? hp.ctas : 0);

@@ -1,6 +1,6 @@
 // The CUDA launcher of the Hopper backward: tensor maps encoded on the host, then the preprocess
 // (run_bwd_preprocess of the sm80 objects) and the dK/dV kernel (adding dQ with atomics), or on the
-// deterministic path the dK/dV kernel and the dQ kernel, both persistent grids of one block per SM.
+// deterministic path the dK/dV kernel and the dQ kernel; every one a persistent grid of one block per SM.
 #pragma once
 
 #include <cuda_runtime_api.h>
