@@ -549,13 +549,15 @@ FWD_TILES = {  # the pointer path, on Hopper and Ampere, and the TMA span walk (
     "half": [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
     # wgmma and spill-free on sm_90a in every layout (128x64 w8 s2 spilled 8-208 B outside padded); spills on sm_80
     "half_wide": [(128, 32, 8, 2)],
-    "fp32": [(32, 64, 8, 2), (16, 64, 4, 2), (16, 32, 8, 2)],
+    "fp32": [(32, 64, 8, 2), (16, 64, 4, 2)],
 }
 # Tiles only Ampere tunes over besides FWD_TILES: under 64 query rows a dot is below wgmma's minimum and
-# compiles to mma.sync on Hopper; on sm_80 they are the spill-free head-dim-256 choices.
+# compiles to mma.sync on Hopper; on sm_80 they are the spill-free head-dim-256 choices, and fp32's 16x32 is
+# its only spill-free one (on sm_90a that tile has an 8-byte stack frame, an unused local LLVM leaves).
 FWD_AMPERE_TILES = {
     "half": [(32, 64, 4, 2)],
     "half_wide": [(32, 64, 4, 2), (16, 64, 4, 2)],
+    "fp32": [(16, 32, 8, 2)],
 }
 # The Hopper path (HOPPER: TMA, warp specialization; 16-bit inputs only). 4 warps: Triton's Hopper warp
 # specialization makes them the producer and adds two consumer warpgroups of 4 warps each. At least one
