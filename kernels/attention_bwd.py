@@ -59,8 +59,8 @@ DKDV_TILES = {
     "half_wide": [(16, 64, 8, 2)],
     "fp32": [(16, 32, 4, 2)],
 }
-# Ampere adds a fp32 dK/dV tile: on sm_80 16x32 w4 spills 8 bytes padded (a pointer at the head loop, under
-# Triton 3.9's --regAllocOptLevel=2) and w8 8 bytes dense and packed, so each layout has one spill-free tile.
+# Ampere adds a fp32 dK/dV tile: on sm_80, under Triton 3.9's --regAllocOptLevel=2, 16x32 w4 spills 8 / 24 bytes
+# padded / packed (a pointer held across the head loop) and w8 8 bytes dense, so each layout has a spill-free tile.
 DKDV_AMPERE_TILES = {"fp32": [(16, 32, 8, 2)]}
 DQ_TILES = {
     "half": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
