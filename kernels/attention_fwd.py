@@ -433,6 +433,10 @@ def _attend_spans(
             else:
                 full_start = tl.minimum(lo + tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_N) * BLOCK_N, hi)
                 full_end = full_start + (tl.maximum(full_hi - full_start, 0) // BLOCK_N) * BLOCK_N
+                # By pointers at 16 bits the tail starts at an opaque copy of full_end, so that its first tile's
+                # addresses are computed after the full tiles, not before them and kept live (8 B spilled at
+                # 128x128 with GQA packing). On TMA or at fp32 the copy costs more than it saves.
+                tail_skip: tl.constexpr = UPCAST or TMA or V.dtype.element_ty == tl.float32
                 if WINDOW_LEFT:  # without a left window the span starts with full tiles
                     acc, l_i, m_i = _attend_tiles(
                         acc,
@@ -516,7 +520,7 @@ def _attend_spans(
                     KDesc,
                     VDesc,
                     KeyMask,
-                    full_end,
+                    opaque(full_end, tail_skip),
                     hi,
                     offs_m,
                     offs_d,
