@@ -304,13 +304,13 @@ def _schedule_kernel(
             tl.store(Items + 4 * work + 2 * one_chunk + 1, tile)
 
 
-@pytest.mark.parametrize("count,rows_per_token", [(5, 1), (16, 4), (64, 2), (70, 1)])
+@pytest.mark.parametrize("count,rows_per_token", [(5, 1), (16, 4), (64, 2), (70, 2)])
 def test_schedule_numbers_every_tile_in_order(count, rows_per_token):
     """The device-side schedule (its prefix sums in two levels, `inclusive_sums`) against the host's count:
     work item w is tile w - (tiles before s) of the sequence s it falls in, empty sequences skipped, and past
     the last tile the sequence is `count`. One chunk (the warp-specialized kernel's) and the chunk loop agree."""
     lengths = short_lengths(count, 40)
-    block_m = 32
+    block_m = 64  # sequences of 1 to 3 tiles
     schedule_block = min(triton.next_power_of_2(max(count, 16)), attention_fwd.SCHEDULE_CHUNK)
     ends = torch.tensor(lengths).mul(rows_per_token).add(block_m - 1).div(block_m, rounding_mode="floor").cumsum(0)
     items = int(ends[-1]) + 3
