@@ -36,6 +36,7 @@ from .tiles import (
     convert,
     load_tile,
     mma,
+    program_id_again,
     query_rows,
     real_keys,
     sequence_bounds,
@@ -552,21 +553,6 @@ def _dkdv_group(
 
 
 @triton.jit
-def _program_id_again(axis: tl.constexpr, INTERPRETING: tl.constexpr):
-    """tl.program_id(axis) read again from its special register by an asm the compiler may not merge with the
-    first read (which it would keep live instead); the interpreter runs no asm."""
-    if INTERPRETING:
-        return tl.program_id(axis)
-    zero = tl.full([], 0, tl.int32)
-    if axis == 0:
-        return tl.inline_asm_elementwise("mov.u32 $0, %ctaid.x;", "=r,r", [zero], tl.int32, False, 1)
-    elif axis == 1:
-        return tl.inline_asm_elementwise("mov.u32 $0, %ctaid.y;", "=r,r", [zero], tl.int32, False, 1)
-    else:
-        return tl.inline_asm_elementwise("mov.u32 $0, %ctaid.z;", "=r,r", [zero], tl.int32, False, 1)
-
-
-@triton.jit
 def _bounds_again(CuSeqlens, batch, seq_len, IS_VARLEN: tl.constexpr):
     """(start, len) of sequence `batch` read again where they are used (volatile loads, which the compiler does
     not merge with the first read): kept live through the query loops instead, they spilled packed."""
@@ -761,9 +747,9 @@ def _dkdv_program(
         PRECISION,
         False,
     )
-    batch = _program_id_again(2, UPCAST)
-    kv_head = _program_id_again(1, UPCAST)
-    key_first = _program_id_again(0, UPCAST) // SPLIT_D * BLOCK_N
+    batch = program_id_again(2, UPCAST)
+    kv_head = program_id_again(1, UPCAST)
+    key_first = program_id_again(0, UPCAST) // SPLIT_D * BLOCK_N
     k_start, k_len = _bounds_again(CuSeqlensK, batch, seqlen_k, IS_VARLEN)
     tile_token = (k_start + key_first).to(tl.int64)
     DK += batch.to(tl.int64) * stride_dkb + tile_token * stride_dks + kv_head * stride_dkh

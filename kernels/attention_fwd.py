@@ -37,6 +37,7 @@ from .tiles import (
     convert,
     load_tile,
     mma,
+    opaque,
     query_rows,
     real_keys,
     sequence_bounds,
@@ -167,16 +168,6 @@ def scheduled_tile(
             seq += done
             first = tl.maximum(first, last_end)
     return seq, work - first
-
-
-@triton.jit
-def opaque(value, SKIP: tl.constexpr):
-    """`value` (an int32 scalar) through an asm the compiler can neither see through nor merge: what is derived
-    from the copy is computed where it is used, not kept live from the first computation. SKIP: `value`
-    itself (the interpreter runs no asm)."""
-    if SKIP:
-        return value
-    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [value], tl.int32, False, 1)
 
 
 @triton.jit

@@ -12,6 +12,33 @@ import triton
 import triton.language as tl
 
 
+# Compiler fences: a value the compiler would keep live through a loop (and spill) is recomputed where it is
+# used instead, from a copy the compiler cannot prove equal to the first.
+@triton.jit
+def opaque(value, SKIP: tl.constexpr):
+    """`value` (an int32 scalar) through an asm the compiler can neither see through nor merge: what is derived
+    from the copy is computed where it is used, not kept live from the first computation. SKIP: `value`
+    itself (the interpreter runs no asm)."""
+    if SKIP:
+        return value
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [value], tl.int32, False, 1)
+
+
+@triton.jit
+def program_id_again(axis: tl.constexpr, SKIP: tl.constexpr):
+    """tl.program_id(axis) read again from its special register by an asm the compiler may not merge with the
+    first read (which it would keep live instead). SKIP: tl.program_id itself (the interpreter runs no asm)."""
+    if SKIP:
+        return tl.program_id(axis)
+    zero = tl.full([], 0, tl.int32)
+    if axis == 0:
+        return tl.inline_asm_elementwise("mov.u32 $0, %ctaid.x;", "=r,r", [zero], tl.int32, False, 1)
+    elif axis == 1:
+        return tl.inline_asm_elementwise("mov.u32 $0, %ctaid.y;", "=r,r", [zero], tl.int32, False, 1)
+    else:
+        return tl.inline_asm_elementwise("mov.u32 $0, %ctaid.z;", "=r,r", [zero], tl.int32, False, 1)
+
+
 @triton.jit
 def mma(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """tl.dot in fp32 accumulation; the interpreter gets fp32 operands (its bf16 dot is broken)."""
