@@ -197,9 +197,11 @@ def mma_partitions(ttgir: str, num_warps: int) -> tuple[int, int]:
 
 
 def _cuobjdump(option: str, cubin: bytes) -> str:
+    """cuobjdump's output for `cubin`; a failure raises naming the command (not an empty dump read as no kernel)."""
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as handle:
         handle.write(cubin)
     try:
-        return subprocess.run([triton_tool("cuobjdump"), option, handle.name], capture_output=True, text=True).stdout
+        command = [triton_tool("cuobjdump"), option, handle.name]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(handle.name)
