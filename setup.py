@@ -6,7 +6,10 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-PACKAGES = find_packages(include=["llm2vec_fast", "llm2vec_fast.*"]) + ["llm2vec_fast.kernels"]
+# kernels/ (Triton) and csrc/cpu/ (the fused CPU ops, compiled on first use: llm2vec_fast/cpu_fused.py) ship inside
+# the package.
+PACKAGES = find_packages(include=["llm2vec_fast", "llm2vec_fast.*"])
+PACKAGES += ["llm2vec_fast.kernels", "llm2vec_fast._cpu_source"]
 
 # ---- the optional CUDA extension llm2vec_fast._cuda (csrc/) ----------------------------------------
 # LLM2VEC_FAST_BUILD_CUDA=1 forces it (an error if impossible), =0 skips it, unset builds it when
@@ -139,8 +142,8 @@ setup(
     description="Fused bidirectional flash attention (Triton/CUDA) for turning decoder LLMs into text encoders",
     python_requires=">=3.10",
     packages=PACKAGES,
-    package_dir={"llm2vec_fast.kernels": "kernels"},
-    package_data={"llm2vec_fast.training": ["presets/*.json"]},
+    package_dir={"llm2vec_fast.kernels": "kernels", "llm2vec_fast._cpu_source": "csrc/cpu"},
+    package_data={"llm2vec_fast.training": ["presets/*.json"], "llm2vec_fast._cpu_source": ["*.cpp"]},
     install_requires=[
         "torch>=2.11",
         "triton>=3.6; platform_system == 'Linux'",
@@ -153,6 +156,7 @@ setup(
         "tqdm",
         "numpy",
         "matplotlib",
+        "ninja",  # torch's JIT build of the fused CPU ops (llm2vec_fast/cpu_fused.py)
     ],
     extras_require={
         # Both ends tested: sentence-transformers 5.4 (the first to hand prompts to preprocess apart from the

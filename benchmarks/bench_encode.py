@@ -21,8 +21,9 @@ CUDA GPU: on a machine without one it says so and exits 0.
 mix. Each method is warmed up once, then the methods take turns, one full encode each per round, and the
 median of ``--repeats`` rounds is reported, so that load from other processes falls on every method alike:
 
-- ``llm2vec_fast (auto: cpu)``: ``LLM2Vec.encode``, attention by torch's fused CPU kernel (backends/cpu.py);
-- ``llm2vec_fast (reference)``: the same with the exact reference backend forced;
+- ``llm2vec_fast (auto: cpu)``: ``LLM2Vec.encode``, attention by torch's fused CPU kernel (backends/cpu.py), RMSNorm,
+  SwiGLU and rotary embedding by the fused CPU ops (llm2vec_fast/cpu_fused.py);
+- ``llm2vec_fast (reference)``: the same with the exact reference attention backend forced;
 - ``hf sdpa``: the same weights, text preparation and tokenization (official-format features, left-padded,
   batches sorted by length), HF SDPA attention with ``is_causal=False``, mean over the text: the official
   library's way on the current transformers;

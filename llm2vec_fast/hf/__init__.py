@@ -8,6 +8,7 @@ hidden = model(**packed.model_inputs()).last_hidden_state           # (1, T, H):
 
 from .attention import ATTENTION_NAME, llm2vec_fast_attention, llm2vec_fast_mask, register
 from .dropout import dropout_disabled, without_dropout
+from .fused_cpu import use_fused_cpu_ops
 from .packing import PackedBatch, pack_batch, pack_sequences
 from .patching import (
     SUPPORTED_MODEL_TYPES,
@@ -37,5 +38,6 @@ __all__ = [
     "register",
     "route_attention",
     "transformers_model",
+    "use_fused_cpu_ops",
     "without_dropout",
 ]
