@@ -2,11 +2,11 @@
 
 Eager PyTorch runs HF's RMSNorm as five passes over the activations, SwiGLU's activation as two and the rotary
 embedding as six; on CPU those passes cost more than the attention (a 4-layer, hidden-256 Llama: 1.6 of 5.7
-CPU-seconds of an encode). The ops in
-``csrc/cpu/fused_ops.cpp`` make each one pass, with ATen's vector math (``silu_mul`` and ``rotary`` equal
-the eager results bit for bit; ``rms_norm`` differs from HF's only in the order of its sum of squares).
+CPU-seconds of an encode). The ops in ``csrc/cpu/fused_ops.cpp`` make each one pass, with ATen's vector math
+(``silu_mul`` and ``rotary`` equal the eager results bit for bit; ``rms_norm`` differs from HF's only in the order
+of its sum of squares).
 
-They are compiled on first use with torch's JIT extension builder (a C++ compiler and ninja; ~15 s once, then
+They are compiled on first use with torch's JIT extension builder (a C++ compiler and ninja; ~16 s once, then
 cached under ``TORCH_EXTENSIONS_DIR``) for the vector instructions torch itself dispatches to on this CPU.
 ``LLM2VEC_FAST_CPU_FUSED=0`` turns them off. Where they cannot be built, :func:`unavailable_reason` says why and
 callers keep the eager ops (:mod:`llm2vec_fast.hf.fused_cpu` does).
@@ -116,6 +116,7 @@ def unavailable_reason() -> str | None:
 
 
 def available() -> bool:
+    """Whether the fused ops are loaded (building them on the first call)."""
     return unavailable_reason() is None
 
 

@@ -158,7 +158,7 @@ class LLM2Vec(nn.Module):
         check_supported_model(config)
         if config._attn_implementation != ATTENTION_NAME:
             route_attention(model, causal=getattr(config, "is_causal", True) is not False)
-        use_fused_cpu_ops(model)  # RMSNorm and SwiGLU in one pass each where the model runs on CPU in float32
+        use_fused_cpu_ops(model)  # RMSNorm, SwiGLU and rotary in one pass each where it runs on CPU in float32
         self.model = model
         self.tokenizer = tokenizer
         self.pooling_mode = check_pooling_mode(pooling_mode)

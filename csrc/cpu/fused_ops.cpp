@@ -1,11 +1,12 @@
-// Fused elementwise CPU ops for the token-wise parts of a decoder layer (RMSNorm, SwiGLU, rotary embedding) (llm2vec_fast/cpu_ops.py builds and loads
-// this file on first use; llm2vec_fast/hf/cpu_fast_path.py swaps them into RMSNorm and SwiGLU MLP modules).
+// Fused elementwise CPU ops for the token-wise parts of a decoder layer: RMSNorm, SwiGLU, rotary embedding.
+// llm2vec_fast/cpu_fused.py builds and loads this file on first use; llm2vec_fast/hf/fused_cpu.py routes a model's
+// RMSNorm and SwiGLU MLP modules and its rotary embedding through them.
 //
-// Eager PyTorch runs HF's RMSNorm as five passes over the activations (pow, mean, add, rsqrt-mul, weight-mul) and
-// SwiGLU as two (silu, mul) and the rotary embedding as six, each through memory; here each is one pass. The arithmetic is HF's, in float32, with
-// ATen's own vector math (at::vec, Sleef's exp as torch's silu uses it): only the order of the RMSNorm sum of
-// squares differs from torch's reduction.
-// Built with -ffp-contract=off: no multiply-add is fused, so each result is rounded where eager rounds it.
+// Eager PyTorch runs HF's RMSNorm as five passes over the activations (pow, mean, add, rsqrt-mul, weight-mul),
+// SwiGLU as two (silu, mul) and the rotary embedding as six, each through memory; here each is one pass. The
+// arithmetic is HF's, in float32, with ATen's own vector math (at::vec, Sleef's exp as torch's silu uses it): only
+// the order of the RMSNorm sum of squares differs from torch's reduction. Built with -ffp-contract=off: no
+// multiply-add is fused, so each result is rounded where eager rounds it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -101,7 +102,8 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   check_float_cpu(x, "rotary", "x");
   check_float_cpu(cos, "rotary", "cos");
   check_float_cpu(sin, "rotary", "sin");
-  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1, "rotary: x must be (batch, heads, seq, head_dim) with a last stride of 1");
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1,
+              "rotary: x must be (batch, heads, seq, head_dim) with a last stride of 1");
   const int64_t batch = x.size(0), heads = x.size(1), seq = x.size(2), dim = x.size(3), half = dim / 2;
   TORCH_CHECK(dim % 2 == 0, "rotary: head_dim must be even, got ", dim);
   for (const at::Tensor* t : {&cos, &sin}) {

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -74,50 +74,53 @@ def _rms_norm(module: nn.Module, hidden_states: Tensor) -> Tensor | None:
     return cpu_fused.rms_norm(hidden_states, module.weight, module.variance_epsilon)
 
 
-def _down_projection(down_proj: nn.Module, hidden_chunks: Iterator[Tensor], rows: int) -> Tensor:
-    """``down_proj`` of each chunk of hidden activations, stacked in order: written in place into one (rows, out)
-    tensor where ``down_proj`` is a plain ``nn.Linear``, concatenated otherwise (LoRA and other wrappers)."""
+def _chunked_swiglu(
+    x: Tensor,
+    intermediate_size: int,
+    gate_and_up: Callable[[Tensor], tuple[Tensor, Tensor]],
+    activation: nn.Module,
+    down_proj: nn.Module,
+) -> Tensor:
+    """``down_proj(activation(gate) * up)`` of `x`'s tokens, walked in chunks of :func:`_chunk_rows` tokens; the down
+    projection writes each chunk in place where it is a plain float32 ``nn.Linear``, else the chunks are joined."""
+    rows = x.reshape(-1, x.shape[-1])
+    step = _chunk_rows(intermediate_size)
+
+    def hidden_chunks() -> Iterator[Tensor]:
+        for start in range(0, rows.shape[0], step):
+            gate, up = gate_and_up(rows[start : start + step])
+            yield cpu_fused.silu_mul(gate, up) if _fusable(gate, up) else activation(gate) * up
+
     if type(down_proj) is not nn.Linear or down_proj.weight.dtype != torch.float32:
-        return torch.cat([down_proj(hidden) for hidden in hidden_chunks])
-    weight, bias = down_proj.weight.t(), down_proj.bias
-    out = torch.empty(rows, weight.shape[1])
-    start = 0
-    for hidden in hidden_chunks:
-        target = out[start : start + hidden.shape[0]]
-        torch.mm(hidden, weight, out=target) if bias is None else torch.addmm(bias, hidden, weight, out=target)
-        start += hidden.shape[0]
-    return out
+        out = torch.cat([down_proj(hidden) for hidden in hidden_chunks()])
+    else:
+        weight, bias = down_proj.weight.t(), down_proj.bias
+        out = rows.new_empty((rows.shape[0], weight.shape[1]))
+        for start, hidden in zip(range(0, rows.shape[0], step), hidden_chunks()):
+            target = out[start : start + hidden.shape[0]]
+            torch.mm(hidden, weight, out=target) if bias is None else torch.addmm(bias, hidden, weight, out=target)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _swiglu(module: nn.Module, x: Tensor) -> Tensor | None:
     if not _fusable(x):
         return None
-    rows = x.reshape(-1, x.shape[-1])
-    step = _chunk_rows(module.gate_proj.out_features)
 
-    def hidden_chunks() -> Iterator[Tensor]:
-        for start in range(0, rows.shape[0], step):
-            chunk = rows[start : start + step]
-            gate, up = module.gate_proj(chunk), module.up_proj(chunk)
-            yield cpu_fused.silu_mul(gate, up) if _fusable(gate, up) else module.act_fn(gate) * up
+    def gate_and_up(chunk: Tensor) -> tuple[Tensor, Tensor]:
+        return module.gate_proj(chunk), module.up_proj(chunk)
 
-    out = _down_projection(module.down_proj, hidden_chunks(), rows.shape[0])
-    return out.view(*x.shape[:-1], out.shape[-1])
+    return _chunked_swiglu(x, module.gate_proj.out_features, gate_and_up, module.act_fn, module.down_proj)
 
 
 def _gate_up_swiglu(module: nn.Module, hidden_states: Tensor) -> Tensor | None:
     if not _fusable(hidden_states):
         return None
-    rows = hidden_states.reshape(-1, hidden_states.shape[-1])
-    step = _chunk_rows(module.gate_up_proj.out_features // 2)
 
-    def hidden_chunks() -> Iterator[Tensor]:
-        for start in range(0, rows.shape[0], step):
-            gate, up = module.gate_up_proj(rows[start : start + step]).chunk(2, dim=-1)
-            yield cpu_fused.silu_mul(gate, up) if _fusable(gate, up) else up * module.activation_fn(gate)
+    def gate_and_up(chunk: Tensor) -> tuple[Tensor, Tensor]:
+        return module.gate_up_proj(chunk).chunk(2, dim=-1)
 
-    out = _down_projection(module.down_proj, hidden_chunks(), rows.shape[0])
-    return out.view(*hidden_states.shape[:-1], out.shape[-1])
+    intermediate_size = module.gate_up_proj.out_features // 2
+    return _chunked_swiglu(hidden_states, intermediate_size, gate_and_up, module.activation_fn, module.down_proj)
 
 
 def _rotary_fusable(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> bool:
